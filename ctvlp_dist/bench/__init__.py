@@ -1,0 +1,1 @@
+"""Benchmarks behind `ctvlp bench <what>`; each writes JSON into benchmarks/results/."""

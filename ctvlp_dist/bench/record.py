@@ -1,0 +1,46 @@
+"""Benchmark records: device, date, versions and the exact command, always with the numbers."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+
+def environment() -> dict:
+    import numpy
+    import torch
+
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"device": gpu or f"CPU: {cpu} ({os.cpu_count()} cores)", "python": platform.python_version(),
+            "torch": torch.__version__, "numpy": numpy.__version__, "platform": platform.platform()}
+
+
+def write_result(results_dir: str | Path, name: str, payload: dict, argv=None) -> Path:
+    now = _dt.datetime.now(_dt.timezone.utc)
+    rec = {"benchmark": name, "date": now.isoformat(timespec="seconds"), **environment(),
+           "command": shlex.join(argv or sys.argv), **payload}
+    d = Path(results_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    dev = "gpu" if "CPU" not in rec["device"] else "cpu"
+    path = d / f"{name}-{dev}-{now.strftime('%Y%m%dT%H%M%S')}.json"
+    path.write_text(json.dumps(rec, indent=1) + "\n")
+    return path
+
+
+def markdown_table(rows: list[dict], cols: list[str]) -> str:
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        out.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+    return "\n".join(out)

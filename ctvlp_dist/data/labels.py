@@ -1,0 +1,60 @@
+"""Join per-finding labels to samples by key, from a CSV or a Parquet file.
+
+Accepts the silver-label Parquet (key + one column per finding, or `<finding>` hard labels),
+CT-RATE label CSVs (VolumeName) and dev-style CSVs (AccessionNo). Values stay as given:
+1 / 0 / -1 (uncertain); how -1 is treated is the training stage's choice.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+KEY_COLUMNS = ("key", "AccessionNo", "VolumeName")
+
+
+def _strip(k: str) -> str:
+    for suf in (".nii.gz", ".nii"):
+        if k.endswith(suf):
+            return k[: -len(suf)]
+    return k
+
+
+class LabelTable:
+    def __init__(self, keys: list[str], values: np.ndarray, names: list[str]):
+        self.names = list(names)
+        self.values = values.astype(np.float32)
+        self._row = {_strip(str(k)): i for i, k in enumerate(keys)}
+
+    @classmethod
+    def from_file(cls, path: str | Path, names: list[str]) -> "LabelTable":
+        path = Path(path)
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            cols = pq.read_table(path).to_pydict()
+        else:
+            import csv
+
+            with open(path, newline="", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f))
+            cols = {k: [r[k] for r in rows] for k in (rows[0].keys() if rows else [])}
+        key_col = next((c for c in KEY_COLUMNS if c in cols), None)
+        if key_col is None:
+            raise ValueError(f"{path}: no key column; expected one of {KEY_COLUMNS}")
+        missing = [n for n in names if n not in cols]
+        if missing:
+            raise ValueError(f"{path}: missing label column(s) {missing[:3]}{'...' if len(missing) > 3 else ''}")
+        vals = np.array([[float(v) for v in cols[n]] for n in names], dtype=np.float32).T
+        return cls([str(k) for k in cols[key_col]], vals.reshape(len(cols[key_col]), len(names)), names)
+
+    def lookup(self, keys: list[str]) -> np.ndarray:
+        rows = [self._row.get(k) for k in keys]
+        absent = [k for k, r in zip(keys, rows) if r is None]
+        if absent:
+            raise KeyError(f"{len(absent)} sample(s) have no labels, e.g. {absent[:3]}; "
+                           f"label the whole dataset or restrict the split")
+        return self.values[rows]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._row

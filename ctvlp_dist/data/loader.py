@@ -1,0 +1,177 @@
+"""CPU loader over WebDataset CT shards: torch DataLoader, rank/worker split, exact resume.
+
+Reads each sample by random access through the shard's index (the same DALI index the
+GPU reader uses): a 10-30 MB CT volume is one contiguous read, so random access costs
+nothing over streaming, and it buys a true global shuffle per (seed, epoch), exactly-once
+coverage across ranks and workers, and resume at any batch without replaying data.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data_shards.sample import decode_members
+from data_shards.tar_io import read_index, read_sample_members
+from data_shards.writer import load_manifest
+
+from .batch import CTBatch
+from .labels import LabelTable
+from .plan import rank_batches
+from .transforms import crop_pair, hu_window, random_flip
+
+
+class ShardIndex:
+    """All samples of one split: (shard path, index entry), in manifest order."""
+
+    def __init__(self, root: str | Path, split: Optional[str] = "train"):
+        self.root = Path(root)
+        self.manifest = load_manifest(self.root)
+        self.entries = []
+        for sh in self.manifest["shards"]:
+            if split is not None and sh["split"] != split:
+                continue
+            path = self.root / sh["name"]
+            for e in read_index(self.root / sh["index"]):
+                self.entries.append((str(path), e))
+        if not self.entries and split is not None:
+            have = sorted({s["split"] for s in self.manifest["shards"]})
+            raise ValueError(f"{root}: no samples in split {split!r}; splits present: {have}")
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def keys(self) -> list[str]:
+        return [e.key for _, e in self.entries]
+
+
+class _EpochDataset(IterableDataset):
+    """Yields whole batches; batch j of the plan goes to worker (j - start) % num_workers,
+    which is the order torch's DataLoader collects them in, so output order never depends
+    on the worker count."""
+
+    def __init__(self, index: ShardIndex, cfg, labels: Optional[LabelTable]):
+        self.index, self.cfg, self.labels = index, cfg, labels
+        self.batches: list = []
+        self.start = 0
+        self.epoch = 0
+        self._files: dict = {}
+
+    def _read(self, sid: int):
+        path, entry = self.index.entries[sid]
+        f = self._files.get(path)
+        if f is None:
+            f = self._files[path] = open(path, "rb")
+        return decode_members(entry.key, read_sample_members(f, entry), decode_mask=True)
+
+    def _make(self, items) -> CTBatch:
+        c = self.cfg
+        vols, masks, reports, keys, metas, pads = [], [], [], [], [], []
+        for sid, pos, pad in items:
+            s = self._read(sid)
+            vol, mask = s.volume, s.mask
+            if not c.raw:
+                rng = np.random.default_rng([c.seed, self.epoch, pos, 0xC0])
+                pad_value = s.meta.get("pad_value", -1024)
+                vol, mask = crop_pair(vol, mask, c.crop, rng if c.train else None, pad_value)
+                if c.train and c.flip_prob > 0:
+                    vol, mask = random_flip(vol, mask, c.flip_axes, c.flip_prob, rng)
+                vol = hu_window(vol, c.hu_window, c.out_range)
+            vols.append(np.ascontiguousarray(vol))
+            masks.append(None if mask is None else np.ascontiguousarray(mask))
+            reports.append(s.report)
+            keys.append(s.key)
+            metas.append(s.meta)
+            pads.append(pad)
+        anatomy = None
+        if all(m is not None for m in masks):
+            anatomy = torch.from_numpy(np.stack(masks))[:, None]
+        labels = None
+        if self.labels is not None:
+            labels = torch.from_numpy(self.labels.lookup(keys))
+        return CTBatch(volume=torch.from_numpy(np.stack(vols))[:, None], report=reports, key=keys,
+                       anatomy=anatomy, labels=labels, is_pad=torch.tensor(pads, dtype=torch.bool), meta=metas)
+
+    def __iter__(self) -> Iterator[CTBatch]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        try:
+            for j in range(self.start, len(self.batches)):
+                if (j - self.start) % nw == wid:
+                    yield self._make(self.batches[j])
+        finally:
+            for f in self._files.values():
+                f.close()
+            self._files.clear()
+
+
+def _worker_init(_):
+    os.environ["OMP_NUM_THREADS"] = "1"  # a loaded 2-core box slows 30x with torch's default threads
+    torch.set_num_threads(1)
+
+
+class CTLoader:
+    """Iterate batches of one split for this rank. Stateful: `state_dict()` records the epoch
+    and the batches already handed out; after `load_state_dict()` the next pass yields exactly
+    the rest of that epoch, in the same order. A completed pass advances the epoch."""
+
+    def __init__(self, root: str | Path, cfg, split: Optional[str] = "train", rank: int = 0, world_size: int = 1,
+                 label_names: Optional[list[str]] = None):
+        self.cfg, self.rank, self.world = cfg, rank, world_size
+        self.index = ShardIndex(root, split)
+        labels = None
+        if cfg.labels:
+            if label_names is None:
+                from ctvlp_dist.label_sets import load_label_set
+
+                label_names = load_label_set(self.index.manifest.get("label_set", "ctrate18")).names
+            labels = LabelTable.from_file(cfg.labels, label_names)
+        self.dataset = _EpochDataset(self.index, cfg, labels)
+        self.epoch = 0
+        self.consumed = 0
+
+    def plan(self, epoch: Optional[int] = None):
+        c = self.cfg
+        return rank_batches(len(self.index), seed=c.seed, epoch=self.epoch if epoch is None else epoch,
+                            shuffle=c.shuffle, rank=self.rank, world=self.world, batch_size=c.batch_size,
+                            last_batch=c.last_batch)
+
+    def __len__(self) -> int:
+        return len(self.plan())
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.consumed = epoch, 0
+
+    def __iter__(self) -> Iterator[CTBatch]:
+        batches = self.plan()
+        if self.consumed >= len(batches):  # finished epoch not yet advanced (e.g. restored at its end)
+            self.epoch, self.consumed = self.epoch + 1, 0
+            batches = self.plan()
+        ds = self.dataset
+        ds.batches, ds.start, ds.epoch = batches, self.consumed, self.epoch
+        nw = self.cfg.num_workers
+        dl = DataLoader(ds, batch_size=None, num_workers=nw, worker_init_fn=_worker_init if nw else None,
+                        prefetch_factor=self.cfg.prefetch_factor if nw else None, persistent_workers=False)
+        for batch in dl:
+            self.consumed += 1
+            yield batch
+        self.epoch, self.consumed = self.epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches_consumed": self.consumed, "seed": self.cfg.seed,
+                "num_samples": len(self.index), "world_size": self.world, "rank": self.rank,
+                "batch_size": self.cfg.batch_size, "shuffle": self.cfg.shuffle, "last_batch": self.cfg.last_batch}
+
+    def load_state_dict(self, sd: dict) -> None:
+        for k in ("seed", "num_samples", "world_size", "batch_size", "shuffle", "last_batch"):
+            mine = self.state_dict()[k]
+            if sd.get(k) != mine:
+                raise ValueError(f"loader state was saved with {k}={sd.get(k)!r} but this loader has {mine!r}; "
+                                 f"the position cannot be restored exactly")
+        self.epoch, self.consumed = int(sd["epoch"]), int(sd["batches_consumed"])

@@ -1,0 +1,39 @@
+"""Label sets: small YAML files of finding names (+ definitions), shipped in `resources/`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import yaml
+
+RESOURCES = Path(__file__).parent / "resources"
+
+
+@dataclass(frozen=True)
+class Finding:
+    name: str
+    definition: str = ""
+    prevalence: float = 0.0
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    name: str
+    findings: tuple[Finding, ...]
+
+    @property
+    def names(self) -> list[str]:
+        return [f.name for f in self.findings]
+
+
+@lru_cache(maxsize=None)
+def load_label_set(name_or_path: str = "ctrate18") -> LabelSet:
+    p = Path(name_or_path)
+    if not p.suffix:
+        p = RESOURCES / f"{name_or_path}.yaml"
+    if not p.exists():
+        known = sorted(x.stem for x in RESOURCES.glob("*.yaml"))
+        raise FileNotFoundError(f"label set {name_or_path!r} not found; shipped sets: {known}, or give a YAML path")
+    data = yaml.safe_load(p.read_text())
+    return LabelSet(data["name"], tuple(Finding(**f) for f in data["findings"]))

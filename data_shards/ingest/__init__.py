@@ -1,0 +1,1 @@
+"""`ctvlp shard`: raw CT (NIfTI / DICOM series) + report CSV -> verified-format shards."""
