@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from typing import Callable
 
@@ -11,6 +12,7 @@ import yaml
 
 from .config import ConfigError, config_to_dict, load_config, valid_keys
 
+OVERRIDE_RE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")
 EPILOG = ("Every command also takes --config FILE.yaml and trailing section.key=value overrides, "
           "e.g. `ctvlp synth --out d loader.batch_size=4`. `ctvlp config keys` lists all keys.")
 
@@ -168,7 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     ap = build_parser()
-    args = ap.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `section.key=value` may stand anywhere after the command; argparse cannot interleave
+    # a variadic positional with flags, so lift the overrides out first.
+    over = [a for a in argv if OVERRIDE_RE.match(a)]
+    args = ap.parse_args([a for a in argv if not OVERRIDE_RE.match(a)])
+    if hasattr(args, "overrides"):
+        args.overrides = over
+    elif over:
+        ap.error(f"ctvlp {args.command} takes no config overrides ({over[0]})")
     if not args.command:
         ap.print_help()
         return 0

@@ -31,11 +31,36 @@ def encode(array: np.ndarray, codec: str) -> bytes:
     raise CodecError(f"unknown codec {codec!r}; choose one of {CODECS}")
 
 
-def decode(data: bytes, codec: str, shape=None, dtype=None) -> np.ndarray:
-    """Decode one member. `shape`/`dtype` are required for lz4 and checked for npy."""
+def _npy_view(buf) -> np.ndarray:
+    """Zero-copy view of an .npy payload (bytes, or a memoryview into an mmapped shard).
+
+    The header is parsed with numpy's own literal-only parser; object dtypes, the only ones
+    that would need pickle, are refused. The view is read-only.
+    """
+    mv = memoryview(buf)
+    f = io.BytesIO(mv[: min(len(mv), 1 << 16)])
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+    elif version in ((2, 0), (3, 0)):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    else:
+        raise CodecError(f"unsupported .npy version {version}")
+    if dtype.hasobject:
+        raise CodecError("object arrays cannot be decoded (they would need pickle)")
+    count = int(np.prod(shape))
+    if f.tell() + count * dtype.itemsize != len(mv):
+        raise CodecError(f".npy payload is {len(mv)} bytes, header promises {f.tell() + count * dtype.itemsize}")
+    arr = np.frombuffer(mv, dtype=dtype, count=count, offset=f.tell())
+    return arr.reshape(shape, order="F" if fortran else "C")
+
+
+def decode(data, codec: str, shape=None, dtype=None) -> np.ndarray:
+    """Decode one member (bytes or memoryview). `shape`/`dtype` are required for lz4 and
+    checked for npy. npy gives a read-only zero-copy view; lz4 a new buffer."""
     try:
         if codec == "npy":
-            arr = np.load(io.BytesIO(data), allow_pickle=False)
+            arr = _npy_view(data)
         elif codec == "lz4":
             if shape is None or dtype is None:
                 raise CodecError("lz4 volumes need shape and dtype from the sample metadata")

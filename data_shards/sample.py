@@ -45,7 +45,7 @@ def decode_members(key: str, members: dict[str, bytes], decode_mask: bool = True
     if META_EXT not in members:
         raise ValueError(f"sample {key}: no metadata ({key}.{META_EXT})")
     try:
-        meta = json.loads(members[META_EXT])
+        meta = json.loads(bytes(members[META_EXT]))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"sample {key}: metadata is not valid JSON: {e}") from e
     codec = meta.get("codec")
@@ -55,7 +55,7 @@ def decode_members(key: str, members: dict[str, bytes], decode_mask: bool = True
         raise ValueError(f"sample {key}: no volume ({key}.{VOLUME_EXT[codec]})")
     if REPORT_EXT not in members:
         raise ValueError(f"sample {key}: no report ({key}.{REPORT_EXT})")
-    report = members[REPORT_EXT].decode("utf-8", errors="strict")
+    report = bytes(members[REPORT_EXT]).decode("utf-8", errors="strict")
     if not report.strip():
         raise ValueError(f"sample {key}: empty report")
     shape = tuple(meta["shape"])

@@ -134,9 +134,14 @@ def read_index(path: Path) -> list[IndexEntry]:
 
 
 def iter_tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Stream a tar, grouping consecutive members by key. Raises ShardError on damage."""
+    """Stream a tar, grouping consecutive members by key. Raises ShardError on damage.
+
+    tarfile treats a bad or truncated header after the first as the end of the archive;
+    we insist the archive really ends with a zero block there, so damage cannot pass as
+    a shorter shard.
+    """
     path = Path(path)
-    key, group = None, {}
+    key, group, last = None, {}, None
     try:
         with tarfile.open(path, mode="r:") as tar:
             for m in tar:
@@ -144,32 +149,45 @@ def iter_tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
                 if not m.isreg():
                     raise ShardError(f"{path.name}: member {name!r} is not a regular file")
                 k, ext = split_member(name)
-                f = tar.extractfile(m)
-                data = f.read()
+                try:
+                    data = tar.extractfile(m).read()
+                except (tarfile.ReadError, EOFError, OSError) as e:
+                    raise ShardError(f"{path.name}: sample {k}: member {name} truncated ({e})") from e
                 if len(data) != m.size:
                     raise ShardError(f"{path.name}: sample {k}: member {name} truncated "
                                      f"({len(data)} of {m.size} bytes)")
+                last = name
                 if k != key:
                     if key is not None:
                         yield key, group
                     key, group = k, {}
                 group[ext] = data
+            end = tar.offset
+            tar.fileobj.seek(end)
+            tail = tar.fileobj.read(BLOCK)
     except tarfile.ReadError as e:
-        where = f" after sample {key}" if key else ""
-        raise ShardError(f"{path.name}: corrupt or truncated tar{where}: {e}") from e
-    except (EOFError, OSError) as e:
-        where = f" in sample {key}" if key else ""
-        raise ShardError(f"{path.name}: truncated tar{where}: {e}") from e
+        raise ShardError(f"{path.name}: corrupt tar ({e})") from e
+    where = f" after member {last}" if last else ""
+    if len(tail) < BLOCK:
+        raise ShardError(f"{path.name}: truncated tar at byte {end}{where} (no end-of-archive marker)")
+    if tail.count(0) != BLOCK:
+        raise ShardError(f"{path.name}: corrupt tar header at byte {end}{where}")
     if key is not None:
         yield key, group
 
 
-def read_sample_members(f: BinaryIO, entry: IndexEntry) -> dict[str, bytes]:
-    """Random access to one sample through its index entry (what DALI's reader does too)."""
+def read_sample_members(f, entry: IndexEntry) -> dict[str, bytes]:
+    """Random access to one sample through its index entry (what DALI's reader does too).
+
+    `f` is a binary file, or a memoryview of an mmapped shard (members come back as zero-copy
+    memoryviews then)."""
     out = {}
     for ext, off, size, name in entry.members:
-        f.seek(off)
-        data = f.read(size)
+        if isinstance(f, memoryview):
+            data = f[off:off + size]
+        else:
+            f.seek(off)
+            data = f.read(size)
         if len(data) != size:
             raise ShardError(f"sample {entry.key}: member {name} truncated ({len(data)} of {size} bytes)")
         out[ext] = data

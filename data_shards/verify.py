@@ -90,11 +90,10 @@ def verify_dataset(root: str | Path, decode: bool = True, progress=None) -> Veri
                 keys.append(key)
                 res.samples += 1
                 try:
-                    if VOLUME_EXT[codec] not in members and "txt" in members and "json" in members:
-                        raise ValueError(f"sample {key}: no volume ({key}.{VOLUME_EXT[codec]})")
                     if not decode:
-                        if "txt" not in members:
-                            raise ValueError(f"sample {key}: no report ({key}.txt)")
+                        for ext in (VOLUME_EXT[codec], "json", "txt"):
+                            if ext not in members:
+                                raise ValueError(f"sample {key}: missing member {key}.{ext}")
                         continue
                     s = decode_members(key, members)
                     if shape and s.volume.shape != shape:

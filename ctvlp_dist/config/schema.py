@@ -91,8 +91,9 @@ class BenchConfig:
     """`ctvlp bench ...`."""
 
     data: Optional[str] = None  # default: a fresh synthetic cohort in a temp folder
-    patients: int = 16
+    patients: int = 32
     batches: int = 0  # 0 = one full epoch
+    repeats: int = 3  # timed passes; the median is reported
     results_dir: str = "benchmarks/results"
 
 

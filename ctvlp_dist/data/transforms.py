@@ -1,19 +1,24 @@
 """Volume transforms on numpy (D, H, W) arrays, driven by a per-sample RNG so that
 augmentation is reproducible by (seed, epoch, position) whatever the worker count.
+
+Crops and flips return views; `window_into` does the one real pass, writing the int16 view
+straight into the batch tensor as float32 and windowing it in place.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import numpy as np
+import torch
 
 
-def hu_window(vol: np.ndarray, window, out_range) -> np.ndarray:
-    """Clip to the HU window and map it linearly onto out_range (seed paper: [-1000,200] -> [-1,1])."""
+def window_into(dst: torch.Tensor, vol: np.ndarray, window, out_range) -> torch.Tensor:
+    """dst <- vol clipped to the HU window, mapped linearly onto out_range
+    (seed paper: [-1000, 200] -> [-1, 1]). One strided copy, then in-place vector ops."""
     lo, hi = float(window[0]), float(window[1])
     a, b = float(out_range[0]), float(out_range[1])
-    v = np.clip(vol.astype(np.float32), lo, hi)
-    return (v - lo) * np.float32((b - a) / (hi - lo)) + np.float32(a)
+    np.copyto(dst.numpy(), vol, casting="unsafe")
+    return dst.clamp_(lo, hi).sub_(lo).mul_((b - a) / (hi - lo)).add_(a)
 
 
 def _pad_to(vol: np.ndarray, shape, value) -> np.ndarray:

@@ -1,0 +1,55 @@
+"""Shared fixtures: small real shard datasets on disk, and the real data in ../shared/data."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+# Small grid for loader/shard tests: fast, yet every code path is the real one.
+SMALL_SHAPE = (16, 40, 40)
+SMALL_SPACING = (18.0, 9.0, 9.0)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "example_ct.nii.gz").exists():
+        pytest.skip(f"real test data not found at {SHARED_DATA} (CI and dev machines have ../shared/data)")
+    return SHARED_DATA
+
+
+def make_cfg(**sections):
+    from ctvlp_dist.config import Config
+
+    cfg = Config()
+    for name, kw in sections.items():
+        setattr(cfg, name, dataclasses.replace(getattr(cfg, name), **kw))
+    return cfg
+
+
+def synth_dataset(out: Path, codec: str = "npy", patients: int = 12, scans: int = 1, seed: int = 0,
+                  max_samples: int = 3, shape=SMALL_SHAPE, spacing=SMALL_SPACING) -> Path:
+    from data_shards.synth.cohort import run_synth
+
+    cfg = make_cfg(synth=dict(patients=patients, out=str(out), seed=seed, scans_per_patient=scans, shape=shape,
+                              spacing=spacing, workers=1),
+                   shard=dict(codec=codec, max_samples=max_samples))
+    run_synth(cfg, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session", params=["npy", "lz4"])
+def cohort(request, tmp_path_factory) -> Path:
+    """A 12-patient (14-scan) synthetic dataset in several shards per split, per codec."""
+    return synth_dataset(tmp_path_factory.mktemp(f"cohort-{request.param}"), codec=request.param, scans=1)
+
+
+@pytest.fixture(scope="session")
+def cohort_npy(tmp_path_factory) -> Path:
+    return synth_dataset(tmp_path_factory.mktemp("cohort-npy"), codec="npy", patients=13, scans=2)

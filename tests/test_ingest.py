@@ -1,0 +1,191 @@
+"""Ingest on real data: the real example CT (NIfTI) and pydicom's real CT slice (DICOM)."""
+import copy
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from ctvlp_dist.data import CTLoader
+from data_shards.ingest.pipeline import run_ingest
+
+from .conftest import make_cfg
+
+
+def _reports(path: Path, names, text="Findings: Lungs are clear.\nImpression: Normal."):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["VolumeName", "Findings_EN", "Impressions_EN"])
+        for n in names:
+            fnd, imp = (text.split("\n") + [""])[:2] if text else ("", "")
+            w.writerow([n, fnd, imp])
+    return path
+
+
+def _ingest(tmp, images, reports, **pre):
+    cfg = make_cfg(ingest=dict(images=str(images), reports=str(reports), out=str(tmp / "out"), workers=1),
+                   preprocess=pre or {})
+    return run_ingest(cfg, progress=False), tmp / "out"
+
+
+def _load_all(root):
+    cfg = make_cfg(loader=dict(raw=True, shuffle=False, batch_size=1, num_workers=0))
+    out = {}
+    for b in CTLoader(root, cfg.loader, split=None):
+        out[b.key[0]] = (b.volume[0, 0].numpy(), b.meta[0])
+    return out
+
+
+def _ras_dhw(img):
+    can = nib.as_closest_canonical(img)
+    return np.transpose(np.asarray(can.dataobj), (2, 1, 0)), can.header.get_zooms()[:3]
+
+
+def test_example_ct_native_spacing_is_lossless(shared_data, tmp_path):
+    img = nib.load(shared_data / "example_ct.nii.gz")
+    ref, zooms = _ras_dhw(img)  # (S, A, R)
+    (tmp_path / "img").mkdir()
+    shutil.copy(shared_data / "example_ct.nii.gz", tmp_path / "img" / "train_7_a_1.nii.gz")
+    s, out = _ingest(tmp_path, tmp_path / "img", _reports(tmp_path / "r.csv", ["train_7_a_1.nii.gz"]),
+                     spacing=(3.0, 3.0, 3.0), stored_shape=(120, 104, 124))
+    assert s == {"cases_in": 1, "samples_written": 1, "rejected": 0, "out": str(out)}
+    vol, meta = _load_all(out)["train_7_a_1"]
+    assert meta["orientation"] == "RAS" and meta["axes"] == ["S", "A", "R"]
+    assert meta["spacing"] == [3.0, 3.0, 3.0] and np.allclose(meta["source_spacing"], zooms[::-1])
+    assert meta["patient_id"] == "train_7" and not meta["rescale_applied"]
+    off = meta["crop_offset"]
+    inner = vol[off[0]:off[0] + ref.shape[0], off[1]:off[1] + ref.shape[1], off[2]:off[2] + ref.shape[2]]
+    assert np.array_equal(inner, ref.astype(np.int16))  # orientation + HU preserved voxel for voxel
+    assert (inner.min(), inner.max()) == (-1207, 3382)
+    assert (vol == -1024).sum() >= vol.size - ref.size  # the rest is air padding
+
+
+def test_example_ct_resampled_keeps_hu_range_and_orientation(shared_data, tmp_path):
+    img = nib.load(shared_data / "example_ct.nii.gz")
+    (tmp_path / "img").mkdir()
+    # Same image stored LPS (x and y flipped): ingest must give the same RAS volume.
+    data = np.asarray(img.dataobj)
+    aff = img.affine.copy()
+    lps = data[::-1, ::-1, :]
+    aff2 = aff @ np.array([[-1, 0, 0, data.shape[0] - 1], [0, -1, 0, data.shape[1] - 1], [0, 0, 1, 0], [0, 0, 0, 1]])
+    nib.save(img, tmp_path / "img" / "a_1_a_1.nii.gz")
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(lps), aff2), tmp_path / "img" / "b_2_a_1.nii.gz")
+    assert nib.aff2axcodes(aff2) == ("L", "P", "S")
+    s, out = _ingest(tmp_path, tmp_path / "img", _reports(tmp_path / "r.csv", ["a_1_a_1.nii.gz", "b_2_a_1.nii.gz"]))
+    assert s["samples_written"] == 2
+    got = _load_all(out)
+    (va, ma), (vb, mb) = got["a_1_a_1"], got["b_2_a_1"]
+    assert np.array_equal(va, vb)
+    assert va.shape == (120, 240, 240) and ma["spacing"] == [3.0, 1.5, 1.5]
+    assert ma["source_shape"] == [112, 101, 122]
+    body = va[va != -1024]
+    assert body.min() >= -1207 and body.max() <= 3382  # interpolation never leaves the source range
+    src = data.astype(float)
+    assert abs(np.percentile(body, 1) - np.percentile(src, 1)) < 60
+    assert abs(np.median(body) - np.median(src)) < 60
+    # Bone is posterior (low A index) and the table-side air is... the spine lies near the midline in R.
+    bone = np.argwhere(va > 300)
+    assert abs(bone[:, 2].mean() - 120) < 30
+
+
+def test_rescale_applied_exactly_once(shared_data, tmp_path):
+    """CT-RATE v2 bug: data already in HU plus metadata intercept -1024 must not be rescaled again;
+    raw stored values (HU + 1024) with the same metadata must be."""
+    img = nib.load(shared_data / "example_ct.nii.gz")
+    hu = np.asarray(img.dataobj).astype(np.int16)
+    (tmp_path / "img").mkdir()
+    nib.save(nib.Nifti1Image(hu, img.affine), tmp_path / "img" / "hu_1_a_1.nii.gz")
+    nib.save(nib.Nifti1Image((hu.astype(np.int32) + 1024).astype(np.int16), img.affine), tmp_path / "img" / "raw_1_a_1.nii.gz")
+    meta = tmp_path / "meta.csv"
+    meta.write_text("VolumeName,RescaleIntercept,RescaleSlope\nhu_1_a_1.nii.gz,-1024,1\nraw_1_a_1.nii.gz,-1024,1\n")
+    cfg = make_cfg(ingest=dict(images=str(tmp_path / "img"), out=str(tmp_path / "out"), metadata=str(meta), workers=1,
+                               reports=str(_reports(tmp_path / "r.csv", ["hu_1_a_1.nii.gz", "raw_1_a_1.nii.gz"]))),
+                   preprocess=dict(spacing=(3.0, 3.0, 3.0), stored_shape=(112, 101, 122)))
+    run_ingest(cfg, progress=False)
+    got = _load_all(tmp_path / "out")
+    (vh, mh), (vr, mr) = got["hu_1_a_1"], got["raw_1_a_1"]
+    assert not mh["rescale_applied"] and "already HU" in mh["rescale_reason"]
+    assert mr["rescale_applied"]
+    assert np.array_equal(vh, vr) and vh.min() == -1207
+
+
+def _dicom_series(folder: Path, n=6, dz=5.0, modality_file="CT_small.dcm"):
+    import pydicom
+    import pydicom.data
+    from pydicom.uid import generate_uid
+
+    folder.mkdir(parents=True)
+    src = pydicom.dcmread(pydicom.data.get_testdata_file(modality_file))
+    base = src.pixel_array.astype(np.int16)
+    order = np.random.default_rng(0).permutation(n)  # file names do not follow slice order
+    for k in range(n):
+        ds = copy.deepcopy(src)
+        ds.ImagePositionPatient = [float(v) for v in src.ImagePositionPatient[:2]] + [float(src.ImagePositionPatient[2]) + k * dz]
+        ds.InstanceNumber = k + 1
+        ds.SOPInstanceUID = generate_uid()
+        ds.PixelData = (base + 10 * k).astype(np.int16).tobytes()
+        ds.save_as(folder / f"IM{order[k]:04d}.dcm")
+    return base
+
+
+def test_dicom_series_ingest(tmp_path):
+    base = _dicom_series(tmp_path / "img" / "ct_series_1")
+    rep = tmp_path / "r.csv"
+    _reports(rep, ["ct_series_1"])
+    cfg = make_cfg(ingest=dict(images=str(tmp_path / "img"), reports=str(rep), out=str(tmp_path / "out"), workers=1),
+                   preprocess=dict(spacing=(5.0, 0.661468, 0.661468), stored_shape=(6, 128, 128)))
+    s = run_ingest(cfg, progress=False)
+    assert s["samples_written"] == 1, json.loads((tmp_path / "out" / "ingest_report.json").read_text())
+    vol, meta = _load_all(tmp_path / "out")["ct_series_1"]
+    assert meta["rescale_applied"] and meta["patient_id"] == "1CT1"
+    # DICOM rows run posterior and columns run to the patient's left (LPS): RAS flips both.
+    for k in range(6):
+        expect = (base.astype(np.int32) + 10 * k - 1024)[::-1, ::-1]
+        assert np.array_equal(vol[k], expect.astype(np.int16)), k
+    assert vol.min() == base.min() - 1024
+
+
+def test_bad_cases_are_counted_rejects(shared_data, tmp_path):
+    img = nib.load(shared_data / "example_ct.nii.gz")
+    d = tmp_path / "img"
+    d.mkdir()
+    small = np.asarray(img.dataobj)[::4, ::4, ::4].astype(np.float32)
+    ok = lambda a, z=12.0: nib.Nifti1Image(a, np.diag([z, z, z, 1.0]))  # noqa: E731
+    nib.save(ok(small), d / "good_1_a_1.nii.gz")
+    (d / "corrupt_2_a_1.nii.gz").write_bytes(b"\x1f\x8b" + b"not really gzip" * 50)
+    nan = small.copy()
+    nan[2, 2, 2] = np.nan
+    nib.save(ok(nan), d / "nan_3_a_1.nii.gz")
+    nib.save(ok(np.clip(small, 0, 255)), d / "mrlike_4_a_1.nii.gz")  # no air: not CT intensities
+    nib.save(ok(small, 0.01), d / "tiny_5_a_1.nii.gz")
+    nib.save(ok(small), d / "noreport_6_a_1.nii.gz")
+    nib.save(ok(small), d / "empty_7_a_1.nii.gz")
+    _dicom_series(d / "mr_series_8", n=3, modality_file="MR_small.dcm")
+    rep = tmp_path / "r.csv"
+    with open(rep, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["VolumeName", "Findings_EN", "Impressions_EN"])
+        for n in ["good_1_a_1", "corrupt_2_a_1", "nan_3_a_1", "mrlike_4_a_1", "tiny_5_a_1", "mr_series_8"]:
+            w.writerow([n + (".nii.gz" if "series" not in n else ""), "Lungs clear.", "Normal."])
+        w.writerow(["empty_7_a_1.nii.gz", "", ""])
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "ctvlp_dist", "shard", "--images", str(d), "--reports", str(rep), "--out", str(out),
+           "--quiet", "preprocess.stored_shape=[8,16,16]", "preprocess.spacing=[12,12,12]", "ingest.workers=2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "cases in: 8 = samples written: 1 + rejected: 7"
+    rej = {x["case"]: x["reason"] for x in json.loads((out / "ingest_report.json").read_text())["rejects"]}
+    assert "unreadable NIfTI" in rej["corrupt_2_a_1"]
+    assert "NaN" in rej["nan_3_a_1"]
+    assert "not a CT Hounsfield range" in rej["mrlike_4_a_1"]
+    assert "absurd voxel spacing" in rej["tiny_5_a_1"]
+    assert "no report" in rej["noreport_6_a_1"]
+    assert "empty" in rej["empty_7_a_1"]
+    assert "modality is MR" in rej["mr_series_8"]
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["num_samples"] == 1 and m["num_rejected"] == 7
