@@ -189,3 +189,26 @@ def test_bad_cases_are_counted_rejects(shared_data, tmp_path):
     assert "modality is MR" in rej["mr_series_8"]
     m = json.loads((out / "manifest.json").read_text())
     assert m["num_samples"] == 1 and m["num_rejected"] == 7
+
+
+def test_anatomy_mask_follows_the_volume(shared_data, tmp_path):
+    """A mask in the image's own (LPS-stored) grid is reoriented and resampled (nearest) with it."""
+    img = nib.load(shared_data / "example_ct.nii.gz")
+    data = np.asarray(img.dataobj)
+    lps = np.ascontiguousarray(data[::-1, ::-1, :])
+    aff = img.affine @ np.array([[-1, 0, 0, data.shape[0] - 1], [0, -1, 0, data.shape[1] - 1], [0, 0, 1, 0], [0, 0, 0, 1]])
+    for d in ("img", "masks"):
+        (tmp_path / d).mkdir()
+    nib.save(nib.Nifti1Image(lps, aff), tmp_path / "img" / "m_1_a_1.nii.gz")
+    nib.save(nib.Nifti1Image((lps > 300).astype(np.uint8) * 6, aff), tmp_path / "masks" / "m_1_a_1.nii.gz")
+    cfg = make_cfg(ingest=dict(images=str(tmp_path / "img"), masks=str(tmp_path / "masks"), out=str(tmp_path / "out"),
+                               reports=str(_reports(tmp_path / "r.csv", ["m_1_a_1.nii.gz"])), workers=1))
+    assert run_ingest(cfg, progress=False)["samples_written"] == 1
+    loader = CTLoader(tmp_path / "out", make_cfg(loader=dict(raw=True, batch_size=1, num_workers=0)).loader, split=None)
+    b = next(iter(loader))
+    vol, mask = b.volume[0, 0].numpy(), b.anatomy[0, 0].numpy()
+    assert b.meta[0]["mask_labels"]["bone"] == 6 and set(np.unique(mask)) == {0, 6}
+    bone = mask == 6
+    assert bone.sum() > 1000
+    assert np.median(vol[bone]) > 300 and np.median(vol[~bone & (vol > -2000)]) < 300
+    assert (vol[bone] > 150).mean() > 0.95  # aligned: mask and volume went through the same geometry

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from data_shards.format import ANATOMY_LABELS
+
 
 @dataclass
 class PreprocessConfig:
@@ -41,6 +43,7 @@ class IngestConfig:
     reports: str = ""
     out: str = ""
     masks: Optional[str] = None  # optional folder of uint8 anatomy masks, same file names as images
+    mask_labels: dict = field(default_factory=lambda: dict(ANATOMY_LABELS))  # name -> value in the masks
     metadata: Optional[str] = None  # optional CSV with RescaleSlope/RescaleIntercept per volume
     key_column: str = "VolumeName"
     findings_column: str = "Findings_EN"

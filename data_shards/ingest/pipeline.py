@@ -49,7 +49,7 @@ def _sanitize_key(name: str) -> str:
 
 def _process(job_and_cfg):
     """Worker: one case -> ('ok', Sample) or ('reject', name, reason). Never raises."""
-    job, pcfg = job_and_cfg
+    job, pcfg, mask_labels = job_and_cfg
     try:
         if job.report is None:
             raise CaseError("no report for this volume in the reports CSV")
@@ -64,7 +64,7 @@ def _process(job_and_cfg):
         ids = {**job.ids, **ids}
         meta = {**facts, **ids, "source_file": str(job.path.name), "hu_window_applied": None}
         if m is not None:
-            meta["mask_labels"] = {}
+            meta["mask_labels"] = dict(mask_labels)
         return ("ok", Sample(key=_sanitize_key(job.name), volume=vol, report=job.report, meta=meta, mask=m))
     except CaseError as e:
         return ("reject", job.name, str(e))
@@ -101,7 +101,7 @@ def run_ingest(cfg, progress: bool = True) -> dict:
     keys_seen: set[str] = set()
     with DatasetWriter(ic.out, sc, preprocess=pc, patient_splits=splits, cases_total=len(jobs),
                        source={"images": str(ic.images), "reports": str(ic.reports), "kind": "ingest"}) as w:
-        it = bounded_map(_process, [(j, pc) for j in jobs], workers=ic.workers)
+        it = bounded_map(_process, [(j, pc, ic.mask_labels) for j in jobs], workers=ic.workers)
         for res in tqdm(it, total=len(jobs), desc="ingest", unit="case", disable=not progress):
             if res[0] == "reject":
                 w.reject(res[1], res[2])
