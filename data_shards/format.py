@@ -25,6 +25,19 @@ AXES = ("S", "A", "R")
 ANATOMY_LABELS = {"lung": 1, "heart": 2, "aorta": 3, "esophagus": 4, "trachea": 5, "bone": 6}
 
 
+# Columns that name a report's or a label row's sample, in the real formats we read
+# (CT-RATE dev file: AccessionNo; CT-RATE tables: VolumeName; our own files: key).
+KEY_COLUMNS = ("AccessionNo", "VolumeName", "key")
+
+
+def strip_volume_ext(name: str) -> str:
+    """'train_1_a_1.nii.gz' -> 'train_1_a_1': volume file names and sample keys match this way."""
+    for suf in (".nii.gz", ".nii"):
+        if name.endswith(suf):
+            return name[: -len(suf)]
+    return name
+
+
 def check_key(key: str) -> str:
     if not KEY_RE.match(key):
         raise ValueError(f"sample key {key!r} must match {KEY_RE.pattern} (no dots, no slashes)")

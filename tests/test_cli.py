@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 CTVLP = str(Path(sys.executable).parent / "ctvlp")
-COMMANDS = ["synth", "shard", "verify", "bench", "demo", "config"]
+COMMANDS = ["synth", "shard", "verify", "label", "bench", "demo", "config"]
 
 
 def run(*args, timeout=300):
@@ -48,7 +48,8 @@ def test_demo_runs(tmp_path):
     assert r.returncode == 0, r.stderr
     s = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
     assert s["scans"] == 6 and s["train_samples_loaded"] >= 1
-    assert "[2/3] verify: " in r.stdout and "OK" in r.stdout
+    assert "[2/4] verify: " in r.stdout and "OK" in r.stdout
+    assert s["silver_labels_macro_auc"] > 0.8
 
 
 def test_bench_loader_writes_result(tmp_path):

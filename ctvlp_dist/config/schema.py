@@ -97,7 +97,47 @@ class BenchConfig:
     patients: int = 32
     batches: int = 0  # 0 = one full epoch
     repeats: int = 3  # timed passes; the median is reported
+    label_reports: int = 100  # bench label: dev reports to label
+    label_scorings: tuple[str, ...] = ("yesno", "json")
+    model_config: Optional[str] = None  # bench label: e.g. llama-3.1-8b (with dummy weights); default: real SmolLM2
+    dummy_weights: bool = False  # vLLM load_format="dummy": throughput without weights
+    loss_sizes: tuple[int, ...] = (1024, 4096, 16384)  # bench loss: batch sizes b
+    loss_dim: int = 512
+    loss_dtype: str = "bfloat16"  # GPU; CPU runs float32
+    loss_methods: tuple[str, ...] = ("dense", "chunked", "triton")
     results_dir: str = "benchmarks/results"
+    out: str = "runs/bench"  # benchmark by-products (e.g. the labels a bench label run wrote)
+
+
+@dataclass
+class LabelConfig:
+    """`ctvlp label`: silver labels from reports (rules or vLLM engines under Ray)."""
+
+    reports: str = ""  # shard dataset folder or CSV
+    out: str = ""  # labels.parquet
+    backend: str = "rules"  # rules | vllm
+    model: Optional[str] = None  # HF model folder; default: SmolLM2-135M-Instruct (ctvlp label prepare-model)
+    label_set: str = "ctrate18"
+    key_column: Optional[str] = None  # CSV: default detects AccessionNo / VolumeName / key
+    text_column: Optional[str] = None  # CSV: default detects report_text, or Findings_EN + Impressions_EN
+    scoring: str = "yesno"  # yesno: P(yes) per finding | json: schema-constrained JSON, value-token logprobs
+    engines: int = 1  # vLLM engine actors
+    batch_size: int = 8  # reports per engine call
+    tensor_parallel_size: int = 1
+    max_model_len: int = 2048
+    max_tokens: int = 320  # json scoring: generation budget (doubled on each retry)
+    dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    load_format: str = "auto"  # "dummy": random weights, for throughput benchmarks
+    threads_per_engine: int = 2  # CPU engines
+    retries: int = 2  # re-asks for an output that does not parse or validate
+    max_worker_restarts: int = 3  # per engine actor, after a crash
+    limit: int = 0  # label only the first N reports (0: all)
+    threshold: float = 0.5  # probability -> hard label 1; within `uncertain_band` of it -> -1
+    uncertain_band: float = 0.0
+    metrics_port: int = 9108  # Prometheus exporter; 0 = pick a free port, -1 = off
+    metrics_addr: str = "127.0.0.1"
+    price_per_gpu_hour: float = 2.0  # USD, for the 50k-report cost estimate
+    seed: int = 0
 
 
 @dataclass
@@ -116,4 +156,5 @@ class Config:
     synth: SynthConfig = field(default_factory=SynthConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    label: LabelConfig = field(default_factory=LabelConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)

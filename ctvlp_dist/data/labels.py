@@ -10,21 +10,14 @@ from pathlib import Path
 
 import numpy as np
 
-KEY_COLUMNS = ("key", "AccessionNo", "VolumeName")
-
-
-def _strip(k: str) -> str:
-    for suf in (".nii.gz", ".nii"):
-        if k.endswith(suf):
-            return k[: -len(suf)]
-    return k
+from data_shards.format import KEY_COLUMNS, strip_volume_ext
 
 
 class LabelTable:
     def __init__(self, keys: list[str], values: np.ndarray, names: list[str]):
         self.names = list(names)
         self.values = values.astype(np.float32)
-        self._row = {_strip(str(k)): i for i, k in enumerate(keys)}
+        self._row = {strip_volume_ext(str(k)): i for i, k in enumerate(keys)}
 
     @classmethod
     def from_file(cls, path: str | Path, names: list[str]) -> "LabelTable":

@@ -11,6 +11,8 @@ from typing import Optional
 
 import numpy as np
 
+from ..format import strip_volume_ext
+
 
 class CaseError(ValueError):
     """A case that cannot be ingested; becomes a counted, logged reject."""
@@ -32,11 +34,7 @@ def is_nifti(p: Path) -> bool:
 
 
 def case_name(p: Path) -> str:
-    n = p.name
-    for suf in (".nii.gz", ".nii"):
-        if n.endswith(suf):
-            return n[: -len(suf)]
-    return n
+    return strip_volume_ext(p.name)
 
 
 def read_nifti(path: Path) -> RawCT:

@@ -5,11 +5,11 @@ import csv
 from pathlib import Path
 from typing import Optional
 
-from .readers import case_name
+from ..format import strip_volume_ext
 
 
 def _norm_key(k: str) -> str:
-    return case_name(Path(k.strip()))
+    return strip_volume_ext(Path(k.strip()).name)
 
 
 def load_reports(path: str | Path, key_column: str, findings_column: str, impressions_column: str,

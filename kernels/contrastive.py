@@ -1,0 +1,146 @@
+"""Blockwise symmetric InfoNCE with multi-positive targets, forward and backward fused per
+tile, memory O(b * d): never a b x b matrix. The public API of the kernel.
+
+    blockwise_clip_loss(image_features, text_features, logit_scale, *, group_ids=None,
+                        reduction="mean", impl="auto", process_group=None, grad_average=True)
+
+Logits are logit_scale * I T^T on the features as given. With `group_ids`, pairs with equal
+ids are positives with uniform target mass (fVLM false-negative calibration); without, the
+diagonal. Dispatch: CUDA tensors -> Triton; CPU tensors -> the chunked torch path of the same
+online algorithm; impl="triton" on CPU runs the Triton kernels in the interpreter
+(TRITON_INTERPRET=1).
+
+Distributed (`process_group` given, each rank passes its own b/n rows): T and the group ids
+are all-gathered (O(b d)), each rank computes its rows against all columns, column
+statistics are merged with an O(b) all-reduce, and dT is reduce-scattered to its owners. The
+returned loss is the global loss on every rank. With grad_average=True (DeepSpeed, DDP),
+local gradients are scaled by the world size so that the averaged gradients equal the
+single-process full-batch gradients.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from .contrastive_ref import chunked_backward, chunked_forward, merge_column_stats, positives_count, reference_clip_loss
+
+__all__ = ["blockwise_clip_loss", "reference_clip_loss"]
+
+
+def _use_triton(x: torch.Tensor, impl: str) -> bool:
+    if impl == "torch":
+        return False
+    if impl == "triton":
+        if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError("impl='triton' on CPU tensors needs TRITON_INTERPRET=1 (set before importing triton)")
+        return True
+    if impl != "auto":
+        raise ValueError(f"impl must be auto, triton or torch, got {impl!r}")
+    return x.is_cuda
+
+
+def _fwd(I, T, s, g_rows, g_cols, triton_path: bool, tf32: bool):
+    if triton_path:
+        from .contrastive_triton import triton_forward
+
+        lse_r, cmax, csum, pos = triton_forward(I, T, s, g_rows, g_cols, tf32)
+        return lse_r, cmax, csum, pos
+    lse_r, cmax, csum, pos = chunked_forward(I, T, s, g_rows, g_cols)
+    return lse_r, cmax[None], csum[None], pos
+
+
+def _bwd(I, T, s, g_rows, g_cols, lse_r, lse_c, n_rows, coef, triton_path: bool, tf32: bool, reduce_dT: bool):
+    if triton_path:
+        from .contrastive_triton import triton_backward
+
+        return triton_backward(I, T, s, g_rows, g_cols, lse_r, lse_c, n_rows, coef, tf32,
+                               grad_dtype=torch.float32 if reduce_dT else None)
+    return chunked_backward(I, T, s, g_rows, g_cols, lse_r, lse_c, n_rows, coef)
+
+
+class _BlockwiseClipLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, I, T, scale, groups, reduction, triton_path, tf32, group, grad_average):
+        I, T = I.contiguous(), T.contiguous()
+        s = scale.detach().reshape(1).to(torch.float64 if I.dtype == torch.float64 else torch.float32).contiguous()
+        world = dist.get_world_size(group) if group is not None else 1
+        rank = dist.get_rank(group) if group is not None else 0
+        b_loc = I.shape[0]
+        if group is not None:
+            T_all = _all_gather(T, group)
+            g_all = _all_gather(groups, group)
+        else:
+            T_all, g_all = T, groups
+        b = T_all.shape[0]
+        lse_r, cmax, csum, pos = _fwd(I, T_all, s, groups, g_all, triton_path, tf32)
+        if group is not None:  # merge this rank's column stats with the others' (O(b) traffic)
+            m_loc = cmax.max(0).values
+            m_glob = m_loc.clone()
+            dist.all_reduce(m_glob, op=dist.ReduceOp.MAX, group=group)
+            sums = (csum * torch.exp(cmax - m_glob)).sum(0)
+            dist.all_reduce(sums, group=group)
+            lse_c = m_glob + torch.log(sums)
+        else:
+            lse_c = merge_column_stats(cmax, csum)
+        n_rows = positives_count(groups, g_all).to(lse_r.dtype)
+        own = slice(rank * b_loc, (rank + 1) * b_loc)
+        loss = 0.5 * (lse_r.sum() + lse_c[own].sum()) - (pos / n_rows).sum()
+        if group is not None:
+            dist.all_reduce(loss, group=group)
+        if reduction == "mean":
+            loss = loss / b
+        elif reduction != "sum":
+            raise ValueError(f"reduction must be mean or sum, got {reduction!r}")
+        ctx.save_for_backward(I, T_all, s, groups, g_all, lse_r, lse_c, n_rows)
+        ctx.cfg = (reduction, b, triton_path, tf32, group, grad_average, world, rank, b_loc, scale.dtype, scale.shape)
+        return loss.to(I.dtype if I.dtype == torch.float64 else torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        I, T_all, s, g_rows, g_all, lse_r, lse_c, n_rows = ctx.saved_tensors
+        reduction, b, triton_path, tf32, group, grad_average, world, rank, b_loc, s_dtype, s_shape = ctx.cfg
+        coef = grad_out.to(s.dtype) / (b if reduction == "mean" else 1)
+        if not triton_path:
+            coef = coef.item()
+        dI, dT_all, gs = _bwd(I, T_all, s, g_rows, g_all, lse_r, lse_c, n_rows, coef, triton_path, tf32,
+                              reduce_dT=group is not None)
+        if group is not None:
+            dT = torch.empty((b_loc, dT_all.shape[1]), dtype=dT_all.dtype, device=dT_all.device)
+            dist.reduce_scatter_tensor(dT, dT_all.contiguous(), group=group)
+            if grad_average:
+                dI, dT, gs = dI * world, dT * world, gs * world
+        else:
+            dT = dT_all
+        return (dI.to(I.dtype), dT.to(I.dtype), gs.to(s_dtype).reshape(s_shape), None, None, None, None, None, None)
+
+
+def _all_gather(x: torch.Tensor, group) -> torch.Tensor:
+    out = torch.empty((dist.get_world_size(group) * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+    return out
+
+
+def blockwise_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, *, group_ids=None,
+                        reduction: str = "mean", impl: str = "auto", tf32: bool = True, process_group=None,
+                        grad_average: bool = True) -> torch.Tensor:
+    """(CE(image->text) + CE(text->image)) / 2 over the (global) batch; see the module doc."""
+    if image_features.shape != text_features.shape or image_features.dim() != 2:
+        raise ValueError(f"features must both be [b, d], got {tuple(image_features.shape)} and {tuple(text_features.shape)}")
+    if not torch.is_tensor(logit_scale):
+        logit_scale = torch.tensor(float(logit_scale), device=image_features.device)
+    b_loc = image_features.shape[0]
+    if group_ids is None:
+        rank = dist.get_rank(process_group) if process_group is not None else 0
+        group_ids = torch.arange(rank * b_loc, (rank + 1) * b_loc, device=image_features.device)
+    groups = group_ids.to(device=image_features.device, dtype=torch.int64).contiguous()
+    if groups.shape != (b_loc,):
+        raise ValueError(f"group_ids must have shape [{b_loc}], got {tuple(groups.shape)}")
+    if image_features.dtype == torch.float64:
+        impl = "torch" if impl == "auto" else impl
+    tri = _use_triton(image_features, impl)
+    if tri:
+        groups = groups.to(torch.int32)
+    return _BlockwiseClipLoss.apply(image_features, text_features, logit_scale, groups, reduction, tri, tf32,
+                                    process_group, grad_average)
