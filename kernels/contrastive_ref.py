@@ -47,47 +47,93 @@ def _chunks(n: int, chunk: int):
         yield a, min(n, a + chunk)
 
 
-def chunked_forward(I, T, s, g_rows, g_cols, chunk: int = 256):
+class _Positives:
+    """The positive term without a mask: sum_j m_ij S_ij = s I_i . Tg[g_i], with Tg the sum of T
+    over a group's columns. When every group has exactly one column (the diagonal: no group ids)
+    row i's only positive is its partner column, indexed directly, so nothing of size b x d is
+    built; otherwise Tg and Ig are [number of groups, d]. Applied `chunk` rows at a time."""
+
+    def __init__(self, If, Tf, g_rows, g_cols, inv_n):
+        uniq, self.col_idx, counts = torch.unique(g_cols, return_inverse=True, return_counts=True)
+        self.row_idx = torch.searchsorted(uniq, g_rows)
+        self.If, self.Tf, self.inv_n = If, Tf, inv_n
+        self.single = bool(counts.max() == 1)
+        if self.single:  # column of each group, then each row's partner column
+            col_of_group = torch.empty(len(uniq), dtype=torch.long, device=Tf.device)
+            col_of_group[self.col_idx] = torch.arange(len(g_cols), device=Tf.device)
+            self.partner = col_of_group[self.row_idx]
+        else:
+            self.Tg = torch.zeros(len(uniq), Tf.shape[1], dtype=Tf.dtype, device=Tf.device).index_add_(0, self.col_idx, Tf)
+
+    def t_of_rows(self, a, e):  # sum over i's group of T_j, for rows a:e
+        return self.Tf[self.partner[a:e]] if self.single else self.Tg[self.row_idx[a:e]]
+
+    def pos(self, s, a, e):
+        return s * (self.If[a:e] * self.t_of_rows(a, e)).sum(1)
+
+    def add_to_dT(self, dT, alpha, chunk):
+        """dT_j += alpha * sum_i m_ij I_i / n_i over these rows."""
+        if self.single:
+            for a, e in _chunks(self.If.shape[0], chunk):
+                dT.index_add_(0, self.partner[a:e], self.If[a:e] * self.inv_n[a:e, None], alpha=alpha)
+            return
+        Ig = torch.zeros_like(self.Tg)
+        for a, e in _chunks(self.If.shape[0], chunk):
+            Ig.index_add_(0, self.row_idx[a:e], self.If[a:e] * self.inv_n[a:e, None])
+        for a, e in _chunks(dT.shape[0], chunk):
+            dT[a:e].add_(Ig[self.col_idx[a:e]], alpha=alpha)
+
+
+def chunked_forward(I, T, s, g_rows, g_cols, chunk: int = 64):
     """Rows of I against all columns of T, `chunk` rows at a time (memory O(chunk * b_c)).
 
     Returns row lse [b_r], column partial stats (max [b_c], sum of exp(S - max) [b_c]) from these
-    rows, and pos [b_r]. All fp32.
-    """
+    rows, and pos [b_r]."""
     b_r, b_c = I.shape[0], T.shape[0]
     dev, acc = I.device, _acc_dtype(I)
+    Tf, If, s = T.to(acc), I.to(acc), s.to(acc)
+    posi = _Positives(If, Tf, g_rows, g_cols, None)
     lse_r = torch.empty(b_r, dtype=acc, device=dev)
     pos = torch.empty(b_r, dtype=acc, device=dev)
     cmax = torch.full((b_c,), -float("inf"), dtype=acc, device=dev)
     csum = torch.zeros(b_c, dtype=acc, device=dev)
-    Tf, s = T.to(acc), s.to(acc)
     for a, e in _chunks(b_r, chunk):
-        S = (s * (I[a:e].to(acc) @ Tf.T))
+        S = torch.mm(If[a:e], Tf.T).mul_(s)
         lse_r[a:e] = torch.logsumexp(S, dim=1)
-        pos[a:e] = torch.where(g_rows[a:e, None] == g_cols[None, :], S, torch.zeros((), device=dev)).sum(1)
+        pos[a:e] = posi.pos(s, a, e)
         m = torch.maximum(cmax, S.max(0).values)
-        csum = csum * torch.exp(cmax - m) + torch.exp(S - m).sum(0)
+        csum = csum * torch.exp(cmax - m) + S.sub_(m).exp_().sum(0)  # S is spent after this line
         cmax = m
         del S
     return lse_r, cmax, csum, pos
 
 
-def chunked_backward(I, T, s, g_rows, g_cols, lse_r, lse_c, n_rows, coef: float, chunk: int = 256):
+def chunked_backward(I, T, s, g_rows, g_cols, lse_r, lse_c, n_rows, coef: float, chunk: int = 64):
     """G = coef * [(exp(S - lse_r) + exp(S - lse_c)) / 2 - m / n]; returns dI, dT (partial over
-    these rows), and sum(G * S) / s for d logit_scale. Recomputes each S chunk once."""
+    these rows), and sum(G * S) / s for d logit_scale. Each S chunk is recomputed once."""
     acc = _acc_dtype(I)
     Tf, If, s = T.to(acc), I.to(acc), s.to(acc)
+    inv_n = 1.0 / n_rows.to(acc)
+    posi = _Positives(If, Tf, g_rows, g_cols, inv_n)
     dI = torch.empty_like(If)
     dT = torch.zeros_like(Tf)
     gs = torch.zeros(1, dtype=acc, device=I.device)
     for a, e in _chunks(I.shape[0], chunk):
-        S = s * (If[a:e] @ Tf.T)
-        m = (g_rows[a:e, None] == g_cols[None, :]).to(acc)
-        G = coef * (0.5 * (torch.exp(S - lse_r[a:e, None]) + torch.exp(S - lse_c[None, :])) - m / n_rows[a:e, None])
-        dI[a:e] = s * (G @ Tf)
-        dT += s * (G.T @ If[a:e])
-        gs += (G * S).sum() / s
-        del S, m, G
-    return dI, dT, gs
+        S = torch.mm(If[a:e], Tf.T).mul_(s)
+        P = torch.sub(S, lse_r[a:e, None]).exp_()  # at most three chunk-sized buffers live: S, P, Q
+        Q = torch.sub(S, lse_c[None, :]).exp_()
+        P.add_(Q).mul_(0.5 * coef)
+        del Q
+        gs += torch.dot(P.flatten(), S.flatten())
+        del S
+        torch.mm(P, Tf, out=dI[a:e])
+        dT.addmm_(P.T, If[a:e])
+        del P
+        dI[a:e].sub_(posi.t_of_rows(a, e) * inv_n[a:e, None], alpha=coef).mul_(s)
+        gs -= coef * (posi.pos(s, a, e) * inv_n[a:e]).sum()
+    posi.add_to_dT(dT, -coef, chunk)
+    dT.mul_(s)
+    return dI, dT, gs / s
 
 
 def merge_column_stats(cmax: torch.Tensor, csum: torch.Tensor) -> torch.Tensor:
