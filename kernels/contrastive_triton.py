@@ -163,10 +163,71 @@ def pick_tiles(d: int, dtype: torch.dtype) -> dict:
                 num_warps=8, num_stages=3)
 
 
-def triton_forward(I, T, s, g_rows, g_cols, tf32: bool = True):
+# Candidate tiles (BM, BN, BK, BD, warps, stages) for the autotuner on GPU.
+CANDIDATES = [(128, 128, 64, 128, 8, 3), (128, 128, 64, 256, 8, 3), (128, 64, 64, 256, 8, 3), (64, 128, 64, 256, 4, 3),
+              (128, 128, 64, 512, 8, 2), (64, 64, 64, 512, 4, 2), (128, 128, 32, 128, 8, 4), (64, 64, 64, 128, 4, 4)]
+_TUNED: dict = {}
+
+
+def _as_tiles(c, d: int) -> dict:
+    return dict(BM=c[0], BN=c[1], BK=c[2], BD=min(c[3], _pow2(d)), num_warps=c[4], num_stages=c[5])
+
+
+def autotune(I, T, s, g_rows, g_cols, tf32: bool, candidates=CANDIDATES, probe_rows: int = 16384, time_fn=None) -> dict:
+    """Time forward+backward of each candidate on a slice (at most `probe_rows`) of the real
+    inputs and keep the fastest per (d, dtype, device). Tiles depend on d and dtype, not on b,
+    so a b = 1M batch is tuned at 16k rows. Candidates that fail to compile are skipped."""
+    key = (I.shape[1], I.dtype, str(I.device), tf32)
+    if key in _TUNED:
+        return _TUNED[key]
+    n = min(I.shape[0], T.shape[0], probe_rows)
+    Ip, Tp, gp = I[:n].contiguous(), T[:n].contiguous(), g_cols[:n].contiguous()
+    time_fn = time_fn or _cuda_ms
+    best, best_ms, tried = None, float("inf"), []
+    for c in candidates:
+        tiles = _as_tiles(c, I.shape[1])
+        def run():
+            lse_r, cmax, csum, _ = triton_forward(Ip, Tp, s, gp, gp, tf32, tiles=tiles)
+            lse_c = cmax.max(0).values + torch.log((csum * torch.exp(cmax - cmax.max(0).values)).sum(0))
+            n_rows = torch.ones(n, dtype=torch.float32, device=I.device)
+            triton_backward(Ip, Tp, s, gp, gp, lse_r, lse_c, n_rows, 1.0 / n, tf32, tiles=tiles)
+        try:
+            ms = time_fn(run)
+        except Exception as e:  # out of shared memory / registers for this tile shape
+            tried.append((c, f"{type(e).__name__}"))
+            continue
+        tried.append((c, round(ms, 3)))
+        if ms < best_ms:
+            best, best_ms = tiles, ms
+    if best is None:
+        raise RuntimeError(f"no tile configuration compiled for d={I.shape[1]}, {I.dtype}: {tried}")
+    _TUNED[key] = best
+    return best
+
+
+def _cuda_ms(fn, reps: int = 3) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def tiles_for(I, T, s, g_rows, g_cols, tf32: bool) -> dict:
+    """The interpreter and CTVLP_CLIP_TILES use fixed tiles; on GPU the autotuner picks."""
+    if INTERPRET or os.environ.get("CTVLP_CLIP_TILES"):
+        return pick_tiles(I.shape[1], I.dtype)
+    return autotune(I, T, s, g_rows, g_cols, tf32)
+
+
+def triton_forward(I, T, s, g_rows, g_cols, tf32: bool = True, tiles=None):
     b_r, D = I.shape
     b_c = T.shape[0]
-    t = pick_tiles(D, I.dtype)
+    t = tiles or tiles_for(I, T, s, g_rows, g_cols, tf32)
     n_rb = triton.cdiv(b_r, t["BM"])
     if INTERPRET:
         P = n_rb
@@ -183,12 +244,12 @@ def triton_forward(I, T, s, g_rows, g_cols, tf32: bool = True):
     return lse_r, cmax, csum, pos
 
 
-def triton_backward(I, T, s, g_rows, g_cols, lse_r, lse_c, n_rows, coef, tf32: bool = True, grad_dtype=None):
+def triton_backward(I, T, s, g_rows, g_cols, lse_r, lse_c, n_rows, coef, tf32: bool = True, grad_dtype=None, tiles=None):
     """Gradients are stored in `grad_dtype` (default: the input dtype), accumulated in fp32;
     the distributed path asks for fp32 dT because it is summed across ranks afterwards."""
     b_r, D = I.shape
     b_c = T.shape[0]
-    t = pick_tiles(D, I.dtype)
+    t = tiles or tiles_for(I, T, s, g_rows, g_cols, tf32)
     dI = torch.empty((b_r, D), dtype=I.dtype, device=I.device)
     dT = torch.empty((b_c, D), dtype=grad_dtype or I.dtype, device=I.device)
     gs = torch.empty(b_r, dtype=torch.float32, device=I.device)

@@ -102,3 +102,25 @@ def test_chunked_path_never_allocates_b_by_b(monkeypatch):
 def test_cuda_triton_against_fp64(dtype, b, d, grouped, scale):
     _check("triton", b, d, dtype, grouped, scale, device="cuda", tol=3e-4 if dtype == torch.float32 else None,
            tf32=dtype == torch.float32)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="exercises the tuner's mechanics in the interpreter")
+def test_autotuner_picks_a_compiling_candidate_and_caches_it():
+    """Mechanics only (interpreter timings mean nothing): a candidate that cannot compile is
+    skipped, the fastest of the rest is cached per (d, dtype, device), and its results are right."""
+    from kernels import contrastive_triton as ct
+
+    I, T, s, g = _case(70, 40, torch.float32, True, 10.0, "cpu")
+    I, T, s = I.float(), T.float(), s.float().reshape(1)
+    g = g.to(torch.int32)
+    times = iter([5.0, 2.0])
+    bad = (64, 64, 12, 64, 4, 1)  # BK=12: tl.dot needs >= 16, does not compile
+    ct._TUNED.clear()
+    best = ct.autotune(I, T, s, g, g, False, candidates=[bad, (64, 64, 32, 64, 4, 1), (32, 32, 64, 64, 4, 1)],
+                       time_fn=lambda fn: (fn(), next(times))[1])
+    assert (best["BM"], best["BK"]) == (32, 64)
+    assert ct.autotune(I, T, s, g, g, False, candidates=[]) is best  # cached
+    lse_r, cmax, csum, pos = ct.triton_forward(I, T, s, g, g, False, tiles=best)
+    ref = torch.logsumexp(s * I.double() @ T.double().T, 1)
+    assert torch.allclose(lse_r.double(), ref, atol=1e-5)
+    ct._TUNED.clear()

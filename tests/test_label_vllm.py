@@ -107,3 +107,17 @@ def test_dead_worker_loses_nothing(shared_data, tmp_path):
     assert meta["accounting"]["worker_restarts"] == 1
     assert any(r["attempts"] >= 2 for r in rows)  # the batches lost with the worker were labelled again
     assert stdout.strip().splitlines()[-1] == "reports in: 12 = labelled ok: 12 + failed: 0 + skipped (already labelled): 0"
+
+
+def test_bench_label_with_dummy_weights(tmp_path):
+    """The GPU throughput benchmark's path (architecture config + vLLM load_format=dummy), run
+    here with a tiny Llama so that `--model-config llama-3.1-8b --dummy-weights` is ready for a GPU."""
+    r = subprocess.run([sys.executable, "-m", "ctvlp_dist", "bench", "label", "--model-config", "tiny-llama",
+                        "--dummy-weights", "--quiet", "bench.label_reports=4", "bench.label_scorings=[yesno]",
+                        f"bench.results_dir={tmp_path}", f"bench.out={tmp_path}/out", "label.metrics_port=-1"],
+                       capture_output=True, text=True, timeout=900, env=ENV)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (res,) = tmp_path.glob("label-*.json")
+    rec = json.loads(res.read_text())
+    assert rec["dummy_weights"] and rec["model"] == "tiny-llama"
+    assert rec["rows"][0]["ok"] == 4 and "macro_auc" not in rec["rows"][0]  # random weights: no quality claim
