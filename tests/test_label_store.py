@@ -137,3 +137,14 @@ def test_prometheus_exporter_on_loopback():
         assert "ctvlp_label_seconds_per_report_bucket" in body
     finally:
         acct.close()
+
+
+def test_loader_joins_silver_labels_by_key(tmp_path):
+    from ctvlp_dist.data import LabelTable
+
+    src = _csv(tmp_path / "r.csv", [("k1", "Pleural effusion is present."), ("k2", "")])
+    _run(src, tmp_path / "o.parquet")
+    t = LabelTable.from_file(tmp_path / "o.parquet", LS.names)
+    v = t.lookup(["k2", "k1"])
+    assert np.isnan(v[0]).all()  # failed row: no labels, not zeros
+    assert v[1][LS.names.index("Pleural effusion")] == 1 and v[1][LS.names.index("Emphysema")] == 0

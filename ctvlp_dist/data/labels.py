@@ -1,6 +1,7 @@
 """Join per-finding labels to samples by key, from a CSV or a Parquet file.
 
-Accepts the silver-label Parquet (key + one column per finding, or `<finding>` hard labels),
+Accepts the silver-label Parquet of `ctvlp label` (key + one hard-label column per finding;
+rows that failed to label give NaN),
 CT-RATE label CSVs (VolumeName) and dev-style CSVs (AccessionNo). Values stay as given:
 1 / 0 / -1 (uncertain); how -1 is treated is the training stage's choice.
 """
@@ -38,7 +39,9 @@ class LabelTable:
         missing = [n for n in names if n not in cols]
         if missing:
             raise ValueError(f"{path}: missing label column(s) {missing[:3]}{'...' if len(missing) > 3 else ''}")
-        vals = np.array([[float(v) for v in cols[n]] for n in names], dtype=np.float32).T
+        # a report that failed to label has null labels: NaN, for the training stage to mask
+        vals = np.array([[np.nan if v is None or v == "" else float(v) for v in cols[n]] for n in names],
+                        dtype=np.float32).T
         return cls([str(k) for k in cols[key_col]], vals.reshape(len(cols[key_col]), len(names)), names)
 
     def lookup(self, keys: list[str]) -> np.ndarray:
