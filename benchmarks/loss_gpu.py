@@ -4,8 +4,10 @@
 
 1. pytest of the CUDA tests in kernels/test_contrastive.py (bf16/fp16/fp32 vs fp64);
 2. a sweep of tile configs at b=16384, d=512, bf16 (forward+backward, CUDA events, median of 5);
-3. `ctvlp bench loss` with the best tiles: dense, chunked and Triton up to b=65536, then Triton
-   alone at b=262144 and 1048576. Records go to OUTDIR (copy them to benchmarks/results/).
+3. `ctvlp bench loss` with the best tiles: dense, chunked and Triton up to b=65536; the fused
+   (atomics) backward at b=16384 and 65536; Triton alone at b=262144 and 1048576.
+Records go to OUTDIR (copy them to benchmarks/results/). Run it with the device tool as
+`python3 benchmarks/loss_gpu.py $OUT/loss 2>&1 | tee $OUT/loss/run.log` (mkdir first).
 """
 import json
 import os
@@ -21,9 +23,12 @@ env.pop("TRITON_INTERPRET", None)
 
 
 def sh(cmd, log, timeout):
+    """Run a step; its full output goes to OUTDIR/log when `log` is set (the device tool returns
+    at most 8 files: the caller tees stdout into run.log anyway)."""
     print("$", " ".join(cmd), flush=True)
     r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
-    (out / log).write_text(r.stdout + "\n" + r.stderr)
+    if log:
+        (out / log).write_text(r.stdout + "\n" + r.stderr)
     print("\n".join((r.stdout + r.stderr).strip().splitlines()[-12:]), flush=True)
     return r
 
@@ -54,7 +59,7 @@ for cfg in ["128,128,64,128,8,3", "128,128,64,256,8,3", "128,64,64,256,8,3", "64
     res.append(r)
 print("SWEEP", json.dumps(res))
 '''
-r = sh([sys.executable, "-c", sweep_code], "sweep.log", 900)
+r = sh([sys.executable, "-c", sweep_code], None, 900)
 sweep = json.loads([l for l in r.stdout.splitlines() if l.startswith("SWEEP")][-1][6:]) if "SWEEP" in r.stdout else []
 ok = [x for x in sweep if "ms" in x]
 best = min(ok, key=lambda x: x["ms"])["tiles"] if ok else None
@@ -63,5 +68,8 @@ if best:
     env["CTVLP_CLIP_TILES"] = best
 print("best tiles:", best, flush=True)
 base = [sys.executable, "-m", "ctvlp_dist", "bench", "loss", "--quiet", f"bench.results_dir={out}"]
-sh(base + ["bench.loss_sizes=[1024,4096,16384,65536]"], "bench_small.log", 1200)
-sh(base + ["bench.loss_sizes=[262144,1048576]", "bench.loss_methods=[triton]"], "bench_large.log", 330)
+sh(base + ["bench.loss_sizes=[1024,4096,16384,65536]"], None, 1200)
+env["CTVLP_CLIP_BACKWARD"] = "fused"  # the atomics variant, same sizes, Triton only
+sh(base + ["bench.loss_sizes=[16384,65536]", "bench.loss_methods=[triton]"], None, 600)
+env.pop("CTVLP_CLIP_BACKWARD")
+sh(base + ["bench.loss_sizes=[262144,1048576]", "bench.loss_methods=[triton]"], None, 330)

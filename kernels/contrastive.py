@@ -8,7 +8,9 @@ Logits are logit_scale * I T^T on the features as given. With `group_ids`, pairs
 ids are positives with uniform target mass (fVLM false-negative calibration); without, the
 diagonal. Dispatch: CUDA tensors -> Triton; CPU tensors -> the chunked torch path of the same
 online algorithm; impl="triton" on CPU runs the Triton kernels in the interpreter
-(TRITON_INTERPRET=1).
+(TRITON_INTERPRET=1). CTVLP_CLIP_BACKWARD=fused selects the backward that recomputes each S
+tile once and accumulates dI and dT with atomics (default two_pass: once per direction, no
+atomics, deterministic); which is faster is for the GPU benchmark to say.
 
 Distributed (`process_group` given, each rank passes its own b/n rows): T and the group ids
 are all-gathered (O(b d)), each rank computes its rows against all columns, column
@@ -56,7 +58,8 @@ def _bwd(I, T, s, g_rows, g_cols, lse_r, lse_c, n_rows, coef, triton_path: bool,
         from .contrastive_triton import triton_backward
 
         return triton_backward(I, T, s, g_rows, g_cols, lse_r, lse_c, n_rows, coef, tf32,
-                               grad_dtype=torch.float32 if reduce_dT else None)
+                               grad_dtype=torch.float32 if reduce_dT else None,
+                               variant=os.environ.get("CTVLP_CLIP_BACKWARD", "two_pass"))
     return chunked_backward(I, T, s, g_rows, g_cols, lse_r, lse_c, n_rows, coef)
 
 

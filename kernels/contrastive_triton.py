@@ -138,6 +138,33 @@ def _bwd_cols(I, T, G_R, G_C, LSE_R, LSE_C, NPOS, DT, scale_ptr, coef_ptr, B_R, 
     tl.store(DT + cols[:, None] * sDT + dd[None, :], (acc * s).to(DT.dtype.element_ty), mask=cmask[:, None] & dmask[None, :])
 
 
+@triton.jit
+def _bwd_fused(I, T, G_R, G_C, LSE_R, LSE_C, NPOS, DI, DT, GS, scale_ptr, coef_ptr, B_R, B_C, D, sI, sT,
+               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
+    """One program per (row block, column block): S recomputed exactly once, G formed once, then
+    per d chunk two dots, dI += s G T and dT += s G^T I, accumulated with fp32 atomics."""
+    rb = tl.program_id(0)
+    cb = tl.program_id(1)
+    s = tl.load(scale_ptr).to(tl.float32)
+    coef = tl.load(coef_ptr).to(tl.float32)
+    rows = rb * BM + tl.arange(0, BM)
+    cols = cb * BN + tl.arange(0, BN)
+    rmask = rows < B_R
+    cmask = cols < B_C
+    S = _s_tile(I, T, rows, cols, rmask, cmask, s, D, sI, sT, BM, BN, BK, PREC)
+    G = _g_tile(S, rows, cols, rmask, cmask, LSE_R, LSE_C, NPOS, G_R, G_C, coef)
+    tl.atomic_add(GS + rows, tl.sum(G * S, 1) / s, mask=rmask)
+    for d0 in range(0, D, BD):
+        dd = d0 + tl.arange(0, BD)
+        dmask = dd < D
+        t = tl.load(T + cols[:, None] * sT + dd[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0)
+        a = tl.load(I + rows[:, None] * sI + dd[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+        di = tl.dot(G.to(t.dtype), t, input_precision=PREC) * s
+        dt = tl.dot(tl.trans(G.to(a.dtype)), a, input_precision=PREC) * s
+        tl.atomic_add(DI + rows[:, None] * D + dd[None, :], di, mask=rmask[:, None] & dmask[None, :])
+        tl.atomic_add(DT + cols[:, None] * D + dd[None, :], dt, mask=cmask[:, None] & dmask[None, :])
+
+
 # ---- launch ---------------------------------------------------------------------------------
 
 def _prec(dtype: torch.dtype, tf32: bool) -> str:
@@ -244,12 +271,20 @@ def triton_forward(I, T, s, g_rows, g_cols, tf32: bool = True, tiles=None):
     return lse_r, cmax, csum, pos
 
 
-def triton_backward(I, T, s, g_rows, g_cols, lse_r, lse_c, n_rows, coef, tf32: bool = True, grad_dtype=None, tiles=None):
+def triton_backward(I, T, s, g_rows, g_cols, lse_r, lse_c, n_rows, coef, tf32: bool = True, grad_dtype=None, tiles=None,
+                    variant: str = "two_pass"):
     """Gradients are stored in `grad_dtype` (default: the input dtype), accumulated in fp32;
-    the distributed path asks for fp32 dT because it is summed across ranks afterwards."""
+    the distributed path asks for fp32 dT because it is summed across ranks afterwards.
+
+    variant "two_pass" (default): dI over row blocks and dT over column blocks, S recomputed once
+    per direction, no atomics, deterministic. "fused": S recomputed once, dI and dT by atomics."""
     b_r, D = I.shape
     b_c = T.shape[0]
     t = tiles or tiles_for(I, T, s, g_rows, g_cols, tf32)
+    if variant == "fused":
+        return _backward_fused(I, T, s, g_rows, g_cols, lse_r, lse_c, n_rows, coef, tf32, grad_dtype, t)
+    if variant != "two_pass":
+        raise ValueError(f"backward variant must be two_pass or fused, got {variant!r}")
     dI = torch.empty((b_r, D), dtype=I.dtype, device=I.device)
     dT = torch.empty((b_c, D), dtype=grad_dtype or I.dtype, device=I.device)
     gs = torch.empty(b_r, dtype=torch.float32, device=I.device)
@@ -262,3 +297,17 @@ def triton_backward(I, T, s, g_rows, g_cols, lse_r, lse_c, n_rows, coef, tf32: b
     _bwd_cols[(triton.cdiv(b_c, t["BN"]), n_dc)](I, T, g_rows, g_cols, lse_r, lse_c, n_rows, dT, s, coef_t,
                                                   b_r, b_c, D, I.stride(0), T.stride(0), dT.stride(0), **common)
     return dI, dT, gs.sum()
+
+
+def _backward_fused(I, T, s, g_rows, g_cols, lse_r, lse_c, n_rows, coef, tf32, grad_dtype, t):
+    b_r, D = I.shape
+    b_c = T.shape[0]
+    dI = torch.zeros((b_r, D), dtype=torch.float32, device=I.device)
+    dT = torch.zeros((b_c, D), dtype=torch.float32, device=I.device)
+    gs = torch.zeros(b_r, dtype=torch.float32, device=I.device)
+    coef_t = torch.as_tensor(coef, dtype=torch.float32, device=I.device).reshape(1)
+    grid = (triton.cdiv(b_r, t["BM"]), triton.cdiv(b_c, t["BN"]))
+    _bwd_fused[grid](I.contiguous(), T.contiguous(), g_rows, g_cols, lse_r, lse_c, n_rows, dI, dT, gs, s, coef_t,
+                     b_r, b_c, D, I.stride(0), T.stride(0), BM=t["BM"], BN=t["BN"], BK=t["BK"], BD=t["BD"],
+                     PREC=_prec(I.dtype, tf32), num_warps=t["num_warps"], num_stages=t["num_stages"])
+    return dI.to(I.dtype), dT.to(grad_dtype or I.dtype), gs.sum()

@@ -51,6 +51,13 @@ def test_cpu_fp32_against_fp64(impl, b, d, grouped, scale):
     _check(impl, b, d, torch.float32, grouped, scale)
 
 
+@pytest.mark.skipif("triton" not in CPU_IMPLS, reason="needs the Triton interpreter")
+@pytest.mark.parametrize("b,d,grouped", [(100, 40, False), (130, 300, True)])
+def test_fused_backward_variant(monkeypatch, b, d, grouped):
+    monkeypatch.setenv("CTVLP_CLIP_BACKWARD", "fused")
+    _check("triton", b, d, torch.float32, grouped, 30.0)
+
+
 @pytest.mark.parametrize("impl", CPU_IMPLS)
 def test_cpu_fp16(impl):
     _check(impl, 97, 64, torch.float16, True, 14.3)
@@ -99,7 +106,9 @@ def test_chunked_path_never_allocates_b_by_b(monkeypatch):
 @pytest.mark.parametrize("b,d", [(1000, 40), (4097, 128), (2049, 300), (3000, 512)])
 @pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("scale", [1.0, 100.0])
-def test_cuda_triton_against_fp64(dtype, b, d, grouped, scale):
+@pytest.mark.parametrize("backward", ["two_pass", "fused"])
+def test_cuda_triton_against_fp64(dtype, b, d, grouped, scale, backward, monkeypatch):
+    monkeypatch.setenv("CTVLP_CLIP_BACKWARD", backward)
     _check("triton", b, d, dtype, grouped, scale, device="cuda", tol=3e-4 if dtype == torch.float32 else None,
            tf32=dtype == torch.float32)
 
