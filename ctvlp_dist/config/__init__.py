@@ -1,8 +1,8 @@
 """Typed configuration: `schema.py` defines it, `load.py` reads YAML + overrides."""
 from .load import ConfigError, config_to_dict, load_config, parse_overrides, valid_keys
-from .schema import (BenchConfig, Config, DemoConfig, IngestConfig, LoaderConfig, PreprocessConfig,
-                     ShardConfig, SynthConfig)
+from .schema import (BenchConfig, Config, DemoConfig, IngestConfig, LabelConfig, LoaderConfig, ModelConfig,
+                     PreprocessConfig, ShardConfig, SynthConfig)
 
 __all__ = ["Config", "ConfigError", "load_config", "parse_overrides", "config_to_dict", "valid_keys",
            "PreprocessConfig", "ShardConfig", "IngestConfig", "SynthConfig", "LoaderConfig", "BenchConfig",
-           "DemoConfig"]
+           "DemoConfig", "LabelConfig", "ModelConfig"]

@@ -141,6 +141,25 @@ class LabelConfig:
 
 
 @dataclass
+class ModelConfig:
+    """A CT-CLIP model: 3D ResNet-18 image tower, HF text tower, shared latent and heads.
+    Variants are YAML files in configs/, not code."""
+
+    stem: str = "k2s2"  # standard (7^3 stride 2 + max-pool) | k2s2 (seed paper) | k4s4 (lite)
+    norm: str = "bn"  # bn | gn
+    gn_groups: int = 32
+    channels_last: bool = True  # channels_last_3d memory format
+    conv_impl: str = "torch"  # the op entry point; the Triton fused conv plugs in here
+    text_model: Optional[str] = None  # HF folder; default: the bundled all-MiniLM-L6-v2
+    text_pooling: str = "mean"  # mean | cls
+    text_max_length: int = 256
+    latent_dim: int = 512
+    logit_scale_init: float = 14.285714  # 1 / 0.07, as CLIP
+    logit_scale_max: float = 100.0
+    num_labels: int = 18  # the shared classifier for the auxiliary BCE (0: none)
+
+
+@dataclass
 class DemoConfig:
     out: str = "runs/demo"
     patients: int = 24
@@ -157,4 +176,5 @@ class Config:
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     label: LabelConfig = field(default_factory=LabelConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)

@@ -1,0 +1,75 @@
+"""3D ResNet-18 (r3d-18 layout: 64/128/256/512 channels, strides 1/2/2/2), one input channel,
+global average pooling to 512-d. Stems: `standard` (7^3 stride 2 + 3^3 max-pool), the seed
+paper's `k2s2` (2^3 stride 2) and its lite `k4s4` (4^3 stride 4)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .ops import Conv3d
+
+
+def _norm(kind: str, ch: int, groups: int) -> nn.Module:
+    if kind == "bn":
+        return nn.BatchNorm3d(ch)
+    if kind == "gn":
+        return nn.GroupNorm(min(groups, ch), ch)
+    raise ValueError(f"model.norm must be bn or gn, got {kind!r}")
+
+
+class BasicBlock3d(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, norm: str, groups: int, impl: str):
+        super().__init__()
+        self.conv1 = Conv3d(cin, cout, 3, stride=stride, padding=1, bias=False, impl=impl)
+        self.bn1 = _norm(norm, cout, groups)
+        self.conv2 = Conv3d(cout, cout, 3, stride=1, padding=1, bias=False, impl=impl)
+        self.bn2 = _norm(norm, cout, groups)
+        self.relu = nn.ReLU(inplace=True)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(Conv3d(cin, cout, 1, stride=stride, bias=False, impl=impl), _norm(norm, cout, groups))
+
+    def forward(self, x):
+        idt = x if self.down is None else self.down(x)
+        y = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(y)) + idt)
+
+
+STEMS = {"standard": (7, 2, 3, True), "k2s2": (2, 2, 0, False), "k4s4": (4, 4, 0, False)}
+
+
+class ResNet3d18(nn.Module):
+    out_dim = 512
+
+    def __init__(self, stem: str = "k2s2", norm: str = "bn", gn_groups: int = 32, channels_last: bool = True,
+                 conv_impl: str = "torch"):
+        super().__init__()
+        if stem not in STEMS:
+            raise ValueError(f"model.stem must be one of {sorted(STEMS)}, got {stem!r}")
+        k, s, p, pool = STEMS[stem]
+        layers = [Conv3d(1, 64, k, stride=s, padding=p, bias=False, impl=conv_impl), _norm(norm, 64, gn_groups),
+                  nn.ReLU(inplace=True)]
+        if pool:
+            layers.append(nn.MaxPool3d(3, stride=2, padding=1))
+        self.stem = nn.Sequential(*layers)
+        chans, blocks, cin = [64, 128, 256, 512], [], 64
+        for i, c in enumerate(chans):
+            stride = 1 if i == 0 else 2
+            blocks.append(nn.Sequential(BasicBlock3d(cin, c, stride, norm, gn_groups, conv_impl),
+                                        BasicBlock3d(c, c, 1, norm, gn_groups, conv_impl)))
+            cin = c
+        self.layers = nn.Sequential(*blocks)
+        self.channels_last = channels_last
+        for m in self.modules():
+            if isinstance(m, nn.Conv3d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        for blk in self.modules():  # zero-init the last norm of each residual branch (stable deep start)
+            if isinstance(blk, BasicBlock3d) and hasattr(blk.bn2, "weight"):
+                nn.init.zeros_(blk.bn2.weight)
+        if channels_last:
+            self.to(memory_format=torch.channels_last_3d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        return self.layers(self.stem(x)).mean(dim=(2, 3, 4))
