@@ -82,7 +82,6 @@ def test_sum_reduction_and_python_scale():
 
 def test_chunked_path_never_allocates_b_by_b(monkeypatch):
     """Every intermediate of the chunked path is at most chunk x b."""
-    import kernels.contrastive_ref as ref
 
     b, biggest = 1500, [0]
 

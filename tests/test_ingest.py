@@ -9,7 +9,6 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pytest
 
 from ctvlp_dist.data import CTLoader
 from data_shards.ingest.pipeline import run_ingest
@@ -79,7 +78,7 @@ def test_example_ct_resampled_keeps_hu_range_and_orientation(shared_data, tmp_pa
     s, out = _ingest(tmp_path, tmp_path / "img", _reports(tmp_path / "r.csv", ["a_1_a_1.nii.gz", "b_2_a_1.nii.gz"]))
     assert s["samples_written"] == 2
     got = _load_all(out)
-    (va, ma), (vb, mb) = got["a_1_a_1"], got["b_2_a_1"]
+    (va, ma), (vb, _) = got["a_1_a_1"], got["b_2_a_1"]
     assert np.array_equal(va, vb)
     assert va.shape == (120, 240, 240) and ma["spacing"] == [3.0, 1.5, 1.5]
     assert ma["source_shape"] == [112, 101, 122]

@@ -10,7 +10,6 @@ the transformer body, which dominates the cost, is the real size.
 from __future__ import annotations
 
 import dataclasses
-import json
 import tempfile
 from pathlib import Path
 

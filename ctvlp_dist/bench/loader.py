@@ -8,7 +8,6 @@ Compression ratio = raw int16 bytes / stored volume bytes, on the synthetic coho
 from __future__ import annotations
 
 import dataclasses
-import json
 import tempfile
 import time
 from pathlib import Path
