@@ -133,8 +133,11 @@ def read_index(path: Path) -> list[IndexEntry]:
     return entries
 
 
-def iter_tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+def iter_tar_samples(path: Path, index: list | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Stream a tar, grouping consecutive members by key. Raises ShardError on damage.
+
+    With `index`, the DALI index entries of the members read are appended to it on the way,
+    so a verifier needs no second pass over the shard.
 
     tarfile treats a bad or truncated header after the first as the end of the archive;
     we insist the archive really ends with a zero block there, so damage cannot pass as
@@ -161,6 +164,10 @@ def iter_tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
                     if key is not None:
                         yield key, group
                     key, group = k, {}
+                    if index is not None:
+                        index.append(IndexEntry(k, []))
+                if index is not None:
+                    index[-1].members.append((ext, m.offset_data, m.size, name))
                 group[ext] = data
             end = tar.offset
             tar.fileobj.seek(end)

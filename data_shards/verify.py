@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .format import MASK_EXT, VOLUME_EXT
+from .format import VOLUME_EXT
 from .sample import decode_members
 from .tar_io import ShardError, read_index, sha256_file
 from .writer import load_manifest
@@ -30,25 +30,6 @@ class VerifyResult:
         if self.ok:
             return head + "OK"
         return head + f"{len(self.problems)} problem(s)\n" + "\n".join(f"  - {p}" for p in self.problems)
-
-
-def _index_from_tar(path: Path):
-    """Recompute the index by walking tar headers (data offset = header offset + 512)."""
-    import tarfile
-    from .format import split_member
-    from .tar_io import IndexEntry, safe_member_name
-
-    entries: list[IndexEntry] = []
-    with tarfile.open(path, "r:") as tar:
-        for m in tar:
-            safe_member_name(m.name)
-            if not m.isreg():
-                continue
-            key, ext = split_member(m.name)
-            if not entries or entries[-1].key != key:
-                entries.append(IndexEntry(key, []))
-            entries[-1].members.append((ext, m.offset_data, m.size, m.name))
-    return entries
 
 
 def verify_dataset(root: str | Path, decode: bool = True, progress=None) -> VerifyResult:
@@ -84,9 +65,9 @@ def verify_dataset(root: str | Path, decode: bool = True, progress=None) -> Veri
         digest = sha256_file(path)
         if digest != sh["sha256"]:
             res.problems.append(f"{name}: sha256 checksum mismatch (manifest {sh['sha256'][:12]}..., file {digest[:12]}...)")
-        keys = []
+        keys, seen_index = [], []
         try:
-            for key, members in iter_tar_samples(path):
+            for key, members in iter_tar_samples(path, index=seen_index):
                 keys.append(key)
                 res.samples += 1
                 try:
@@ -104,8 +85,6 @@ def verify_dataset(root: str | Path, decode: bool = True, progress=None) -> Veri
                     if seen_patient and seen_patient.get(pid) != sh["split"]:
                         raise ValueError(f"sample {key}: patient {pid} belongs to split {seen_patient.get(pid)!r}, "
                                          f"found in a {sh['split']} shard")
-                    if MASK_EXT[codec] in members and s.mask is None:
-                        raise ValueError(f"sample {key}: mask present but not decoded")
                 except ValueError as e:
                     res.problems.append(f"{name}: {e}")
         except ShardError as e:
@@ -118,13 +97,10 @@ def verify_dataset(root: str | Path, decode: bool = True, progress=None) -> Veri
         total += len(keys)
         idx_path = root / sh["index"]
         try:
-            if [e.line() for e in read_index(idx_path)] != [e.line() for e in _index_from_tar(path)]:
+            if [e.line() for e in read_index(idx_path)] != [e.line() for e in seen_index]:
                 res.problems.append(f"{name}: index {sh['index']} does not match the tar")
         except (ShardError, FileNotFoundError, OSError) as e:
             res.problems.append(f"{name}: index: {e}")
-        except Exception as e:  # tar damage already reported above
-            if not any(p.startswith(name) for p in res.problems):
-                res.problems.append(f"{name}: index check failed: {e}")
     if total != man["num_samples"] and not res.problems:
         res.problems.append(f"dataset: {total} samples in shards, manifest says {man['num_samples']}")
     return res

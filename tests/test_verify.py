@@ -106,3 +106,14 @@ def test_unsafe_member_in_shard(ds):
     (d / sh["name"]).write_bytes(buf.getvalue())
     res = verify_dataset(d)
     assert any("unsafe tar member name '../escape.txt'" in p for p in res.problems)
+
+
+def test_index_that_disagrees_with_the_tar(ds):
+    d, _, sh = ds
+    idx = d / sh["index"]
+    lines = idx.read_text().splitlines()
+    tok = lines[1].split(" ")
+    tok[1] = str(int(tok[1]) + 512)  # first member's data offset, one block off
+    idx.write_text("\n".join([lines[0], " ".join(tok), *lines[2:]]) + "\n")
+    res = verify_dataset(d)
+    assert res.problems == [f"{sh['name']}: index {sh['index']} does not match the tar"]
