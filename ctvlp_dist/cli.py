@@ -89,6 +89,10 @@ def cmd_bench(args) -> int:
         from .bench import loss as bench_loss
 
         bench_loss.run(cfg, progress=not args.quiet, argv=sys.argv)
+    elif args.what == "train":
+        from .bench import train as bench_train
+
+        bench_train.run(cfg, progress=not args.quiet, argv=sys.argv)
     elif args.what == "label":
         from .bench import label as bench_label
 
@@ -119,6 +123,28 @@ def cmd_label(args) -> int:
     print(f"reports in: {s['reports_in']} = labelled ok: {s['ok']} + failed: {s['failed']} "
           f"+ skipped (already labelled): {s['skipped_already_labelled']}")
     return 0
+
+
+def cmd_train(args) -> int:
+    from .bench.record import markdown_table
+    from .train.launch import train
+
+    cfg = _cfg(args)
+    if args.quiet:
+        cfg.train.progress = False
+    s = train(cfg)
+    last = s.get("last") or {}
+    keys = ["steps", "final_loss", "samples_per_s", "scans_per_s_per_worker", "step_s", "data_s", "forward_s",
+            "backward_s", "optimizer_s", "mfu"]
+    print(markdown_table([{k: _fmt(s.get(k, last.get(k))) for k in keys}], keys))
+    print(json.dumps(s))
+    print(f"{s['steps']} steps of {s['stage']} on {s['workers']} workers; weights: {s['export']}; "
+          f"metrics: {cfg.train.out}/metrics.jsonl")
+    return 0
+
+
+def _fmt(v):
+    return f"{v:.4g}" if isinstance(v, float) else v
 
 
 def cmd_demo(args) -> int:
@@ -181,8 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="`ctvlp bench loader`: samples/s and MB/s of the CPU loader at the stored size, "
                                    "and each codec's compression ratio. `ctvlp bench label`: vLLM reports/s and macro "
                                    "AUC on dev reports, per scoring method. `ctvlp bench loss`: contrastive loss time and memory, "
-                                   "dense vs chunked vs Triton.", epilog=EPILOG)
-    p.add_argument("what", choices=["loader", "label", "loss"], help="what to benchmark")
+                                   "dense vs chunked vs Triton. `ctvlp bench train`: image-tower "
+                                   "scans/s, step-time breakdown, peak memory and MFU; GradCache vs plain time per scan.",
+                       epilog=EPILOG)
+    p.add_argument("what", choices=["loader", "label", "loss", "train"], help="what to benchmark")
     _flag(p, "--data", "bench.data", help="existing dataset (default: a fresh synthetic one)")
     _flag(p, "--patients", "bench.patients", type=int, help="synthetic patients when --data is not given")
     _flag(p, "--model-config", "bench.model_config", help="label: architecture with dummy weights, e.g. llama-3.1-8b")
@@ -219,6 +247,22 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", help="target folder (default ~/.cache/ctvlp/models/smollm2-135m-instruct)")
     m.add_argument("--force", action="store_true", help="convert again")
     cmds["label"] = cmd_label
+
+    p = sub.add_parser("train", help="train a stage (supervised BCE or CLIP) with DeepSpeed, under Ray Train",
+                       description="`ctvlp train --config configs/train_clip_seed.yaml train.data=SHARDS` runs one stage "
+                                   "on train.workers Ray Train workers (train.launcher=local: one process here; "
+                                   "torchrun/deepspeed: `torchrun -m ctvlp_dist.train.worker --config ...`). Writes "
+                                   "checkpoints, metrics.jsonl, summary.json and model.safetensors under train.out; "
+                                   "resumes from the latest checkpoint of train.out by default.", epilog=EPILOG)
+    _flag(p, "--data", "train.data", help="shard dataset folder")
+    _flag(p, "--labels", "loader.labels", help="silver labels (Parquet/CSV from `ctvlp label`)")
+    _flag(p, "--out", "train.out", help="run folder (checkpoints, metrics, export)")
+    _flag(p, "--stage", "train.stage", choices=["supervised", "clip"], help="objective")
+    _flag(p, "--steps", "train.steps", type=int, help="optimizer steps (0: train.epochs passes)")
+    _flag(p, "--workers", "train.workers", type=int, help="Ray Train workers")
+    _flag(p, "--launcher", "train.launcher", choices=["ray", "local"], help="ray (default) or one local process")
+    _add_common(p)
+    cmds["train"] = cmd_train
 
     p = sub.add_parser("demo", help="run the main job on the embedded synthetic default",
                        description="synth -> shard -> verify -> load, on a small synthetic cohort.", epilog=EPILOG)

@@ -53,3 +53,30 @@ def cohort(request, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def cohort_npy(tmp_path_factory) -> Path:
     return synth_dataset(tmp_path_factory.mktemp("cohort-npy"), codec="npy", patients=13, scans=2)
+
+
+TRAIN_SHAPE = (24, 48, 48)
+
+
+@pytest.fixture(scope="session")
+def train_cohort(tmp_path_factory) -> tuple[Path, Path]:
+    """(shards, silver labels): 20 synthetic patients (16 in train) labelled by the rules labeller."""
+    from ctvlp_dist.labels.runner import run_label
+
+    root = tmp_path_factory.mktemp("train-cohort")
+    data = synth_dataset(root / "data", patients=20, max_samples=4, shape=TRAIN_SHAPE, spacing=(12.0, 7.0, 7.0))
+    labels = root / "labels.parquet"
+    run_label(make_cfg(label=dict(reports=str(data), out=str(labels), backend="rules", metrics_port=-1)), progress=False)
+    return data, labels
+
+
+def run_ctvlp(*args: str, timeout: float = 600, env: dict | None = None):
+    """The real CLI in a fresh process (Ray, DeepSpeed and torch.distributed never touch pytest's)."""
+    import subprocess
+    import sys
+
+    cmd = [str(Path(sys.executable).parent / "ctvlp"), *args]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                       env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    assert p.returncode == 0, f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
+    return p

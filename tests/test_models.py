@@ -31,9 +31,13 @@ def test_r3d18_layout(stem, first):
 
 def test_channels_last_and_batchnorm():
     m = ResNet3d18(stem="k2s2", norm="bn", channels_last=True)
-    assert m.stem[0].weight.is_contiguous(memory_format=torch.channels_last_3d)
+    seen = []
+    m.stem[0].register_forward_pre_hook(lambda mod, inp: seen.append(inp[0].is_contiguous(
+        memory_format=torch.channels_last_3d)))
     assert isinstance(m.stem[1], torch.nn.BatchNorm3d)
     assert m(torch.randn(2, 1, 8, 16, 16)).shape == (2, 512)
+    assert seen == [True]  # the input enters the stem in channels_last_3d (cuDNN keeps it)
+    assert all(p.is_contiguous() for p in m.parameters())  # weights stay plain (DeepSpeed flattens them)
 
 
 def test_convolutions_go_through_the_entry_point():

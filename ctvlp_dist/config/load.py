@@ -118,14 +118,34 @@ def parse_overrides(items: Iterable[str]) -> dict:
     return nested
 
 
+def _read_yaml(path: Path, seen: tuple = ()) -> list[dict]:
+    """A config file and the files it `include:`s (relative to it, applied first, in order)."""
+    path = Path(path).resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: include cycle")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    inc = data.pop("include", [])
+    out = []
+    for rel in [inc] if isinstance(inc, str) else inc:
+        out += _read_yaml(path.parent / rel, seen + (path,))
+    return out + [data]
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Iterable[str] = ()) -> Config:
     cfg = Config()
     if path:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
-        _apply(cfg, data)
+        for data in _read_yaml(Path(path)):
+            _apply(cfg, data)
     _apply(cfg, parse_overrides(overrides))
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    """The inverse of config_to_dict (how a config travels to Ray / torchrun workers)."""
+    cfg = Config()
+    _apply(cfg, data)
     return cfg
 
 

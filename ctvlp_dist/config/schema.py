@@ -160,6 +160,64 @@ class ModelConfig:
 
 
 @dataclass
+class OptimConfig:
+    """AdamW + warmup/cosine schedule (the seed paper: lr 1e-4 supervised, 1e-5 clip; wd 1e-4)."""
+
+    lr: float = 1e-4
+    weight_decay: float = 1e-4  # not applied to norms, biases and the logit scale (open_clip's rule)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    schedule: str = "cosine"  # cosine | constant
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # cosine floor, as a fraction of lr
+    grad_clip: float = 1.0  # global grad-norm clip; 0 = off
+
+
+@dataclass
+class TrainConfig:
+    """`ctvlp train`: one stage on N workers (Ray Train, torchrun/deepspeed, or one local process).
+
+    The micro-batch is loader.batch_size (samples per worker per forward pass). global_batch is the
+    samples per optimizer step over all workers, independent of both: for the clip stage it is the
+    contrastive batch, reached with GradCache when it exceeds micro-batch x workers; for supervised,
+    with gradient accumulation."""
+
+    stage: str = "supervised"  # supervised | clip
+    data: str = ""  # shard dataset folder (`ctvlp shard` / `ctvlp synth`); labels come from loader.labels
+    split: str = "train"
+    out: str = "runs/train"  # checkpoints/, metrics.jsonl, model.safetensors, summary.json
+    steps: int = 0  # optimizer steps; 0 = `epochs` passes over the split
+    epochs: int = 1
+    global_batch: int = 0  # 0 = micro-batch x workers (no accumulation, no GradCache)
+    uncertain: str = "ignore"  # ignore | positive | negative: what a -1 (uncertain) silver label means
+    text_bce: bool = False  # supervised: also train the text tower on the labels
+    aux_weight: float = 0.0  # clip: weight of the auxiliary BCE through the shared classifier
+    init_from: Optional[str] = None  # a model.safetensors export (e.g. the supervised stage) to start from
+    bn_mode: str = "train"  # train | eval: frozen BN statistics (GradCache then equals the full batch exactly)
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3
+    launcher: str = "ray"  # ray (Ray Train TorchTrainer) | local (one process); torchrun/deepspeed run `python -m ctvlp_dist.train.worker`
+    workers: int = 2  # Ray Train workers
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    ray_address: Optional[str] = None  # default: RAY_ADDRESS, else a local cluster
+    max_failures: int = 0  # Ray FailureConfig: restarts of the worker group, each resuming from the last checkpoint
+    ckpt_every: int = 0  # steps between checkpoints; 0 = only at the end
+    keep_checkpoints: int = 2
+    resume: str = "auto"  # auto (the latest checkpoint of this run, if any) | none | a checkpoint folder
+    seed: int = 0
+    deterministic: bool = True  # torch deterministic algorithms (bit-exact resume on CPU)
+    threads_per_worker: int = 1
+    log_every: int = 1  # steps between JSONL lines
+    metrics_port: int = -1  # Prometheus exporter of rank 0: 0 = any free port, -1 = off
+    metrics_addr: str = "127.0.0.1"
+    progress: bool = True
+    export: bool = True  # write model.safetensors (weights + config) at the end
+    peak_tflops: float = 0.0  # device peak for MFU; 0 = known GPUs by name, none on CPU
+    fail_at_step: int = 0  # fault injection (tests): worker rank 1 dies before this step, once per run
+
+
+@dataclass
 class DemoConfig:
     out: str = "runs/demo"
     patients: int = 24
@@ -177,4 +235,6 @@ class Config:
     bench: BenchConfig = field(default_factory=BenchConfig)
     label: LabelConfig = field(default_factory=LabelConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)

@@ -20,7 +20,9 @@ class Accounting:
             self._start_metrics(metrics_port, metrics_addr)
 
     def _start_metrics(self, port: int, addr: str) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        from ..prometheus import start_exporter
 
         reg = CollectorRegistry()
         self._m = {
@@ -31,13 +33,7 @@ class Accounting:
                                  buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32)),
             "rate": Gauge("ctvlp_label_reports_per_second", "Reports per second so far", registry=reg),
         }
-        try:
-            server, _ = start_http_server(port, addr=addr, registry=reg)
-            self.port = server.server_address[1]
-            self._server = server
-        except OSError as e:
-            log.warning("Prometheus exporter not started on %s:%s (%s); set label.metrics_port=0 for any free port",
-                        addr, port, e)
+        self.port, self._server = start_exporter(reg, port, addr, "label.metrics_port")
 
     def add(self, rows: list[dict]) -> None:
         now = time.perf_counter()

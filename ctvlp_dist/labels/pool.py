@@ -12,24 +12,12 @@ then its reports are recorded as failed with the reason. Nothing is dropped.
 from __future__ import annotations
 
 import logging
-import os
 from collections import deque
 from typing import Callable
 
+from ..ray_cluster import init_ray
+
 log = logging.getLogger(__name__)
-
-
-def init_ray() -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    if address:  # an existing cluster (SLURM + Ray launcher)
-        ray.init(address=address, log_to_driver=False)
-    else:  # a private local cluster, bound to loopback
-        ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
-                 logging_level=logging.WARNING)
 
 
 def run_pool(batches: list[list[tuple[str, str]]], *, model: str, cfg, gpu: bool,

@@ -20,12 +20,27 @@ class CTCLIP(nn.Module):
                                                                              cfg.text_max_length)
         self.image_proj = nn.Linear(self.image.out_dim, cfg.latent_dim, bias=False)
         self.text_proj = nn.Linear(self.text.out_dim, cfg.latent_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(cfg.logit_scale_init)))
+        # shape [1], not []: DeepSpeed's broadcast and ZeRO flattening view parameters as bytes
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(cfg.logit_scale_init)))
         self.max_log_scale = math.log(cfg.logit_scale_max)
         self.classifier = nn.Linear(cfg.latent_dim, cfg.num_labels) if cfg.num_labels else None
 
+    def forward(self, kind: str, x=None) -> torch.Tensor:
+        """One call for every part: model("image", volume), ("text", tokens), ("classify", z), ("scale").
+        Stages call the model (or its DeepSpeed engine) only this way, so ZeRO-3 gathers the
+        parameters each part needs, the root's own logit scale included."""
+        if kind == "image":
+            return self.encode_image(x)
+        if kind == "text":
+            return self.encode_text(x)
+        if kind == "classify":
+            return self.classify(x)
+        if kind == "scale":
+            return self.scale()
+        raise ValueError(f"unknown model part {kind!r}: image | text | classify | scale")
+
     def scale(self) -> torch.Tensor:
-        return self.logit_scale.clamp(max=self.max_log_scale).exp()
+        return self.logit_scale.clamp(max=self.max_log_scale).exp().squeeze(0)
 
     def encode_image(self, volume: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.image_proj(self.image(volume)), dim=-1)

@@ -66,10 +66,11 @@ class ResNet3d18(nn.Module):
         for blk in self.modules():  # zero-init the last norm of each residual branch (stable deep start)
             if isinstance(blk, BasicBlock3d) and hasattr(blk.bn2, "weight"):
                 nn.init.zeros_(blk.bn2.weight)
-        if channels_last:
-            self.to(memory_format=torch.channels_last_3d)
+
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Activations run in channels_last_3d; weights stay contiguous, because DeepSpeed views
+        # parameters as flat byte buffers (broadcast, ZeRO partitions) and cuDNN takes either.
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
         return self.layers(self.stem(x)).mean(dim=(2, 3, 4))

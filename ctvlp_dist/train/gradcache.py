@@ -15,7 +15,8 @@ the supervised checkpoint).
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import contextlib
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -45,20 +46,39 @@ def _bn_buffers(modules: Sequence[nn.Module]) -> list[tuple[torch.Tensor, torch.
     return out
 
 
+def _wide(z: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 embeddings meet the loss in fp32 (the loss accumulates in fp32 anyway)."""
+    return z.float() if z.dtype in (torch.bfloat16, torch.float16) else z
+
+
 def gradcache_step(encode_image: Callable, encode_text: Callable, images: Sequence, texts: Sequence,
                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                   modules: Sequence[nn.Module] = ()) -> torch.Tensor:
+                   modules: Sequence[nn.Module] = (), backward: Optional[Callable[[torch.Tensor], None]] = None,
+                   timer=None) -> torch.Tensor:
     """One contrastive step over len(images) micro-batches; gradients accumulate in .grad.
 
     encode_image(images[k]) / encode_text(texts[k]) -> embeddings of micro-batch k;
     loss_fn(all image embeddings, all text embeddings) -> scalar (it may all-gather across ranks);
-    modules: the models whose BatchNorm statistics must be updated once. Returns the loss.
+    modules: the models whose BatchNorm statistics must be updated once;
+    backward(surrogate): runs (and times) one micro-batch's backward, called once per micro-batch;
+    default `surrogate.backward()`; DeepSpeed: `engine.backward(s, scale_wrt_gas=False)`, `engine.step()`;
+    timer: optional `timer(phase)` context manager for the phases "forward" and "backward".
+    Returns the loss.
+
+    Each micro-batch's surrogate is <z_k, dL/dz_k> (its gradient w.r.t. the towers is exactly the
+    cached one). The last one adds the loss itself, so the parameters the loss uses directly
+    (logit scale, shared classifier) get their gradient inside the same framework-managed backward.
     """
     if len(images) != len(texts):
         raise ValueError("images and texts must have the same number of micro-batches")
+    timer = timer or (lambda phase: contextlib.nullcontext())
+    if backward is None:
+        def backward(surrogate: torch.Tensor) -> None:
+            with timer("backward"):
+                surrogate.backward()
     snapshot = _bn_buffers(modules)
     states, zi, zt = [], [], []
-    with torch.no_grad():
+    with timer("forward"), torch.no_grad():
         for x, t in zip(images, texts):
             states.append(_RNG())
             zi.append(encode_image(x))
@@ -66,13 +86,20 @@ def gradcache_step(encode_image: Callable, encode_text: Callable, images: Sequen
     after_pass1 = _RNG()
     for buf, saved in snapshot:  # the re-run is the one update of the running statistics
         buf.copy_(saved)
-    Zi = torch.cat(zi).detach().requires_grad_()
-    Zt = torch.cat(zt).detach().requires_grad_()
-    loss = loss_fn(Zi, Zt)
-    loss.backward()
-    gi, gt = Zi.grad.split([z.shape[0] for z in zi]), Zt.grad.split([z.shape[0] for z in zt])
+    with timer("forward"):
+        Zi = _wide(torch.cat(zi)).requires_grad_()
+        Zt = _wide(torch.cat(zt)).requires_grad_()
+        loss = loss_fn(Zi, Zt)
+    with timer("backward"):
+        gi, gt = torch.autograd.grad(loss, [Zi, Zt], retain_graph=True)
+    gi, gt = gi.split([z.shape[0] for z in zi]), gt.split([z.shape[0] for z in zt])
+    last = len(images) - 1
     for k, (x, t) in enumerate(zip(images, texts)):
         states[k].restore()
-        torch.autograd.backward([encode_image(x), encode_text(t)], [gi[k], gt[k]])
+        with timer("forward"):
+            surrogate = (_wide(encode_image(x)) * gi[k]).sum() + (_wide(encode_text(t)) * gt[k]).sum()
+            if k == last:
+                surrogate = surrogate + loss
+        backward(surrogate)
     after_pass1.restore()  # the caller's RNG stream continues as if each micro-batch ran once
     return loss.detach()

@@ -40,18 +40,19 @@ def masked_bce(logits: torch.Tensor, labels: torch.Tensor, uncertain: str = "ign
 def supervised_objective(model, volume: torch.Tensor, labels: torch.Tensor, uncertain: str = "ignore",
                          texts: Optional[dict] = None) -> torch.Tensor:
     """BCE of the image encoder's latent through the shared classifier (and the text encoder's too,
-    when tokens are given)."""
-    loss = masked_bce(model.classify(model.encode_image(volume)), labels, uncertain)
+    when tokens are given). `model` is a CTCLIP or its DeepSpeed engine: model(part, x)."""
+    loss = masked_bce(model("classify", model("image", volume)), labels, uncertain)
     if texts is not None:
-        loss = loss + masked_bce(model.classify(model.encode_text(texts)), labels, uncertain)
+        loss = loss + masked_bce(model("classify", model("text", texts)), labels, uncertain)
     return loss
 
 
 def clip_objective(model, z_image: torch.Tensor, z_text: torch.Tensor, labels: Optional[torch.Tensor] = None,
                    aux_weight: float = 0.0, uncertain: str = "ignore", group_ids=None) -> torch.Tensor:
     """InfoNCE over the global batch (+ aux BCE on the local rows); usable as GradCache's loss_fn."""
-    loss = clip_loss(z_image, z_text, model.scale(), group_ids=group_ids)
+    loss = clip_loss(z_image, z_text, model("scale"), group_ids=group_ids)
     if aux_weight and labels is not None:
-        aux = masked_bce(model.classify(z_image), labels, uncertain) + masked_bce(model.classify(z_text), labels, uncertain)
+        aux = masked_bce(model("classify", z_image), labels, uncertain) + masked_bce(model("classify", z_text), labels,
+                                                                                    uncertain)
         loss = loss + aux_weight * aux
     return loss

@@ -1,0 +1,115 @@
+"""Launchers of the one training loop (`loop.run_worker`):
+
+ray    Ray Train TorchTrainer on train.workers workers; checkpoints through Ray's API; a failed
+       worker group is restarted (FailureConfig) and resumes from the last checkpoint.
+local  one process, here (benchmarks, debugging).
+torchrun / deepspeed: `torchrun --nproc-per-node N -m ctvlp_dist.train.worker --config X.yaml`
+       (or `deepspeed --module ctvlp_dist.train.worker ...`); checkpoints in out/checkpoints.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+from ..config import config_to_dict
+from .loop import run_worker
+
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+
+
+def train(cfg) -> dict:
+    tc = cfg.train
+    if not tc.data:
+        raise ValueError("train.data is empty: give a shard folder (`ctvlp synth` or `ctvlp shard` writes one)")
+    if not Path(tc.data, "manifest.json").exists():
+        raise FileNotFoundError(f"train.data={tc.data}: no manifest.json; is it a folder written by ctvlp shard/synth?")
+    Path(tc.out).mkdir(parents=True, exist_ok=True)
+    if tc.launcher == "ray":
+        return train_ray(cfg)
+    if tc.launcher == "local":
+        return train_local(cfg)
+    raise ValueError(f"train.launcher must be ray or local (torchrun / deepspeed: run "
+                     f"`torchrun -m ctvlp_dist.train.worker ...`), got {tc.launcher!r}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_local(cfg) -> dict:
+    """One process, world size 1."""
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0", "WORLD_SIZE": "1",
+           "LOCAL_RANK": "0"}
+    for k, v in env.items():
+        os.environ.setdefault(k, v)
+    try:
+        return run_worker(config_to_dict(cfg), sink="folder")
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _ray_worker(config: dict) -> None:
+    run_worker(config, sink="ray")
+
+
+def _follow(path: Path, total: int, stop: threading.Event, enabled: bool) -> None:
+    """The driver's progress bar, fed by rank 0's metrics.jsonl (Ray workers have no terminal)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total or None, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)
+    pos = path.stat().st_size if path.exists() else 0
+    while not stop.is_set():
+        time.sleep(0.5)
+        if not path.exists():
+            continue
+        with open(path) as f:
+            f.seek(pos)
+            chunk = f.read()
+        lines = chunk.split("\n")
+        pos += len(chunk) - len(lines[-1])
+        for line in lines[:-1]:
+            row = json.loads(line)
+            bar.n = row["step"]
+            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", refresh=False)
+            bar.refresh()
+    bar.close()
+
+
+def train_ray(cfg) -> dict:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from ..ray_cluster import init_ray
+
+    tc = cfg.train
+    init_ray(tc.ray_address, runtime_env={"env_vars": WORKER_ENV})
+    out = Path(tc.out).resolve()
+    name = "run" if tc.resume == "auto" else f"run-{time.strftime('%Y%m%dT%H%M%S')}"
+    trainer = TorchTrainer(
+        _ray_worker, train_loop_config=config_to_dict(cfg),
+        scaling_config=ScalingConfig(num_workers=tc.workers, use_gpu=tc.use_gpu,
+                                     resources_per_worker={"CPU": tc.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
+        run_config=RunConfig(name=name, storage_path=str(out / "ray"),
+                             failure_config=FailureConfig(max_failures=tc.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=max(1, tc.keep_checkpoints))))
+    stop = threading.Event()
+    follower = threading.Thread(target=_follow, args=(out / "metrics.jsonl", tc.steps, stop, tc.progress), daemon=True)
+    follower.start()
+    try:
+        result = trainer.fit()
+    finally:
+        stop.set()
+        follower.join()
+    summary = json.loads((out / "summary.json").read_text())
+    summary["ray_checkpoint"] = result.checkpoint.path if result.checkpoint else None
+    return summary

@@ -1,0 +1,208 @@
+"""The training loop every launcher runs: Ray Train workers, torchrun / deepspeed processes, or
+one local process. Data flows shards -> CTLoader -> model -> loss -> DeepSpeed engine -> metrics.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..config import config_from_dict, config_to_dict
+from ..data.loader import CTLoader
+from ..models import build_model
+from ..models.export import read_exported
+from ..models.flops import device_peak_tflops, image_tower_train_flops
+from .checkpoint import FolderCheckpoints, RayCheckpoints, export_model, load_state, safe_checkpoint_engine, save_state
+from .ds_config import deepspeed_config, resolve_precision
+from .metrics import StepTimer, TrainMetrics
+from .optim import build_optimizer
+from .step import STAGES
+
+log = logging.getLogger(__name__)
+
+
+class StepBatches:
+    """Groups of `accum` loader batches, one group per optimizer step. An epoch ends after
+    len(loader) // accum groups (a remainder that cannot fill a step is skipped); positions are
+    the loader's own, so a checkpoint between steps resumes exactly."""
+
+    def __init__(self, loader: CTLoader, accum: int):
+        self.loader, self.accum = loader, accum
+        self.per_epoch = len(loader) // accum
+        self._it = None
+
+    def next(self) -> list:
+        if self.loader.consumed >= self.per_epoch * self.accum:
+            self.close()
+            self.loader.set_epoch(self.loader.epoch + 1)
+        if self._it is None:
+            self._it = iter(self.loader)
+        return [next(self._it) for _ in range(self.accum)]
+
+    def close(self) -> None:
+        if self._it is not None:
+            self._it.close()
+            self._it = None
+
+
+def _setup_process(tc) -> None:
+    torch.set_num_threads(max(1, tc.threads_per_worker))
+    if tc.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=tc.use_gpu)
+        torch.backends.cudnn.benchmark = False
+
+
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % (1 << 32))
+    random.seed(seed)
+
+
+def _set_bn_mode(module: torch.nn.Module, mode: str) -> None:
+    if mode not in ("train", "eval"):
+        raise ValueError(f"train.bn_mode must be train or eval, got {mode!r}")
+    module.train()
+    if mode == "eval":
+        for m in module.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+def _plan(cfg, loader: CTLoader, world: int) -> tuple[int, int, int]:
+    """(micro-batches per step, steps per epoch, total steps)."""
+    tc, micro = cfg.train, cfg.loader.batch_size
+    gb = tc.global_batch or micro * world
+    if gb % (micro * world):
+        raise ValueError(f"train.global_batch={gb} must be a multiple of loader.batch_size x workers "
+                         f"= {micro} x {world}")
+    accum = gb // (micro * world)
+    per_epoch = len(loader) // accum
+    if per_epoch == 0:
+        raise ValueError(f"split {tc.split!r} has {len(loader.index)} samples: too few for one step of "
+                         f"{gb} samples on {world} workers; lower train.global_batch or loader.batch_size")
+    return accum, per_epoch, tc.steps or tc.epochs * per_epoch
+
+
+def run_worker(cfg_dict: dict, sink: str = "folder") -> dict:
+    """One worker of a run (torch.distributed is initialised here unless the launcher did it).
+    sink: "folder" (out/checkpoints) or "ray" (Ray Train's checkpoint API)."""
+    cfg = config_from_dict(cfg_dict)
+    tc = cfg.train
+    if tc.stage not in STAGES:
+        raise ValueError(f"train.stage must be one of {sorted(STAGES)}, got {tc.stage!r}")
+    _setup_process(tc)
+    import deepspeed
+
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if tc.use_gpu else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if tc.use_gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    out = Path(tc.out)
+
+    _seed_all(tc.seed)  # the same initial weights on every rank
+    model = build_model(cfg.model)
+    if tc.init_from:
+        sd, _, _ = read_exported(tc.init_from)
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        if unexpected or [k for k in missing if not k.startswith("classifier")]:
+            raise ValueError(f"train.init_from={tc.init_from} does not fit this model: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+    tokenize = model.text.tokenize
+    loader = CTLoader(tc.data, dataclasses.replace(cfg.loader, last_batch="drop", train=True), split=tc.split,
+                      rank=rank, world_size=world)
+    accum, per_epoch, total = _plan(cfg, loader, world)
+    opt, sched = build_optimizer(model, cfg.optim, total)
+    engine, _, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
+                                               config=deepspeed_config(tc, cfg.optim, cfg.loader.batch_size, accum))
+    safe_checkpoint_engine(engine)
+    checkpoints = RayCheckpoints() if sink == "ray" else FolderCheckpoints(out / "checkpoints", tc.keep_checkpoints)
+
+    step, resumed_from = 0, None
+    if tc.resume != "none":
+        with (checkpoints.latest() if tc.resume == "auto" else _given(tc.resume)) as folder:
+            if folder is not None:
+                step, resumed_from = load_state(engine, folder, loader), str(folder)
+    if resumed_from is None:
+        _seed_all(tc.seed * 7919 + 1 + rank)  # the runtime stream (dropout): one per rank
+    elif rank == 0:
+        log.info("resumed from %s at step %d", resumed_from, step)
+    _set_bn_mode(engine.module, tc.bn_mode)
+
+    precision = resolve_precision(tc.precision, tc.use_gpu)
+    peak = (tc.peak_tflops or device_peak_tflops(precision)) * 1e12
+    metrics = TrainMetrics(out, total, step, world, image_tower_train_flops(cfg.model, tuple(cfg.loader.crop)), peak,
+                           tc.metrics_port, tc.metrics_addr, tc.log_every,
+                           progress=tc.progress and sink != "ray") if rank == 0 else None
+    save = _saver(engine, checkpoints, loader, config_to_dict(cfg))
+    batches = StepBatches(loader, accum)
+    step_fn = STAGES[tc.stage]
+    timer = StepTimer(cuda=tc.use_gpu)
+    gb = cfg.loader.batch_size * accum * world
+    t0, loss, row = time.perf_counter(), float("nan"), {}
+    try:
+        while step < total:
+            if tc.fail_at_step and step + 1 == tc.fail_at_step and rank == min(1, world - 1) and resumed_from is None:
+                log.error("train.fail_at_step=%d: worker rank %d exits now (fault injection)", tc.fail_at_step, rank)
+                os._exit(1)
+            with timer("data"):
+                group = batches.next()
+            loss = step_fn(engine, group, tc, timer, tokenize)
+            step += 1
+            phases = timer.pop()
+            scale = _logit_scale(engine) if tc.stage == "clip" else None
+            if metrics:
+                row = metrics.record(step, loader.epoch, loss, sched.get_last_lr()[0], scale, gb, phases)
+            if tc.ckpt_every and step % tc.ckpt_every == 0 and step < total:
+                save(step, {"loss": loss})
+        save(step, {"loss": loss})
+        export = None
+        if tc.export:
+            export = export_model(engine, cfg, out / "model.safetensors", {"stage": tc.stage, "step": step})
+    finally:
+        batches.close()
+        if metrics:
+            metrics.close()
+    summary = {"stage": tc.stage, "steps": step, "total_steps": total, "steps_per_epoch": per_epoch,
+               "global_batch": gb, "micro_batch": cfg.loader.batch_size, "accumulation": accum, "workers": world,
+               "zero_stage": tc.zero_stage, "precision": precision, "final_loss": loss, "resumed_from": resumed_from,
+               "seconds": time.perf_counter() - t0, "export": str(export) if export else None, "last": row}
+    if rank == 0:
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _logit_scale(engine) -> float:
+    with torch.no_grad():
+        return float(engine("scale"))
+
+
+def _saver(engine, checkpoints, loader, config: dict):
+    def save(step: int, metrics: dict):
+        checkpoints.save(lambda folder: save_state(engine, folder, step, loader, config), step, metrics)
+    return save
+
+
+class _given:
+    """An explicit train.resume folder as the same context manager as a sink's latest()."""
+
+    def __init__(self, path: str):
+        self.path = Path(path)
+
+    def __enter__(self) -> Path:
+        if not (self.path / "ds").is_dir():
+            raise FileNotFoundError(f"train.resume={self.path}: not a checkpoint folder (no ds/ inside); "
+                                    f"give out/checkpoints/step_N, or resume=auto")
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        return None

@@ -1,0 +1,86 @@
+"""One optimizer step of each stage, on a DeepSpeed engine (or anything with its API).
+
+The engine's gradient-accumulation steps equal the micro-batches per step, so `engine.step()`
+after each micro-batch's backward updates the weights exactly once, at the last one.
+supervised: plain accumulation, each micro-batch's mean BCE scaled by 1/accum by DeepSpeed.
+clip: one micro-batch -> a plain step; several -> GradCache, whose surrogates already carry the
+exact global-batch gradient (so no 1/accum scaling). The contrastive loss is global over all
+ranks and micro-batches; its gradient is right under DeepSpeed's averaging over ranks.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from ..data.batch import CTBatch
+from .gradcache import gradcache_step
+from .objectives import clip_objective, supervised_objective
+
+
+def _inputs(engine, batch: CTBatch) -> torch.Tensor:
+    dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+    return batch.volume.to(engine.device, dtype=dtype, non_blocking=True)
+
+
+def _labels(batches: Sequence[CTBatch], device) -> torch.Tensor:
+    if any(b.labels is None for b in batches):
+        raise ValueError("this objective needs silver labels: set loader.labels=<labels.parquet> "
+                         "(written by `ctvlp label`)")
+    return torch.cat([b.labels for b in batches]).to(device)
+
+
+def _global_mean(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return x
+
+
+def supervised_step(engine, batches: Sequence[CTBatch], tc, timer, tokenize: Callable) -> float:
+    total = torch.zeros((), dtype=torch.float64)
+    for b in batches:
+        with timer("forward"):
+            labels = _labels([b], engine.device)
+            texts = tokenize(b.report) if tc.text_bce else None
+            loss = supervised_objective(engine, _inputs(engine, b), labels, tc.uncertain, texts)
+        with timer("backward"):
+            engine.backward(loss)
+        with timer("optimizer"):
+            engine.step()
+        total += loss.detach().double().cpu()
+    return float(_global_mean(total / len(batches)))
+
+
+def clip_step(engine, batches: Sequence[CTBatch], tc, timer, tokenize: Callable) -> float:
+    labels = _labels(batches, engine.device) if tc.aux_weight else None
+
+    def loss_fn(zi, zt):
+        return clip_objective(engine, zi, zt, labels, tc.aux_weight, tc.uncertain)
+
+    if len(batches) == 1:
+        b = batches[0]
+        with timer("forward"):
+            zi, zt = engine("image", _inputs(engine, b)), engine("text", tokenize(b.report))
+            loss = loss_fn(zi.float(), zt.float())
+        with timer("backward"):
+            engine.backward(loss)
+        with timer("optimizer"):
+            engine.step()
+        return float(loss.detach())
+
+    def backward(surrogate):
+        with timer("backward"):
+            engine.backward(surrogate, scale_wrt_gas=False)
+        with timer("optimizer"):
+            engine.step()
+
+    loss = gradcache_step(lambda v: engine("image", v), lambda t: engine("text", t),
+                          [_inputs(engine, b) for b in batches], [tokenize(b.report) for b in batches],
+                          loss_fn, modules=[engine.module], backward=backward, timer=timer)
+    return float(loss)
+
+
+STAGES = {"supervised": supervised_step, "clip": clip_step}
