@@ -80,3 +80,11 @@ def run_ctvlp(*args: str, timeout: float = 600, env: dict | None = None):
                        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     assert p.returncode == 0, f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
     return p
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

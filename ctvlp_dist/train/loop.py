@@ -183,7 +183,7 @@ def run_worker(cfg_dict: dict, sink: str = "folder") -> dict:
 
 def _logit_scale(engine) -> float:
     with torch.no_grad():
-        return float(engine("scale"))
+        return float(engine.module("scale"))
 
 
 def _saver(engine, checkpoints, loader, config: dict):

@@ -15,12 +15,12 @@ import torch
 import torch.distributed as dist
 
 from ..data.batch import CTBatch
-from .gradcache import gradcache_step
+from .gradcache import _wide, gradcache_step
 from .objectives import clip_objective, supervised_objective
 
 
 def _inputs(engine, batch: CTBatch) -> torch.Tensor:
-    dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+    dtype = next(engine.module.parameters()).dtype  # bf16 under DeepSpeed bf16, else the model's own
     return batch.volume.to(engine.device, dtype=dtype, non_blocking=True)
 
 
@@ -58,18 +58,21 @@ def clip_step(engine, batches: Sequence[CTBatch], tc, timer, tokenize: Callable)
     labels = _labels(batches, engine.device) if tc.aux_weight else None
 
     def loss_fn(zi, zt):
-        return clip_objective(engine, zi, zt, labels, tc.aux_weight, tc.uncertain)
+        # The logit scale and classifier are called on the module, not the engine: an engine output
+        # divides its gradient by the accumulation steps in any backward but engine.backward, which
+        # would scale GradCache's embedding gradients (and trip DeepSpeed's backward bookkeeping).
+        return clip_objective(engine.module, zi, zt, labels, tc.aux_weight, tc.uncertain)
 
     if len(batches) == 1:
         b = batches[0]
         with timer("forward"):
             zi, zt = engine("image", _inputs(engine, b)), engine("text", tokenize(b.report))
-            loss = loss_fn(zi.float(), zt.float())
+            loss = loss_fn(_wide(zi), _wide(zt))
         with timer("backward"):
             engine.backward(loss)
         with timer("optimizer"):
             engine.step()
-        return float(loss.detach())
+        return float(_global_mean(loss.detach().double().cpu()))
 
     def backward(surrogate):
         with timer("backward"):
@@ -80,7 +83,7 @@ def clip_step(engine, batches: Sequence[CTBatch], tc, timer, tokenize: Callable)
     loss = gradcache_step(lambda v: engine("image", v), lambda t: engine("text", t),
                           [_inputs(engine, b) for b in batches], [tokenize(b.report) for b in batches],
                           loss_fn, modules=[engine.module], backward=backward, timer=timer)
-    return float(loss)
+    return float(_global_mean(loss.double().cpu()))  # the auxiliary BCE is per rank
 
 
 STAGES = {"supervised": supervised_step, "clip": clip_step}
