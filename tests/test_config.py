@@ -45,3 +45,18 @@ def test_shipped_configs_load():
     assert files, "configs/ ships no YAML"
     for f in files:
         load_config(f)
+
+
+def test_include_applies_the_base_file_first(tmp_path):
+    from ctvlp_dist.config import load_config
+
+    from pathlib import Path
+
+    root = Path(__file__).parents[1] / "configs"
+    cfg = load_config(root / "train_clip_seed.yaml")
+    assert cfg.model.stem == "k2s2" and cfg.model.norm == "bn"  # from model_r3d18_seed.yaml
+    assert cfg.optim.lr == 1e-5 and cfg.loader.crop == (96, 192, 192) and cfg.train.stage == "clip"
+    (tmp_path / "a.yaml").write_text("include: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("include: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "a.yaml")

@@ -1,0 +1,80 @@
+"""The engine's small parts against hand computation: lr schedule, weight-decay groups, the
+counted FLOPs of the image tower (vs torch's FlopCounterMode), MFU, and the metrics exporters."""
+import json
+import math
+import urllib.request
+
+import pytest
+import torch
+
+from ctvlp_dist.config import ModelConfig, OptimConfig
+from ctvlp_dist.models.flops import conv_linear_flops, image_tower_train_flops
+from ctvlp_dist.models.resnet3d import ResNet3d18
+from ctvlp_dist.train.metrics import TrainMetrics
+from ctvlp_dist.train.optim import build_optimizer, lr_factor, param_groups
+
+
+def test_warmup_then_cosine_by_hand():
+    f = [lr_factor(s, 10, "cosine", 2, 0.1) for s in range(11)]
+    assert f[0] == 0.5 and f[1] == 1.0  # linear warmup over 2 steps
+    assert f[2] == pytest.approx(1.0)  # cosine starts at the top ...
+    assert f[6] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))  # ... halfway at 4/8
+    assert f[10] == pytest.approx(0.1)  # ... and ends at the floor
+    assert lr_factor(5, 10, "constant", 0, 0.0) == 1.0
+    with pytest.raises(ValueError, match="schedule"):
+        lr_factor(0, 10, "linear", 0, 0.0)
+
+
+def test_no_decay_on_norms_biases_and_logit_scale():
+    m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    m.register_parameter("logit_scale", torch.nn.Parameter(torch.zeros(1)))
+    decay, rest = param_groups(m, 0.1)
+    assert [p.shape for p in decay["params"]] == [(4, 3)] and decay["weight_decay"] == 0.1
+    assert len(rest["params"]) == 4 and rest["weight_decay"] == 0.0
+    opt, sched = build_optimizer(m, OptimConfig(lr=1e-3, warmup_steps=2, schedule="cosine"), 10)
+    assert opt.param_groups[0]["lr"] == pytest.approx(5e-4)  # step 0 of a 2-step warmup
+    assert set(sched.state_dict()["lr_lambdas"][0]) == {"total", "schedule", "warmup", "min_ratio"}  # plain values
+
+
+def test_flops_match_torch_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    for stem in ("standard", "k2s2", "k4s4"):
+        m = ResNet3d18(stem, "gn", 8, channels_last=False)
+        x = torch.randn(1, 1, 16, 32, 32)
+        with FlopCounterMode(display=False) as fc:
+            m(x)
+        assert conv_linear_flops(m, (1, 16, 32, 32)) == fc.get_total_flops()
+
+
+def test_stem_flops_by_hand():
+    """k4s4 stem on 16x32x32: 4x8x8 outputs x 64 channels x 4^3 taps x 2."""
+    stem = torch.nn.Sequential(torch.nn.Conv3d(1, 64, 4, stride=4, bias=False))
+    assert conv_linear_flops(stem, (1, 16, 32, 32)) == 2 * (4 * 8 * 8) * 64 * 64
+    # the seed configuration at its crop: about 2.08 TFLOP per scan and training step
+    assert image_tower_train_flops(ModelConfig(stem="k2s2"), (96, 192, 192)) == pytest.approx(2.0792e12, rel=1e-3)
+
+
+def test_metrics_jsonl_prometheus_and_mfu(tmp_path):
+    m = TrainMetrics(tmp_path, total_steps=2, start_step=0, world=2, flops_per_scan=10**12, peak_flops=100e12,
+                     metrics_port=0, progress=False)
+    phases = {"data": 0.5, "forward": 1.0, "backward": 2.0, "optimizer": 0.5}
+    row = m.record(1, 0, 1.25, 1e-4, 14.3, samples=16, phases=phases)
+    assert row["step_s"] == 4.0 and row["samples_per_s"] == 4.0 and row["scans_per_s_per_worker"] == 2.0
+    assert row["mfu"] == pytest.approx(2 * 1e12 / 100e12)  # 2 scans/s x 1 TFLOP / 100 TFLOP/s
+    body = urllib.request.urlopen(f"http://127.0.0.1:{m.port}/metrics", timeout=10).read().decode()
+    for line in ("ctvlp_train_loss 1.25", "ctvlp_train_samples_per_second 4.0", 'ctvlp_train_step_seconds{phase="backward"} 2.0',
+                 "ctvlp_train_logit_scale 14.3", "ctvlp_train_samples_total 16.0", "ctvlp_train_mfu 0.02"):
+        assert line in body, line
+    assert 'ctvlp_train_memory_bytes{kind="host_peak_rss"}' in body
+    m.close()
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [row]
+
+
+def test_exporter_binds_loopback_by_default(tmp_path):
+    m = TrainMetrics(tmp_path, 1, 0, 1, 1, 0.0, metrics_port=0, progress=False)
+    try:
+        assert m._server.server_address[0] == "127.0.0.1"
+    finally:
+        m.close()
