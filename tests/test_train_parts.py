@@ -78,3 +78,39 @@ def test_exporter_binds_loopback_by_default(tmp_path):
         assert m._server.server_address[0] == "127.0.0.1"
     finally:
         m.close()
+
+
+def test_bench_train_parts_run_and_report():
+    """Shape of the benchmark's records (its numbers live in benchmarks/results, not in tests)."""
+    from ctvlp_dist.bench.train import bench_gradcache, bench_tower
+
+    from .conftest import make_cfg
+
+    cfg = make_cfg(model=dict(stem="k4s4", norm="gn", gn_groups=8, latent_dim=16, text_max_length=16))
+    cpu = torch.device("cpu")
+    t = bench_tower(cfg, (8, 16, 16), 2, cpu, torch.float32, reps=1)
+    assert t["mfu"] is None and t["scans_per_s"] > 0 and t["tflops_per_scan"] == pytest.approx(
+        image_tower_train_flops(cfg.model, (8, 16, 16)) / 1e12)
+    g = bench_gradcache(cfg, (8, 16, 16), 4, 2, cpu, torch.float32, reps=1)
+    assert g["batch"] == 4 and g["micro"] == 2 and g["ratio"] > 0 and g["theory"] == pytest.approx(4 / 3)
+
+
+def test_init_from_an_export(tmp_path):
+    from ctvlp_dist.models import CTCLIP, TextEncoder
+    from ctvlp_dist.models.export import read_exported, save_exported
+    from ctvlp_dist.train.loop import load_init
+
+    text = TextEncoder(max_length=16)
+    cfg = ModelConfig(stem="k4s4", norm="gn", gn_groups=8, latent_dim=16, num_labels=18)
+    torch.manual_seed(1)
+    src = CTCLIP(cfg, text_encoder=text)
+    path = save_exported(src.state_dict(), cfg, tmp_path / "m.safetensors", {"stage": "supervised"})
+    sd, cfg2, extra = read_exported(path)
+    assert cfg2 == cfg and extra == {"stage": "supervised"}
+    torch.manual_seed(2)
+    dst = CTCLIP(cfg, text_encoder=TextEncoder(max_length=16))
+    load_init(dst, str(path))
+    assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), dst.state_dict().values()))
+    other = CTCLIP(ModelConfig(stem="k4s4", norm="gn", gn_groups=8, latent_dim=32), text_encoder=text)
+    with pytest.raises(ValueError, match="does not fit"):
+        load_init(other, str(path))

@@ -105,6 +105,10 @@ class BenchConfig:
     loss_dim: int = 512
     loss_dtype: str = "bfloat16"  # GPU; CPU runs float32
     loss_methods: tuple[str, ...] = ("dense", "chunked", "triton")
+    train_steps: int = 6  # bench train: optimizer steps of the real loop (the first is warm-up)
+    train_crop: Optional[tuple[int, int, int]] = None  # default: loader.crop on GPU, (32, 64, 64) on CPU
+    train_micro: int = 2  # bench train: GradCache micro-batch (the plain step runs loader.batch_size at once)
+    train_max_batch: bool = False  # bench train (GPU): double the GradCache batch until memory runs out
     results_dir: str = "benchmarks/results"
     out: str = "runs/bench"  # benchmark by-products (e.g. the labels a bench label run wrote)
 

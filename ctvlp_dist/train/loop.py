@@ -53,6 +53,20 @@ class StepBatches:
             self._it = None
 
 
+def load_init(model: torch.nn.Module, path: str) -> None:
+    """Start from an export (e.g. the supervised stage's). Only the classifier may be absent (a
+    model exported with num_labels=0); any other mismatch is an error."""
+    sd, _, _ = read_exported(path)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # shapes differ
+        raise ValueError(f"train.init_from={path} does not fit this model ({str(e).splitlines()[1].strip()}); "
+                         f"build it with the export's model config") from None
+    if unexpected or [k for k in missing if not k.startswith("classifier.")]:
+        raise ValueError(f"train.init_from={path} does not fit this model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}; build it with the export's model config")
+
+
 def _setup_process(tc) -> None:
     torch.set_num_threads(max(1, tc.threads_per_worker))
     if tc.deterministic:
@@ -112,11 +126,7 @@ def run_worker(cfg_dict: dict, sink: str = "folder") -> dict:
     _seed_all(tc.seed)  # the same initial weights on every rank
     model = build_model(cfg.model)
     if tc.init_from:
-        sd, _, _ = read_exported(tc.init_from)
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        if unexpected or [k for k in missing if not k.startswith("classifier")]:
-            raise ValueError(f"train.init_from={tc.init_from} does not fit this model: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
+        load_init(model, tc.init_from)
     tokenize = model.text.tokenize
     loader = CTLoader(tc.data, dataclasses.replace(cfg.loader, last_batch="drop", train=True), split=tc.split,
                       rank=rank, world_size=world)
