@@ -8,7 +8,7 @@ gradient). The reference is the plain full-batch gradient of the same
 objective, computed in this process before torch.distributed exists (one process, no DeepSpeed).
 After the step, the weights are exported (ZeRO-3 partitions gathered) to OUT.safetensors and the
 trained engine's embeddings of the batch saved to OUT.emb.safetensors, for the reload test.
-usage: ds_grad_worker.py STAGE MICRO ZERO DTYPE OUT.json
+usage: ds_grad_worker.py STAGE MICRO ZERO DTYPE OUT.json   (DTYPE float64 | float32 | bfloat16)
 """
 import contextlib
 import json
@@ -25,19 +25,20 @@ from ctvlp_dist.train.objectives import clip_objective, supervised_objective
 from ctvlp_dist.train.step import STAGES
 
 B = 8  # global batch
-LR = 1024.0  # a power of two: dividing by it is exact
+LR = 1024.0  # a power of two: dividing by it is exact (2**20 under bf16, whose module weights keep 8 bits)
 
 
 def main():
     stage, micro, zero, dtype_name, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
-    dtype = getattr(torch, dtype_name)
+    bf16 = dtype_name == "bfloat16"  # DeepSpeed bf16: the reference and the weights given to it stay fp32
+    dtype = torch.float32 if bf16 else getattr(torch, dtype_name)
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     torch.manual_seed(0)
     cfg = ModelConfig(stem="k4s4", norm="gn", gn_groups=8, channels_last=False, latent_dim=32, num_labels=18,
                       text_max_length=32)
     model = CTCLIP(cfg).to(dtype).eval()  # eval: dropout off; GroupNorm is the same in both modes
-    tc = SimpleNamespace(uncertain="ignore", aux_weight=0.5, text_bce=True, zero_stage=zero, precision="fp32",
+    tc = SimpleNamespace(uncertain="ignore", aux_weight=0.5, text_bce=True, zero_stage=zero, precision="bf16" if bf16 else "fp32",
                          use_gpu=False)
     g = torch.Generator().manual_seed(1)
     vol = torch.randn(B, 1, 8, 16, 16, generator=g).to(dtype)
@@ -64,7 +65,8 @@ def main():
     accum = per_rank // micro
     ds = deepspeed_config(tc, OptimConfig(grad_clip=0.0), micro, accum)
     ds["zero_allow_untested_optimizer"] = True
-    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR), config=ds)
+    lr = 2.0 ** 20 if bf16 else LR
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr), config=ds)
     rows = range(rank * per_rank, (rank + 1) * per_rank)
     batches = [CTBatch(volume=vol[list(rows[i:i + micro])], report=[reports[j] for j in rows[i:i + micro]],
                        key=[str(j) for j in rows[i:i + micro]], labels=labels[list(rows[i:i + micro])])
@@ -74,7 +76,7 @@ def main():
 
     params = dict(engine.module.named_parameters())
     with deepspeed.zero.GatheredParameters(list(params.values())):
-        applied = {n: (before[n] - p.detach()).double() / LR for n, p in params.items()}
+        applied = {n: (before[n] - p.detach()).double() / lr for n, p in params.items()}
     from pathlib import Path
 
     from safetensors.torch import save_file
@@ -83,7 +85,8 @@ def main():
 
     export_model(engine, SimpleNamespace(model=cfg), Path(out).with_suffix(".safetensors"), {"stage": stage})
     with torch.no_grad():  # collective under ZeRO-3: every rank runs the forward
-        emb = {"image": engine.module("image", vol), "text": engine.module("text", tok)}
+        mdtype = next(engine.module.parameters()).dtype
+        emb = {"image": engine.module("image", vol.to(mdtype)), "text": engine.module("text", tok)}
     if rank == 0:
         save_file({k: v.contiguous() for k, v in emb.items()}, str(Path(out).with_suffix(".emb.safetensors")))
         errs = {}

@@ -25,6 +25,7 @@ pytestmark = pytest.mark.slow
     ("clip", 2, 3, "float64"),  # GradCache under ZeRO-3 (partitioned parameters)
     ("supervised", 2, 1, "float64"),  # BCE of both towers with gradient accumulation
     ("clip", 2, 0, "float32"),  # no ZeRO: DeepSpeed's plain allreduce
+    ("clip", 2, 2, "bfloat16"),  # DeepSpeed bf16 on CPU (fp32 master weights): right to bf16 precision
 ])
 def test_distributed_step_equals_full_batch_gradient(stage, micro, zero, dtype, tmp_path):
     out = tmp_path / "g.json"
@@ -34,9 +35,15 @@ def test_distributed_step_equals_full_batch_gradient(stage, micro, zero, dtype, 
     assert p.returncode == 0, p.stderr[-5000:]
     r = json.loads(out.read_text())
     assert r["accum"] == 4 // micro
-    assert abs(r["loss"] - r["ref_loss"]) <= 1e-6 * abs(r["ref_loss"])  # the logged loss is the global one
     errs = r["errs"]
     assert len(errs) > 100
+    if dtype == "bfloat16":  # bf16 activations: ~3 significant digits
+        assert abs(r["loss"] - r["ref_loss"]) <= 1e-2 * abs(r["ref_loss"])
+        total = sum(e * e for e, _ in errs.values()) ** 0.5
+        ref = sum(g * g for _, g in errs.values()) ** 0.5
+        assert total / ref < 0.15  # measured 0.08: bf16 forward and backward; a ranks-averaging slip is >= 0.5
+        return
+    assert abs(r["loss"] - r["ref_loss"]) <= 1e-6 * abs(r["ref_loss"])  # the logged loss is the global one
     if dtype == "float64":
         floor = 1e-9 * max(ref for _, ref in errs.values())
         worst = max(errs, key=lambda n: errs[n][0] / max(errs[n][1], floor))

@@ -52,4 +52,4 @@ class CTCLIP(nn.Module):
         """Shared classifier on either modality's latent (auxiliary BCE)."""
         if self.classifier is None:
             raise RuntimeError("model.num_labels=0: no classifier head")
-        return self.classifier(z)
+        return self.classifier(z.to(self.classifier.weight.dtype))  # fp32 latents meet a bf16 head

@@ -32,6 +32,8 @@ def label_targets(labels: torch.Tensor, uncertain: str = "ignore") -> tuple[torc
 
 def masked_bce(logits: torch.Tensor, labels: torch.Tensor, uncertain: str = "ignore") -> torch.Tensor:
     """Mean BCE over the entries that count (0 when none do, with a gradient of zero)."""
+    if logits.dtype in (torch.bfloat16, torch.float16):
+        logits = logits.float()  # BCE in at least fp32 whatever the model's precision
     target, mask = label_targets(labels.to(logits.dtype), uncertain)
     per = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
     return (per * mask).sum() / mask.sum().clamp_min(1)
