@@ -1,0 +1,1 @@
+"""Evaluation: metrics (`metrics.py`), streamed top-k retrieval (`retrieval.py`)."""
