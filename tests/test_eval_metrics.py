@@ -86,3 +86,24 @@ def test_recall_at_k_known_ranks():
     rep = torch.tensor([[1.0, 0, 0, 0], [0.9, 0.5, 0, 0], [0.9, 0, 0.3, 0.5], [0, 0, 0, 1.0]])
     r = recall_at_k(rep, img, ks=(1, 2, 3, 4))
     assert r == {1: 0.5, 2: 0.75, 3: 1.0, 4: 1.0}
+
+
+def test_zero_shot_softmax_over_the_prompt_pair():
+    from ctvlp_dist.eval.zero_shot import TEMPLATES, prompt_embeddings, zero_shot_scores
+
+    seen = []
+
+    def encode(texts):  # a stand-in text tower: records prompts, embeds "no"/"not" prompts on axis 1
+        seen.extend(texts)
+        return torch.tensor([[0.0, 1.0] if (" no " in t or "not" in t) else [1.0, 0.0] for t in texts])
+
+    pos, neg = prompt_embeddings(encode, ["Cardiomegaly", "Emphysema"], ensemble=True)
+    assert "There is Cardiomegaly." in seen and "not Emphysema." in seen and len(seen) == 2 * 2 * len(TEMPLATES)
+    img = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    s = zero_shot_scores(img, pos, neg, scale=10.0)
+    # volume 0: cos(+) = 1, cos(-) = 0 -> softmax([10, 0])[0]; volume 1: softmax([6, 8])[0]
+    expect0 = 1 / (1 + np.exp(-10.0))
+    expect1 = 1 / (1 + np.exp(2.0))
+    torch.testing.assert_close(s, torch.tensor([[expect0, expect0], [expect1, expect1]], dtype=torch.float32))
+    prompt_embeddings(encode, ["Cardiomegaly"], ensemble=False, template=2)
+    assert seen[-2:] == ["Cardiomegaly is present.", "Cardiomegaly is not present."]
