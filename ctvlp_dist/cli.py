@@ -6,6 +6,7 @@ import json
 import logging
 import re
 import sys
+from pathlib import Path
 from typing import Callable
 
 import yaml
@@ -147,6 +148,20 @@ def _fmt(v):
     return f"{v:.4g}" if isinstance(v, float) else v
 
 
+def cmd_eval(args) -> int:
+    from .bench.record import markdown_table
+    from .eval.runner import run_eval
+
+    m = run_eval(_cfg(args), progress=not args.quiet)
+    zs, rt = m["zero_shot"], m["retrieval"]
+    head = {"zero-shot macro AUC": f"{zs['macro_auc']:.3f}", "weighted F1": f"{zs['weighted']['f1']:.3f}",
+            "MAP@50 (image-image)": f"{rt['image_image'].get('map_at_50', float('nan')):.3f}",
+            "Recall@100 (report-image)": f"{rt['report_image'].get('recall_at_100', float('nan')):.3f}"}
+    print(markdown_table([head], list(head)))
+    print(f"report: {Path(m['plots'].get('auc', '.')).parent / 'report.md'}; metrics.json beside it")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -263,6 +278,19 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "--launcher", "train.launcher", choices=["ray", "local"], help="ray (default) or one local process")
     _add_common(p)
     cmds["train"] = cmd_train
+
+    p = sub.add_parser("eval", help="evaluate an exported model: zero-shot diagnosis, retrieval, linear probe",
+                       description="`ctvlp eval --checkpoint RUN_OR_SAFETENSORS --data SHARDS [--labels FILE] [--out DIR]`: "
+                                   "zero-shot AUC per finding (bootstrap CI), F1/sensitivity/specificity/precision at the "
+                                   "ROC point closest to (0,1), image-image MAP@K, report-image Recall@K; writes "
+                                   "metrics.json, report.md and PNG plots to --out.", epilog=EPILOG)
+    _flag(p, "--checkpoint", "eval.checkpoint", help="model.safetensors from `ctvlp train`, or its run folder")
+    _flag(p, "--data", "eval.data", help="shard dataset folder")
+    _flag(p, "--labels", "eval.labels", help="reference labels (default: <data>/ground_truth.csv)")
+    _flag(p, "--out", "eval.out", help="output folder")
+    _flag(p, "--split", "eval.split", help="split to evaluate (default test)")
+    _add_common(p)
+    cmds["eval"] = cmd_eval
 
     p = sub.add_parser("demo", help="run the main job on the embedded synthetic default",
                        description="synth -> shard -> verify -> load, on a small synthetic cohort.", epilog=EPILOG)

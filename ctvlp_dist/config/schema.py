@@ -222,6 +222,29 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """`ctvlp eval`: zero-shot diagnosis, retrieval and an optional linear probe on one split."""
+
+    checkpoint: str = ""  # model.safetensors (from `ctvlp train`), or a run folder holding one
+    data: str = ""  # shard dataset folder
+    labels: Optional[str] = None  # reference labels joined by key; default: <data>/ground_truth.csv, else loader.labels
+    split: str = "test"
+    out: str = "runs/eval"
+    label_set: str = "ctrate18"
+    ensemble: bool = True  # average the prompt embeddings over the four templates
+    template: int = 0  # the template used without ensemble (0: "There is {f}." / "There is no {f}.")
+    uncertain: str = "positive"  # how a -1 reference label counts (positive | negative)
+    bootstrap: int = 1000  # resamples for the macro AUC's 95% interval (0: none)
+    map_ks: tuple[int, ...] = (1, 5, 10, 50)
+    recall_ks: tuple[int, ...] = (1, 5, 10, 50, 100)
+    linear_probe: bool = False  # logistic regression on frozen image embeddings of probe_split
+    probe_split: str = "train"
+    runs: tuple[str, ...] = ()  # training run folders: their metrics.jsonl give the loss-curve plot
+    batch_size: int = 4
+    seed: int = 0
+
+
+@dataclass
 class DemoConfig:
     out: str = "runs/demo"
     patients: int = 24
@@ -241,4 +264,5 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)

@@ -1,0 +1,44 @@
+"""Embed one split with an exported model: image and report embeddings, keys and labels."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+
+def resolve_checkpoint(path: str) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "model.safetensors"
+    if not p.exists():
+        raise FileNotFoundError(f"{path}: no model.safetensors; give the export `ctvlp train` writes (train.out)")
+    return p
+
+
+def embed_split(model, data: str, loader_cfg, split: str, labels: Optional[str], names: list[str],
+                batch_size: int, progress: bool = True) -> dict:
+    """{"keys", "image" [N, d], "report" [N, d], "labels" [N, F] or None}; centre crops, no flips,
+    every sample exactly once (padding repeats are dropped)."""
+    from tqdm import tqdm
+
+    from ..data.loader import CTLoader
+
+    lc = dataclasses.replace(loader_cfg, train=False, shuffle=False, last_batch="pad", labels=labels,
+                             batch_size=batch_size)
+    loader = CTLoader(data, lc, split=split, label_names=names)
+    keys, zi, zt, ys = [], [], [], []
+    dtype = next(model.parameters()).dtype
+    with torch.no_grad():
+        for b in tqdm(loader, total=len(loader), desc=f"embed {split}", unit="batch", disable=not progress):
+            keep = ~b.is_pad
+            keys += [k for k, p in zip(b.key, b.is_pad.tolist()) if not p]
+            zi.append(model("image", b.volume.to(dtype))[keep].float())
+            tok = model.text.tokenize(b.report)
+            zt.append(model("text", tok)[keep].float())
+            if b.labels is not None:
+                ys.append(b.labels[keep].numpy())
+    return {"keys": keys, "image": torch.cat(zi), "report": torch.cat(zt),
+            "labels": np.concatenate(ys) if ys else None}
