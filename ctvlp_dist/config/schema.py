@@ -246,10 +246,16 @@ class EvalConfig:
 
 @dataclass
 class DemoConfig:
+    """`ctvlp demo`: synth -> shards -> labels (rules + vLLM) -> supervised -> CLIP -> eval."""
+
     out: str = "runs/demo"
     patients: int = 24
     shape: tuple[int, int, int] = (48, 96, 96)
     spacing: tuple[float, float, float] = (6.0, 3.5, 3.5)
+    vllm_reports: int = 12  # reports labelled by the real vLLM engine (SmolLM2-135M on CPU); 0 = skip
+    supervised_steps: int = 20
+    clip_steps: int = 20
+    workers: int = 2  # Ray Train workers of both stages
 
 
 @dataclass

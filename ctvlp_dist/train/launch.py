@@ -28,12 +28,26 @@ def train(cfg) -> dict:
     if not Path(tc.data, "manifest.json").exists():
         raise FileNotFoundError(f"train.data={tc.data}: no manifest.json; is it a folder written by ctvlp shard/synth?")
     Path(tc.out).mkdir(parents=True, exist_ok=True)
+    cfg = _absolute_paths(cfg)
     if tc.launcher == "ray":
         return train_ray(cfg)
     if tc.launcher == "local":
         return train_local(cfg)
     raise ValueError(f"train.launcher must be ray or local (torchrun / deepspeed: run "
                      f"`torchrun -m ctvlp_dist.train.worker ...`), got {tc.launcher!r}")
+
+
+def _absolute_paths(cfg):
+    """Ray workers run in their own working directories: every path they read or write is made
+    absolute here, against the caller's."""
+    import dataclasses
+
+    ab = lambda p: str(Path(p).resolve()) if p else p  # noqa: E731
+    tc = cfg.train
+    resume = tc.resume if tc.resume in ("auto", "none") else ab(tc.resume)
+    return dataclasses.replace(
+        cfg, train=dataclasses.replace(tc, data=ab(tc.data), out=ab(tc.out), init_from=ab(tc.init_from), resume=resume),
+        loader=dataclasses.replace(cfg.loader, labels=ab(cfg.loader.labels)))
 
 
 def _free_port() -> int:
