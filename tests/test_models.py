@@ -79,3 +79,14 @@ def test_model_variants_are_config_files():
     assert load_config(root / "model_r3d18_seed.yaml").model.stem == "k2s2"
     lite = load_config(root / "model_r3d18_lite.yaml").model
     assert (lite.stem, lite.norm) == ("k4s4", "gn")
+
+
+def test_text_tower_freezes_all_but_the_top_layers():
+    from ctvlp_dist.models import TextEncoder
+
+    t = TextEncoder(max_length=16, trainable_layers=2)
+    trainable = {n.split(".")[2] for n, p in t.model.named_parameters() if p.requires_grad}
+    assert trainable == {"4", "5"}  # MiniLM-L6: layers 4 and 5 of 0-5
+    assert not t.model.embeddings.word_embeddings.weight.requires_grad
+    t.freeze_below(0)
+    assert not any(p.requires_grad for p in t.model.parameters())

@@ -157,6 +157,7 @@ class ModelConfig:
     text_model: Optional[str] = None  # HF folder; default: the bundled all-MiniLM-L6-v2
     text_pooling: str = "mean"  # mean | cls
     text_max_length: int = 256
+    text_trainable_layers: int = -1  # train only the top N transformer layers of the text tower (-1: all)
     latent_dim: int = 512
     logit_scale_init: float = 14.285714  # 1 / 0.07, as CLIP
     logit_scale_max: float = 100.0

@@ -17,7 +17,8 @@ class CTCLIP(nn.Module):
         super().__init__()
         self.image = ResNet3d18(cfg.stem, cfg.norm, cfg.gn_groups, cfg.channels_last, cfg.conv_impl)
         self.text = text_encoder if text_encoder is not None else TextEncoder(cfg.text_model, cfg.text_pooling,
-                                                                             cfg.text_max_length)
+                                                                             cfg.text_max_length,
+                                                                             cfg.text_trainable_layers)
         self.image_proj = nn.Linear(self.image.out_dim, cfg.latent_dim, bias=False)
         self.text_proj = nn.Linear(self.text.out_dim, cfg.latent_dim, bias=False)
         # shape [1], not []: DeepSpeed's broadcast and ZeRO flattening view parameters as bytes

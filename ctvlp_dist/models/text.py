@@ -19,7 +19,8 @@ def default_text_model() -> str:
 
 
 class TextEncoder(nn.Module):
-    def __init__(self, path: Optional[str] = None, pooling: str = "mean", max_length: int = 256):
+    def __init__(self, path: Optional[str] = None, pooling: str = "mean", max_length: int = 256,
+                 trainable_layers: int = -1):
         super().__init__()
         from transformers import AutoModel, AutoTokenizer
 
@@ -31,6 +32,20 @@ class TextEncoder(nn.Module):
             raise ValueError(f"model.text_pooling must be mean or cls, got {pooling!r}")
         self.pooling, self.max_length = pooling, max_length
         self.out_dim = self.model.config.hidden_size
+        if trainable_layers >= 0:
+            self.freeze_below(trainable_layers)
+
+    def freeze_below(self, trainable_layers: int) -> None:
+        """Train only the top `trainable_layers` transformer layers (0: none; the projection still
+        trains): less backward compute, and less forgetting on small data."""
+        layers = getattr(getattr(self.model, "encoder", None), "layer", None)
+        if layers is None:
+            raise ValueError("model.text_trainable_layers needs a BERT-like encoder (model.encoder.layer)")
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        for layer in list(layers)[len(layers) - trainable_layers:] if trainable_layers else []:
+            for p in layer.parameters():
+                p.requires_grad_(True)
 
     def tokenize(self, texts: list[str], device=None) -> dict:
         enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
