@@ -114,3 +114,19 @@ def test_init_from_an_export(tmp_path):
     other = CTCLIP(ModelConfig(stem="k4s4", norm="gn", gn_groups=8, latent_dim=32), text_encoder=text)
     with pytest.raises(ValueError, match="does not fit"):
         load_init(other, str(path))
+
+
+def test_supervised_stage_keeps_unused_parameters_out_of_the_optimizer():
+    from types import SimpleNamespace
+
+    from ctvlp_dist.models import CTCLIP, TextEncoder
+    from ctvlp_dist.train.loop import _freeze_unused
+
+    cfg = ModelConfig(stem="k4s4", norm="gn", gn_groups=8, latent_dim=16)
+    m = CTCLIP(cfg, text_encoder=TextEncoder(max_length=16))
+    _freeze_unused(m, SimpleNamespace(stage="supervised", text_bce=True))
+    assert all(p.requires_grad for p in m.parameters())  # the text tower is trained by text_bce
+    _freeze_unused(m, SimpleNamespace(stage="supervised", text_bce=False))
+    frozen = {n.split(".")[0] for n, p in m.named_parameters() if not p.requires_grad}
+    assert frozen == {"text", "text_proj", "logit_scale"}
+    assert all(p.requires_grad for p in [*m.image.parameters(), *m.image_proj.parameters(), *m.classifier.parameters()])

@@ -67,6 +67,15 @@ def load_init(model: torch.nn.Module, path: str) -> None:
                          f"unexpected {unexpected[:5]}; build it with the export's model config")
 
 
+def _freeze_unused(model: torch.nn.Module, tc) -> None:
+    """Parameters a stage never uses get no gradient: keep them out of the optimizer, so AdamW
+    and ZeRO's gradient buckets do not sweep them every step (the supervised stage without
+    text_bce leaves the text tower, its projection and the logit scale untouched)."""
+    if tc.stage == "supervised" and not tc.text_bce:
+        for p in [*model.text.parameters(), *model.text_proj.parameters(), model.logit_scale]:
+            p.requires_grad_(False)
+
+
 def _setup_process(tc) -> None:
     torch.set_num_threads(max(1, tc.threads_per_worker))
     if tc.deterministic:
@@ -127,6 +136,7 @@ def run_worker(cfg_dict: dict, sink: str = "folder") -> dict:
     model = build_model(cfg.model)
     if tc.init_from:
         load_init(model, tc.init_from)
+    _freeze_unused(model, tc)
     tokenize = model.text.tokenize
     loader = CTLoader(tc.data, dataclasses.replace(cfg.loader, last_batch="drop", train=True), split=tc.split,
                       rank=rank, world_size=world)
