@@ -293,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmds["eval"] = cmd_eval
 
     p = sub.add_parser("demo", help="run the main job on the embedded synthetic default",
-                       description="synth -> shard -> verify -> load, on a small synthetic cohort.", epilog=EPILOG)
+                       description="synth -> shards -> verify -> silver labels (rules + vLLM, scored against the truth) -> "
+                                   "supervised -> CLIP (2 Ray Train workers) -> eval; report in demo.out.", epilog=EPILOG)
     _flag(p, "--out", "demo.out", help="output folder (default runs/demo)")
     _add_common(p)
     cmds["demo"] = cmd_demo
