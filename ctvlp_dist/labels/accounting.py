@@ -1,10 +1,7 @@
 """Throughput and cost accounting, and the Prometheus exporter (127.0.0.1 by default)."""
 from __future__ import annotations
 
-import logging
 import time
-
-log = logging.getLogger(__name__)
 
 
 class Accounting:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import random
 import shutil
 import tempfile
@@ -28,7 +27,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-log = logging.getLogger(__name__)
 TAG = "ds"
 COMPLETE = "COMPLETE"
 

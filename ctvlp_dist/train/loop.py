@@ -3,6 +3,7 @@ one local process. Data flows shards -> CTLoader -> model -> loss -> DeepSpeed e
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -149,7 +150,7 @@ def run_worker(cfg_dict: dict, sink: str = "folder") -> dict:
 
     step, resumed_from = 0, None
     if tc.resume != "none":
-        with (checkpoints.latest() if tc.resume == "auto" else _given(tc.resume)) as folder:
+        with (checkpoints.latest() if tc.resume == "auto" else contextlib.nullcontext(_given(tc.resume))) as folder:
             if folder is not None:
                 step, resumed_from = load_state(engine, folder, loader), str(folder)
     if resumed_from is None:
@@ -212,17 +213,10 @@ def _saver(engine, checkpoints, loader, config: dict):
     return save
 
 
-class _given:
-    """An explicit train.resume folder as the same context manager as a sink's latest()."""
-
-    def __init__(self, path: str):
-        self.path = Path(path)
-
-    def __enter__(self) -> Path:
-        if not (self.path / "ds").is_dir():
-            raise FileNotFoundError(f"train.resume={self.path}: not a checkpoint folder (no ds/ inside); "
-                                    f"give out/checkpoints/step_N, or resume=auto")
-        return self.path
-
-    def __exit__(self, *exc) -> None:
-        return None
+def _given(path: str) -> Path:
+    """An explicit train.resume folder, checked before DeepSpeed looks inside."""
+    p = Path(path)
+    if not (p / "ds").is_dir():
+        raise FileNotFoundError(f"train.resume={p}: not a checkpoint folder (no ds/ inside); "
+                                f"give out/checkpoints/step_N, or resume=auto")
+    return p

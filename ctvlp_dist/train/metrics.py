@@ -97,10 +97,11 @@ class TrainMetrics:
         """samples: global samples in this step."""
         total = sum(phases.values())
         local_scans = samples / self.world
+        memory = peak_memory_bytes()
         row = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "logit_scale": logit_scale, "samples": samples,
                "samples_per_s": samples / total if total else 0.0,
                "scans_per_s_per_worker": local_scans / total if total else 0.0,
-               "step_s": total, **{f"{p}_s": phases[p] for p in PHASES}, **peak_memory_bytes()}
+               "step_s": total, **{f"{p}_s": phases[p] for p in PHASES}, **memory}
         row["mfu"] = (self.flops_per_scan * local_scans / total / self.peak_flops) if self.peak_flops and total else None
         if step % self.log_every == 0:
             self.jsonl.write(json.dumps(row) + "\n")
@@ -117,7 +118,7 @@ class TrainMetrics:
             g["samples"].inc(samples)
             for p in PHASES:
                 g["phase"].labels(p).set(phases[p])
-            for kind, v in peak_memory_bytes().items():
+            for kind, v in memory.items():
                 g["memory"].labels(kind).set(v)
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
