@@ -65,7 +65,7 @@ def _bwd(I, T, s, g_rows, g_cols, lse_r, lse_c, n_rows, coef, triton_path: bool,
 
 class _BlockwiseClipLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, I, T, scale, groups, reduction, triton_path, tf32, group, grad_average):
+    def forward(ctx, I, T, scale, groups, reduction, triton_path, tf32, group, grad_average, diagonal):
         I, T = I.contiguous(), T.contiguous()
         s = scale.detach().reshape(1).to(torch.float64 if I.dtype == torch.float64 else torch.float32).contiguous()
         world = dist.get_world_size(group) if group is not None else 1
@@ -77,21 +77,30 @@ class _BlockwiseClipLoss(torch.autograd.Function):
         else:
             T_all, g_all = T, groups
         b = T_all.shape[0]
-        lse_r, cmax, csum, pos = _fwd(I, T_all, s, groups, g_all, triton_path, tf32)
-        if group is not None:  # merge this rank's column stats with the others' (O(b) traffic)
-            m_loc = cmax.max(0).values
-            m_glob = m_loc.clone()
-            dist.all_reduce(m_glob, op=dist.ReduceOp.MAX, group=group)
-            sums = (csum * torch.exp(cmax - m_glob)).sum(0)
-            dist.all_reduce(sums, group=group)
-            lse_c = m_glob + torch.log(sums)
+        acc = torch.float64 if I.dtype == torch.float64 else torch.float32
+        if diagonal:  # one positive per row: no sort of the group ids (it syncs the device)
+            n_rows = torch.ones(b_loc, dtype=acc, device=I.device)
         else:
-            lse_c = merge_column_stats(cmax, csum)
-        n_rows = positives_count(groups, g_all).to(lse_r.dtype)
-        own = slice(rank * b_loc, (rank + 1) * b_loc)
-        loss = 0.5 * (lse_r.sum() + lse_c[own].sum()) - (pos / n_rows).sum()
-        if group is not None:
-            dist.all_reduce(loss, group=group)
+            n_rows = positives_count(groups, g_all).to(acc)
+        if triton_path and group is None:  # forward kernel + one finalize launch
+            from .contrastive_triton import triton_forward_loss
+
+            lse_r, lse_c, loss = triton_forward_loss(I, T_all, s, groups, g_all, n_rows, tf32)
+        else:
+            lse_r, cmax, csum, pos = _fwd(I, T_all, s, groups, g_all, triton_path, tf32)
+            if group is not None:  # merge this rank's column stats with the others' (O(b) traffic)
+                m_loc = cmax.max(0).values
+                m_glob = m_loc.clone()
+                dist.all_reduce(m_glob, op=dist.ReduceOp.MAX, group=group)
+                sums = (csum * torch.exp(cmax - m_glob)).sum(0)
+                dist.all_reduce(sums, group=group)
+                lse_c = m_glob + torch.log(sums)
+            else:
+                lse_c = merge_column_stats(cmax, csum)
+            own = slice(rank * b_loc, (rank + 1) * b_loc)
+            loss = 0.5 * (lse_r.sum() + lse_c[own].sum()) - (pos / n_rows).sum()
+            if group is not None:
+                dist.all_reduce(loss, group=group)
         if reduction == "mean":
             loss = loss / b
         elif reduction != "sum":
@@ -116,7 +125,7 @@ class _BlockwiseClipLoss(torch.autograd.Function):
                 dI, dT, gs = dI * world, dT * world, gs * world
         else:
             dT = dT_all
-        return (dI.to(I.dtype), dT.to(I.dtype), gs.to(s_dtype).reshape(s_shape), None, None, None, None, None, None)
+        return (dI.to(I.dtype), dT.to(I.dtype), gs.to(s_dtype).reshape(s_shape), None, None, None, None, None, None, None)
 
 
 def _all_gather(x: torch.Tensor, group) -> torch.Tensor:
@@ -134,16 +143,16 @@ def blockwise_clip_loss(image_features: torch.Tensor, text_features: torch.Tenso
     if not torch.is_tensor(logit_scale):
         logit_scale = torch.tensor(float(logit_scale), device=image_features.device)
     b_loc = image_features.shape[0]
-    if group_ids is None:
-        rank = dist.get_rank(process_group) if process_group is not None else 0
-        group_ids = torch.arange(rank * b_loc, (rank + 1) * b_loc, device=image_features.device)
-    groups = group_ids.to(device=image_features.device, dtype=torch.int64).contiguous()
-    if groups.shape != (b_loc,):
-        raise ValueError(f"group_ids must have shape [{b_loc}], got {tuple(groups.shape)}")
     if image_features.dtype == torch.float64:
         impl = "torch" if impl == "auto" else impl
     tri = _use_triton(image_features, impl)
-    if tri:
-        groups = groups.to(torch.int32)
+    ids_dtype = torch.int32 if tri else torch.int64  # the kernels compare int32 ids
+    diagonal = group_ids is None
+    if diagonal:
+        rank = dist.get_rank(process_group) if process_group is not None else 0
+        group_ids = torch.arange(rank * b_loc, (rank + 1) * b_loc, device=image_features.device, dtype=ids_dtype)
+    groups = group_ids.to(device=image_features.device, dtype=ids_dtype).contiguous()
+    if groups.shape != (b_loc,):
+        raise ValueError(f"group_ids must have shape [{b_loc}], got {tuple(groups.shape)}")
     return _BlockwiseClipLoss.apply(image_features, text_features, logit_scale, groups, reduction, tri, tf32,
-                                    process_group, grad_average)
+                                    process_group, grad_average, diagonal)

@@ -137,6 +137,6 @@ def chunked_backward(I, T, s, g_rows, g_cols, lse_r, lse_c, n_rows, coef: float,
 
 
 def merge_column_stats(cmax: torch.Tensor, csum: torch.Tensor) -> torch.Tensor:
-    """Partial (max, sum) per program or rank, shape [P, b_c] -> column lse [b_c]."""
+    """Partial (max, sum of exp(x - max)) per program, split or rank, stacked on dim 0 -> lse."""
     m = cmax.max(0).values
     return m + torch.log((csum * torch.exp(cmax - m)).sum(0))

@@ -1,11 +1,14 @@
 """Triton kernels of the blockwise symmetric InfoNCE (see contrastive_ref.py for the math).
 
-Forward, one pass over S: program p owns row blocks p, p+P, ...; per tile it keeps the online
-row max/sum in registers and merges the tile's column max/sum into its own slot of a [P, b_c]
-partial buffer (no atomics, deterministic). Memory is O(P * b_c), never b_r x b_c.
-Backward: `_bwd_rows` (one program per row block and output-d chunk) recomputes the S tiles,
-forms G in-tile from both directions and accumulates dI = s G T and sum(G S); `_bwd_cols` does
-the same per column block for dT = s G^T I. Masking handles any b and any d.
+Forward, one pass over S: program (p, q) owns row blocks p, p+P, ... against the q-th range of
+column blocks; per tile it keeps the online row max/sum in registers and merges the tile's
+column max/sum into its own slot of a [P, b_c] partial buffer (no atomics, deterministic).
+Memory is O((P + Q) * b), never b_r x b_c; the column split Q fills the chip at small b.
+Backward: `_bwd_rows` (one program per row block, output-d chunk and column split) recomputes
+the S tiles, forms G in-tile from both directions and accumulates dI = s G T and sum(G S);
+`_bwd_cols` does the same per column block for dT = s G^T I. With FULL tiles the d chunk is all
+of d: each operand tile is loaded once and serves both the S dot and the gradient dot.
+Masking handles any b and any d.
 """
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from .contrastive_ref import merge_column_stats
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -34,12 +39,17 @@ def _s_tile(I, T, rows, cols, rmask, cmask, s, D, sI, sT, BM: tl.constexpr, BN: 
 
 
 @triton.jit
-def _fwd(I, T, G_R, G_C, LSE_R, POS, CMAX, CSUM, scale_ptr, B_R, B_C, D, sI, sT,
+def _fwd(I, T, G_R, G_C, M_R, L_R, POS, CMAX, CSUM, scale_ptr, B_R, B_C, D, sI, sT, CB_PER,
          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """Program (p, q) owns row blocks p, p + P, ... against column blocks [q CB_PER, (q+1) CB_PER).
+    Row partials (max, sum, pos) go to slot q of [Q, b_r], column partials to slot p of [P, b_c]."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
+    q = tl.program_id(1)
     s = tl.load(scale_ptr).to(tl.float32)
     n_rb = tl.cdiv(B_R, BM)
+    cb_lo = q * CB_PER
+    cb_hi = tl.minimum(cb_lo + CB_PER, tl.cdiv(B_C, BN))
     for rb in range(pid, n_rb, nprog):
         rows = rb * BM + tl.arange(0, BM)
         rmask = rows < B_R
@@ -47,7 +57,7 @@ def _fwd(I, T, G_R, G_C, LSE_R, POS, CMAX, CSUM, scale_ptr, B_R, B_C, D, sI, sT,
         m_i = tl.full((BM,), -float("inf"), tl.float32)
         l_i = tl.zeros((BM,), tl.float32)
         pos = tl.zeros((BM,), tl.float32)
-        for cb in range(0, tl.cdiv(B_C, BN)):
+        for cb in range(cb_lo, cb_hi):
             cols = cb * BN + tl.arange(0, BN)
             cmask = cols < B_C
             S = _s_tile(I, T, rows, cols, rmask, cmask, s, D, sI, sT, BM, BN, BK, PREC)
@@ -65,20 +75,24 @@ def _fwd(I, T, G_R, G_C, LSE_R, POS, CMAX, CSUM, scale_ptr, B_R, B_C, D, sI, sT,
             t_max = tl.max(S, 0)
             t_safe = tl.where(t_max == -float("inf"), 0.0, t_max)
             t_sum = tl.sum(tl.exp(S - t_safe[None, :]), 0)
-            p_max = tl.load(CMAX + pid * B_C + cols, mask=cmask, other=-float("inf"))
-            p_sum = tl.load(CSUM + pid * B_C + cols, mask=cmask, other=0.0)
+            seen = cmask & (rb != pid)  # a program's first row block initialises its slot
+            p_max = tl.load(CMAX + pid * B_C + cols, mask=seen, other=-float("inf"))
+            p_sum = tl.load(CSUM + pid * B_C + cols, mask=seen, other=0.0)
             n_max = tl.maximum(p_max, t_max)
             n_safe = tl.where(n_max == -float("inf"), 0.0, n_max)
             p_sum = p_sum * tl.exp(p_max - n_safe) + t_sum * tl.exp(t_max - n_safe)
             tl.store(CMAX + pid * B_C + cols, n_max, mask=cmask)
             tl.store(CSUM + pid * B_C + cols, p_sum, mask=cmask)
-        tl.store(LSE_R + rows, m_i + tl.log(tl.where(rmask, l_i, 1.0)), mask=rmask)
-        tl.store(POS + rows, pos, mask=rmask)
+        tl.store(M_R + q * B_R + rows, m_i, mask=rmask)
+        tl.store(L_R + q * B_R + rows, l_i, mask=rmask)
+        tl.store(POS + q * B_R + rows, pos, mask=rmask)
 
 
 @triton.jit
-def _g_tile(S, rows, cols, rmask, cmask, LSE_R, LSE_C, NPOS, G_R, G_C, coef):
-    """dLoss/dS on one tile, both directions, from the stored row and column lse."""
+def _g_tile(S, rows, cols, rmask, cmask, LSE_R, LSE_C, NPOS, G_R, G_C):
+    """dLoss/dS on one tile (sum reduction, before coef), both directions, from the stored row
+    and column lse. Entries lie in [-1, 1]; coef (1/b for the mean) is applied after the dots,
+    so that fp16 operands do not underflow."""
     lr = tl.load(LSE_R + rows, mask=rmask, other=0.0)
     lc = tl.load(LSE_C + cols, mask=cmask, other=0.0)
     npos = tl.load(NPOS + rows, mask=rmask, other=1.0)
@@ -87,60 +101,82 @@ def _g_tile(S, rows, cols, rmask, cmask, LSE_R, LSE_C, NPOS, G_R, G_C, coef):
     valid = rmask[:, None] & cmask[None, :]
     p = 0.5 * (tl.exp(S - lr[:, None]) + tl.exp(S - lc[None, :]))
     t = tl.where(g_r[:, None] == g_c[None, :], 1.0 / npos[:, None], 0.0)
-    return tl.where(valid, coef * (p - t), 0.0)
+    return tl.where(valid, p - t, 0.0)
 
 
 @triton.jit
-def _bwd_rows(I, T, G_R, G_C, LSE_R, LSE_C, NPOS, DI, GS, scale_ptr, coef_ptr, B_R, B_C, D, sI, sT, sDI,
-              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
+def _bwd_rows(I, T, G_R, G_C, LSE_R, LSE_C, NPOS, DI, GS, scale_ptr, coef_ptr, B_R, B_C, D, sI, sT, sDI, CB_PER,
+              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, FULL: tl.constexpr,
+              PREC: tl.constexpr, GSCALE: tl.constexpr):
+    """Program (row block, d chunk, column split q): dI partial over its columns into slot q.
+    FULL (BD >= D): the row tile of I is loaded once, and each T tile once for both dots."""
     rb = tl.program_id(0)
     dc = tl.program_id(1)
+    q = tl.program_id(2)
     s = tl.load(scale_ptr).to(tl.float32)
     coef = tl.load(coef_ptr).to(tl.float32)
     rows = rb * BM + tl.arange(0, BM)
     rmask = rows < B_R
     dd = dc * BD + tl.arange(0, BD)
     dmask = dd < D
+    if FULL:
+        a = tl.load(I + rows[:, None] * sI + dd[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
     acc = tl.zeros((BM, BD), tl.float32)
     gs = tl.zeros((BM,), tl.float32)
-    for cb in range(0, tl.cdiv(B_C, BN)):
+    cb_lo = q * CB_PER
+    for cb in range(cb_lo, tl.minimum(cb_lo + CB_PER, tl.cdiv(B_C, BN))):
         cols = cb * BN + tl.arange(0, BN)
         cmask = cols < B_C
-        S = _s_tile(I, T, rows, cols, rmask, cmask, s, D, sI, sT, BM, BN, BK, PREC)
-        G = _g_tile(S, rows, cols, rmask, cmask, LSE_R, LSE_C, NPOS, G_R, G_C, coef)
-        gs += tl.sum(G * S, 1)
         t = tl.load(T + cols[:, None] * sT + dd[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0)
-        acc = tl.dot(G.to(t.dtype), t, acc, input_precision=PREC)
-    tl.store(DI + rows[:, None] * sDI + dd[None, :], (acc * s).to(DI.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+        if FULL:
+            S = tl.dot(a, tl.trans(t), input_precision=PREC) * s
+        else:
+            S = _s_tile(I, T, rows, cols, rmask, cmask, s, D, sI, sT, BM, BN, BK, PREC)
+        G = _g_tile(S, rows, cols, rmask, cmask, LSE_R, LSE_C, NPOS, G_R, G_C)
+        gs += tl.sum(G * S, 1)
+        acc = tl.dot((G * GSCALE).to(t.dtype), t, acc, input_precision=PREC)
+    out = DI + q * B_R * sDI + rows[:, None] * sDI + dd[None, :]
+    tl.store(out, (acc * (s * coef / GSCALE)).to(DI.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
     if dc == 0:
-        tl.store(GS + rows, gs / s, mask=rmask)
+        tl.store(GS + q * B_R + rows, gs * (coef / s), mask=rmask)
 
 
 @triton.jit
-def _bwd_cols(I, T, G_R, G_C, LSE_R, LSE_C, NPOS, DT, scale_ptr, coef_ptr, B_R, B_C, D, sI, sT, sDT,
-              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
+def _bwd_cols(I, T, G_R, G_C, LSE_R, LSE_C, NPOS, DT, scale_ptr, coef_ptr, B_R, B_C, D, sI, sT, sDT, RB_PER,
+              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, FULL: tl.constexpr,
+              PREC: tl.constexpr, GSCALE: tl.constexpr):
+    """Program (column block, d chunk, row split q): dT partial over its rows into slot q."""
     cb = tl.program_id(0)
     dc = tl.program_id(1)
+    q = tl.program_id(2)
     s = tl.load(scale_ptr).to(tl.float32)
     coef = tl.load(coef_ptr).to(tl.float32)
     cols = cb * BN + tl.arange(0, BN)
     cmask = cols < B_C
     dd = dc * BD + tl.arange(0, BD)
     dmask = dd < D
+    if FULL:
+        t = tl.load(T + cols[:, None] * sT + dd[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0)
     acc = tl.zeros((BN, BD), tl.float32)
-    for rb in range(0, tl.cdiv(B_R, BM)):
+    rb_lo = q * RB_PER
+    for rb in range(rb_lo, tl.minimum(rb_lo + RB_PER, tl.cdiv(B_R, BM))):
         rows = rb * BM + tl.arange(0, BM)
         rmask = rows < B_R
-        S = _s_tile(I, T, rows, cols, rmask, cmask, s, D, sI, sT, BM, BN, BK, PREC)
-        G = _g_tile(S, rows, cols, rmask, cmask, LSE_R, LSE_C, NPOS, G_R, G_C, coef)
         a = tl.load(I + rows[:, None] * sI + dd[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
-        acc = tl.dot(tl.trans(G.to(a.dtype)), a, acc, input_precision=PREC)
-    tl.store(DT + cols[:, None] * sDT + dd[None, :], (acc * s).to(DT.dtype.element_ty), mask=cmask[:, None] & dmask[None, :])
+        if FULL:
+            S = tl.dot(a, tl.trans(t), input_precision=PREC) * s
+        else:
+            S = _s_tile(I, T, rows, cols, rmask, cmask, s, D, sI, sT, BM, BN, BK, PREC)
+        G = _g_tile(S, rows, cols, rmask, cmask, LSE_R, LSE_C, NPOS, G_R, G_C)
+        acc = tl.dot(tl.trans((G * GSCALE).to(a.dtype)), a, acc, input_precision=PREC)
+    out = DT + q * B_C * sDT + cols[:, None] * sDT + dd[None, :]
+    tl.store(out, (acc * (s * coef / GSCALE)).to(DT.dtype.element_ty), mask=cmask[:, None] & dmask[None, :])
 
 
 @triton.jit
 def _bwd_fused(I, T, G_R, G_C, LSE_R, LSE_C, NPOS, DI, DT, GS, scale_ptr, coef_ptr, B_R, B_C, D, sI, sT,
-               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
+               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
+               GSCALE: tl.constexpr):
     """One program per (row block, column block): S recomputed exactly once, G formed once, then
     per d chunk two dots, dI += s G T and dT += s G^T I, accumulated with fp32 atomics."""
     rb = tl.program_id(0)
@@ -152,17 +188,48 @@ def _bwd_fused(I, T, G_R, G_C, LSE_R, LSE_C, NPOS, DI, DT, GS, scale_ptr, coef_p
     rmask = rows < B_R
     cmask = cols < B_C
     S = _s_tile(I, T, rows, cols, rmask, cmask, s, D, sI, sT, BM, BN, BK, PREC)
-    G = _g_tile(S, rows, cols, rmask, cmask, LSE_R, LSE_C, NPOS, G_R, G_C, coef)
-    tl.atomic_add(GS + rows, tl.sum(G * S, 1) / s, mask=rmask)
+    G = _g_tile(S, rows, cols, rmask, cmask, LSE_R, LSE_C, NPOS, G_R, G_C)
+    tl.atomic_add(GS + rows, tl.sum(G * S, 1) * (coef / s), mask=rmask)
+    Gq = (G * GSCALE).to(I.dtype.element_ty)
     for d0 in range(0, D, BD):
         dd = d0 + tl.arange(0, BD)
         dmask = dd < D
         t = tl.load(T + cols[:, None] * sT + dd[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0)
         a = tl.load(I + rows[:, None] * sI + dd[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
-        di = tl.dot(G.to(t.dtype), t, input_precision=PREC) * s
-        dt = tl.dot(tl.trans(G.to(a.dtype)), a, input_precision=PREC) * s
+        di = tl.dot(Gq, t, input_precision=PREC) * (s * coef / GSCALE)
+        dt = tl.dot(tl.trans(Gq), a, input_precision=PREC) * (s * coef / GSCALE)
         tl.atomic_add(DI + rows[:, None] * D + dd[None, :], di, mask=rmask[:, None] & dmask[None, :])
         tl.atomic_add(DT + cols[:, None] * D + dd[None, :], dt, mask=cmask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _merge_stats(M, L, n, idx, mask, B):
+    """Log-sum-exp of n stacked partials (max, sum of exp(x - max)) of length B, at idx."""
+    m = tl.full(idx.shape, -float("inf"), tl.float32)
+    for k in range(0, n):
+        m = tl.maximum(m, tl.load(M + k * B + idx, mask=mask, other=0.0))
+    acc = tl.zeros(idx.shape, tl.float32)
+    for k in range(0, n):
+        acc += tl.load(L + k * B + idx, mask=mask, other=1.0) * tl.exp(tl.load(M + k * B + idx, mask=mask, other=0.0) - m)
+    return m + tl.log(acc)
+
+
+@triton.jit
+def _finalize(M_R, L_R, POS, CMAX, CSUM, NPOS, LSE_R, LSE_C, LOSS_PART, B, Q, P, BLOCK: tl.constexpr):
+    """One launch instead of ~20 small torch ops (at small b their launch latency is the cost):
+    merge the row partials over Q splits and the column partials over P programs, and sum this
+    block's share of the loss, 0.5 (lse_r + lse_c) - pos / n_pos."""
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < B
+    lse_r = _merge_stats(M_R, L_R, Q, idx, mask, B)
+    lse_c = _merge_stats(CMAX, CSUM, P, idx, mask, B)
+    pos = tl.zeros((BLOCK,), tl.float32)
+    for k in range(0, Q):
+        pos += tl.load(POS + k * B + idx, mask=mask, other=0.0)
+    n = tl.load(NPOS + idx, mask=mask, other=1.0)
+    tl.store(LSE_R + idx, lse_r, mask=mask)
+    tl.store(LSE_C + idx, lse_c, mask=mask)
+    tl.store(LOSS_PART + tl.program_id(0), tl.sum(tl.where(mask, 0.5 * (lse_r + lse_c) - pos / n, 0.0), 0))
 
 
 # ---- launch ---------------------------------------------------------------------------------
@@ -171,53 +238,91 @@ def _prec(dtype: torch.dtype, tf32: bool) -> str:
     return "tf32" if (dtype == torch.float32 and tf32 and not INTERPRET) else "ieee"
 
 
+def _gscale(dtype: torch.dtype) -> float:
+    """G is cast to the operand dtype for the gradient dots; its small entries (p ~ 1/b) are
+    subnormal in fp16, so fp16 scales G by 2^12 (|G| <= 1 keeps it far from fp16's max)."""
+    return 4096.0 if dtype == torch.float16 else 1.0
+
+
 def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, 1 << (max(1, n) - 1).bit_length())
 
 
-def pick_tiles(d: int, dtype: torch.dtype) -> dict:
-    """Tile sizes: large in the interpreter (its cost is per operation); on GPU sized so that
-    the output-d chunk stays in registers. Tunable by `CTVLP_CLIP_TILES=BM,BN,BK,BD[,warps,stages]`."""
-    env = os.environ.get("CTVLP_CLIP_TILES")
+FULL_ROW_BYTES = 1024  # FULL keeps whole [BM, pow2(d)] operand tiles in shared memory: bf16 d <= 512
+
+
+def _as_tiles(c, d: int, itemsize: int = 2) -> dict:
+    """(BM, BN, BK, BD, warps, stages[, full]) -> launch dict. full=1 (backward only) makes the
+    d chunk the whole of d, so S needs no K loop and each tile of I and T is loaded once; wider
+    rows than FULL_ROW_BYTES fall back to d chunks of BD."""
+    full = len(c) > 6 and bool(c[6]) and _pow2(d) * itemsize <= FULL_ROW_BYTES
+    return dict(BM=c[0], BN=c[1], BK=c[2], BD=_pow2(d) if full else min(c[3], _pow2(d)), FULL=full, num_warps=c[4],
+                num_stages=c[5])
+
+
+def _env_tiles(name: str):
+    v = os.environ.get(name)
+    return [int(x) for x in v.split(",")] if v else None
+
+
+def pick_tiles(d: int, dtype: torch.dtype, which: str = "fwd") -> dict:
+    """Fixed tiles: large in the interpreter (its cost is per operation); on GPU sized so that
+    the output-d chunk stays in registers. `CTVLP_CLIP_TILES=BM,BN,BK,BD,warps,stages[,full]`
+    sets both passes, `CTVLP_CLIP_BWD_TILES` the backward alone."""
+    env = (_env_tiles("CTVLP_CLIP_BWD_TILES") if which == "bwd" else None) or _env_tiles("CTVLP_CLIP_TILES")
     if env:
-        v = [int(x) for x in env.split(",")]
-        w, st = (v[4], v[5]) if len(v) == 6 else (8, 2)
-        return dict(BM=v[0], BN=v[1], BK=v[2], BD=min(v[3], _pow2(d)), num_warps=w, num_stages=st)
+        return _as_tiles(env if len(env) >= 6 else env[:4] + [8, 2], d, dtype.itemsize)
     if INTERPRET:
-        return dict(BM=64, BN=64, BK=min(128, _pow2(d)), BD=min(512, _pow2(d)), num_warps=4, num_stages=1)
+        return _as_tiles((64, 64, min(128, _pow2(d)), 512, 4, 1, 0), d, dtype.itemsize)
     big = dtype in (torch.float16, torch.bfloat16)
-    return dict(BM=128 if big else 64, BN=128 if big else 64, BK=64 if big else 32, BD=min(256 if big else 128, _pow2(d)),
-                num_warps=8, num_stages=3)
+    if which == "fwd":
+        return _as_tiles((64, 128, 64, 128, 4, 3) if big else (64, 64, 32, 128, 8, 3), d)
+    return _as_tiles((64, 64, 64, 512, 8, 2, 1) if big else (64, 64, 32, 128, 8, 3), d, dtype.itemsize)
 
 
-# Candidate tiles (BM, BN, BK, BD, warps, stages) for the autotuner on GPU.
-CANDIDATES = [(128, 128, 64, 128, 8, 3), (128, 128, 64, 256, 8, 3), (128, 64, 64, 256, 8, 3), (64, 128, 64, 256, 4, 3),
-              (128, 128, 64, 512, 8, 2), (64, 64, 64, 512, 4, 2), (128, 128, 32, 128, 8, 4), (64, 64, 64, 128, 4, 4)]
+# Candidate tiles (BM, BN, BK, BD, warps, stages[, full]) for the autotuner on GPU, per pass.
+# The 2026-11-22 H100 sweep (bf16, d=512, benchmarks/README.md) ranked the first of each fastest.
+FWD_CANDIDATES = [(64, 128, 64, 128, 4, 3), (128, 128, 32, 128, 8, 4), (64, 64, 64, 128, 4, 3), (128, 64, 64, 128, 4, 3),
+                  (128, 128, 64, 128, 8, 3)]
+BWD_CANDIDATES = [(64, 64, 64, 512, 8, 2, 1), (64, 64, 64, 512, 8, 3), (64, 32, 64, 512, 8, 3, 1), (128, 64, 64, 256, 8, 3),
+                  (64, 64, 32, 128, 8, 3)]
 _TUNED: dict = {}
 
 
-def _as_tiles(c, d: int) -> dict:
-    return dict(BM=c[0], BN=c[1], BK=c[2], BD=min(c[3], _pow2(d)), num_warps=c[4], num_stages=c[5])
+def _probe(I, T, n):
+    """`n` rows to time candidates on: the inputs' own rows, repeated when b < n, so that a
+    small batch is not tuned on launch latency alone and every b gets the same choice."""
+    reps = triton.cdiv(n, I.shape[0])
+    Ip, Tp = (x.repeat(reps, 1)[:n].contiguous() for x in (I, T))
+    return Ip, Tp, torch.arange(n, dtype=torch.int32, device=I.device)
 
 
-def autotune(I, T, s, g_rows, g_cols, tf32: bool, candidates=CANDIDATES, probe_rows: int = 16384, time_fn=None) -> dict:
-    """Time forward+backward of each candidate on a slice (at most `probe_rows`) of the real
-    inputs and keep the fastest per (d, dtype, device). Tiles depend on d and dtype, not on b,
-    so a b = 1M batch is tuned at 16k rows. Candidates that fail to compile are skipped."""
-    key = (I.shape[1], I.dtype, str(I.device), tf32)
+def autotune(I, T, s, g_rows, g_cols, tf32: bool, which: str = "fwd", candidates=None, probe_rows: int = 16384,
+             time_fn=None) -> dict:
+    """Time each candidate of one pass on `probe_rows` rows made of the real inputs and keep the
+    fastest per (pass, d, dtype, device). Tiles depend on d and dtype, not on b, so a b = 1M
+    batch is tuned at 16k rows. Candidates that fail to compile are skipped."""
+    key = (which, I.shape[1], I.dtype, str(I.device), tf32)
     if key in _TUNED:
         return _TUNED[key]
-    n = min(I.shape[0], T.shape[0], probe_rows)
-    Ip, Tp, gp = I[:n].contiguous(), T[:n].contiguous(), g_cols[:n].contiguous()
+    if candidates is None:
+        candidates = FWD_CANDIDATES if which == "fwd" else BWD_CANDIDATES
+    n = probe_rows
+    Ip, Tp, gp = _probe(I, T[:I.shape[0]], n)
     time_fn = time_fn or _cuda_ms
+    if which == "bwd":  # exact statistics for the slice, from the default forward tiles
+        lse_r, cmax, csum, _ = triton_forward(Ip, Tp, s, gp, gp, tf32, tiles=pick_tiles(I.shape[1], I.dtype))
+        lse_c = merge_column_stats(cmax, csum)
+        ones = torch.ones(n, dtype=torch.float32, device=I.device)
     best, best_ms, tried = None, float("inf"), []
     for c in candidates:
-        tiles = _as_tiles(c, I.shape[1])
-        def run():
-            lse_r, cmax, csum, _ = triton_forward(Ip, Tp, s, gp, gp, tf32, tiles=tiles)
-            lse_c = cmax.max(0).values + torch.log((csum * torch.exp(cmax - cmax.max(0).values)).sum(0))
-            n_rows = torch.ones(n, dtype=torch.float32, device=I.device)
-            triton_backward(Ip, Tp, s, gp, gp, lse_r, lse_c, n_rows, 1.0 / n, tf32, tiles=tiles)
+        tiles = _as_tiles(c, I.shape[1], I.dtype.itemsize)
+        if which == "fwd":
+            def run():
+                triton_forward(Ip, Tp, s, gp, gp, tf32, tiles=tiles)
+        else:
+            def run():
+                triton_backward(Ip, Tp, s, gp, gp, lse_r, lse_c, ones, 1.0 / n, tf32, tiles=tiles)
         try:
             ms = time_fn(run)
         except Exception as e:  # out of shared memory / registers for this tile shape
@@ -227,7 +332,7 @@ def autotune(I, T, s, g_rows, g_cols, tf32: bool, candidates=CANDIDATES, probe_r
         if ms < best_ms:
             best, best_ms = tiles, ms
     if best is None:
-        raise RuntimeError(f"no tile configuration compiled for d={I.shape[1]}, {I.dtype}: {tried}")
+        raise RuntimeError(f"no {which} tile configuration compiled for d={I.shape[1]}, {I.dtype}: {tried}")
     _TUNED[key] = best
     return best
 
@@ -244,31 +349,82 @@ def _cuda_ms(fn, reps: int = 3) -> float:
     return start.elapsed_time(end) / reps
 
 
-def tiles_for(I, T, s, g_rows, g_cols, tf32: bool) -> dict:
+def tiles_for(I, T, s, g_rows, g_cols, tf32: bool, which: str) -> dict:
     """The interpreter and CTVLP_CLIP_TILES use fixed tiles; on GPU the autotuner picks."""
-    if INTERPRET or os.environ.get("CTVLP_CLIP_TILES"):
-        return pick_tiles(I.shape[1], I.dtype)
-    return autotune(I, T, s, g_rows, g_cols, tf32)
+    if INTERPRET or os.environ.get("CTVLP_CLIP_TILES") or (which == "bwd" and os.environ.get("CTVLP_CLIP_BWD_TILES")):
+        return pick_tiles(I.shape[1], I.dtype, which)
+    return autotune(I, T, s, g_rows, g_cols, tf32, which)
+
+
+def _num_sms(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+PART_BYTES = 1 << 30  # the forward's [P, b_c] column partials stay under this at any b
+SPLIT_BYTES = 256 << 20  # fp32 gradient partials of a split backward stay under this
+
+
+def _split(n_blocks: int, want: int) -> tuple[int, int]:
+    """Split n_blocks into at most `want` contiguous ranges: (blocks per range, ranges)."""
+    per = triton.cdiv(n_blocks, max(1, min(want, n_blocks)))
+    return per, triton.cdiv(n_blocks, per)
+
+
+def _fwd_grid(n_rb: int, n_cb: int, b_c: int, device) -> tuple[int, int, int]:
+    """(P row programs, column blocks per split, Q splits). P is capped by the partials' memory;
+    the column split fills the chip when there are few row blocks (small b). The interpreter
+    uses 2 x 2 so the merges are exercised in CI."""
+    if INTERPRET:
+        return (min(n_rb, 2), *_split(n_cb, 2))
+    sms = _num_sms(device)
+    P = max(1, min(n_rb, 2 * sms, PART_BYTES // (8 * b_c)))
+    return (P, *_split(n_cb, triton.cdiv(4 * sms, P)))
+
+
+def _bwd_split(n_blocks: int, n_other: int, n_dc: int, b_out: int, D: int, device) -> tuple[int, int]:
+    """Split the reduction loop of a backward pass when its grid alone would leave SMs idle."""
+    if INTERPRET:
+        return _split(n_other, 2)
+    want = min(triton.cdiv(4 * _num_sms(device), n_blocks * n_dc), max(1, SPLIT_BYTES // (4 * b_out * D)))
+    return _split(n_other, want)
 
 
 def triton_forward(I, T, s, g_rows, g_cols, tf32: bool = True, tiles=None):
+    """Returns row lse [b_r], column partials (max, sum) [P, b_c] and positives' logits [b_r]."""
     b_r, D = I.shape
     b_c = T.shape[0]
-    t = tiles or tiles_for(I, T, s, g_rows, g_cols, tf32)
-    n_rb = triton.cdiv(b_r, t["BM"])
-    if INTERPRET:
-        P = n_rb
-    else:
-        # one program per SM: the [P, b_c] column partials are the kernel's only large buffer
-        P = min(n_rb, torch.cuda.get_device_properties(I.device).multi_processor_count)
-    lse_r = torch.empty(b_r, dtype=torch.float32, device=I.device)
-    pos = torch.empty(b_r, dtype=torch.float32, device=I.device)
-    cmax = torch.full((P, b_c), -float("inf"), dtype=torch.float32, device=I.device)
-    csum = torch.zeros((P, b_c), dtype=torch.float32, device=I.device)
-    _fwd[(P,)](I, T, g_rows, g_cols, lse_r, pos, cmax, csum, s, b_r, b_c, D, I.stride(0), T.stride(0),
-               BM=t["BM"], BN=t["BN"], BK=t["BK"], PREC=_prec(I.dtype, tf32), num_warps=t["num_warps"],
-               num_stages=t["num_stages"])
-    return lse_r, cmax, csum, pos
+    t = tiles or tiles_for(I, T, s, g_rows, g_cols, tf32, "fwd")
+    n_rb, n_cb = triton.cdiv(b_r, t["BM"]), triton.cdiv(b_c, t["BN"])
+    P, cb_per, Q = _fwd_grid(n_rb, n_cb, b_c, I.device)
+    f32 = dict(dtype=torch.float32, device=I.device)
+    m_r, l_r, pos = torch.empty((Q, b_r), **f32), torch.empty((Q, b_r), **f32), torch.empty((Q, b_r), **f32)
+    cmax, csum = torch.empty((P, b_c), **f32), torch.empty((P, b_c), **f32)  # the kernel initialises them
+    _fwd[(P, Q)](I, T, g_rows, g_cols, m_r, l_r, pos, cmax, csum, s, b_r, b_c, D, I.stride(0), T.stride(0), cb_per,
+                 BM=t["BM"], BN=t["BN"], BK=t["BK"], PREC=_prec(I.dtype, tf32), num_warps=t["num_warps"],
+                 num_stages=t["num_stages"])
+    lse_r = m_r[0] + torch.log(l_r[0]) if Q == 1 else merge_column_stats(m_r, l_r)
+    return lse_r, cmax, csum, pos.sum(0)
+
+
+def triton_forward_loss(I, T, s, g_rows, g_cols, n_rows, tf32: bool = True, tiles=None):
+    """Single process (b_r == b_c): the forward kernel, then one finalize launch. Returns row
+    lse, column lse and the summed loss (a 0-d fp32 tensor)."""
+    b_r, D = I.shape
+    t = tiles or tiles_for(I, T, s, g_rows, g_cols, tf32, "fwd")
+    n_rb, n_cb = triton.cdiv(b_r, t["BM"]), triton.cdiv(b_r, t["BN"])
+    P, cb_per, Q = _fwd_grid(n_rb, n_cb, b_r, I.device)
+    f32 = dict(dtype=torch.float32, device=I.device)
+    parts = torch.empty((5, max(P, Q), b_r), **f32)  # one allocation: m_r, l_r, pos, cmax, csum
+    m_r, l_r, pos, cmax, csum = (parts[k, :n] for k, n in enumerate((Q, Q, Q, P, P)))
+    _fwd[(P, Q)](I, T, g_rows, g_cols, m_r, l_r, pos, cmax, csum, s, b_r, b_r, D, I.stride(0), T.stride(0), cb_per,
+                 BM=t["BM"], BN=t["BN"], BK=t["BK"], PREC=_prec(I.dtype, tf32), num_warps=t["num_warps"],
+                 num_stages=t["num_stages"])
+    BLOCK = 1024
+    nb = triton.cdiv(b_r, BLOCK)
+    out = torch.empty(2 * b_r + nb, **f32)
+    lse_r, lse_c, part = out[:b_r], out[b_r:2 * b_r], out[2 * b_r:]
+    _finalize[(nb,)](m_r, l_r, pos, cmax, csum, n_rows, lse_r, lse_c, part, b_r, Q, P, BLOCK=BLOCK)
+    return lse_r, lse_c, part.sum()
 
 
 def triton_backward(I, T, s, g_rows, g_cols, lse_r, lse_c, n_rows, coef, tf32: bool = True, grad_dtype=None, tiles=None,
@@ -277,25 +433,35 @@ def triton_backward(I, T, s, g_rows, g_cols, lse_r, lse_c, n_rows, coef, tf32: b
     the distributed path asks for fp32 dT because it is summed across ranks afterwards.
 
     variant "two_pass" (default): dI over row blocks and dT over column blocks, S recomputed once
-    per direction, no atomics, deterministic. "fused": S recomputed once, dI and dT by atomics."""
+    per direction, no atomics, deterministic. "fused": S recomputed once, dI and dT by atomics.
+    When a pass has too few blocks to fill the chip, its reduction loop is split and the fp32
+    partials are summed (still deterministic)."""
     b_r, D = I.shape
     b_c = T.shape[0]
-    t = tiles or tiles_for(I, T, s, g_rows, g_cols, tf32)
+    t = tiles or tiles_for(I, T, s, g_rows, g_cols, tf32, "bwd")
     if variant == "fused":
         return _backward_fused(I, T, s, g_rows, g_cols, lse_r, lse_c, n_rows, coef, tf32, grad_dtype, t)
     if variant != "two_pass":
         raise ValueError(f"backward variant must be two_pass or fused, got {variant!r}")
-    dI = torch.empty((b_r, D), dtype=I.dtype, device=I.device)
-    dT = torch.empty((b_c, D), dtype=grad_dtype or I.dtype, device=I.device)
-    gs = torch.empty(b_r, dtype=torch.float32, device=I.device)
     coef_t = torch.as_tensor(coef, dtype=torch.float32, device=I.device).reshape(1)
-    common = dict(BM=t["BM"], BN=t["BN"], BK=t["BK"], BD=t["BD"], PREC=_prec(I.dtype, tf32), num_warps=t["num_warps"],
-                  num_stages=t["num_stages"])
-    n_dc = triton.cdiv(D, t["BD"])
-    _bwd_rows[(triton.cdiv(b_r, t["BM"]), n_dc)](I, T, g_rows, g_cols, lse_r, lse_c, n_rows, dI, gs, s, coef_t,
-                                                  b_r, b_c, D, I.stride(0), T.stride(0), dI.stride(0), **common)
-    _bwd_cols[(triton.cdiv(b_c, t["BN"]), n_dc)](I, T, g_rows, g_cols, lse_r, lse_c, n_rows, dT, s, coef_t,
-                                                  b_r, b_c, D, I.stride(0), T.stride(0), dT.stride(0), **common)
+    common = dict(BM=t["BM"], BN=t["BN"], BK=t["BK"], BD=t["BD"], FULL=t["FULL"], PREC=_prec(I.dtype, tf32),
+                  GSCALE=_gscale(I.dtype), num_warps=t["num_warps"], num_stages=t["num_stages"])
+    n_rb, n_cb, n_dc = triton.cdiv(b_r, t["BM"]), triton.cdiv(b_c, t["BN"]), triton.cdiv(D, t["BD"])
+    f32 = dict(dtype=torch.float32, device=I.device)
+
+    cb_per, Qc = _bwd_split(n_rb, n_cb, n_dc, b_r, D, I.device)
+    dI = torch.empty((Qc, b_r, D), **f32) if Qc > 1 else torch.empty((1, b_r, D), dtype=I.dtype, device=I.device)
+    gs = torch.empty((Qc, b_r), **f32)
+    _bwd_rows[(n_rb, n_dc, Qc)](I, T, g_rows, g_cols, lse_r, lse_c, n_rows, dI, gs, s, coef_t, b_r, b_c, D,
+                                I.stride(0), T.stride(0), D, cb_per, **common)
+    dI = dI.sum(0).to(I.dtype) if Qc > 1 else dI[0]
+
+    rb_per, Qr = _bwd_split(n_cb, n_rb, n_dc, b_c, D, I.device)
+    dT = torch.empty((Qr, b_c, D), **f32) if Qr > 1 else torch.empty((1, b_c, D), dtype=grad_dtype or I.dtype,
+                                                                     device=I.device)
+    _bwd_cols[(n_cb, n_dc, Qr)](I, T, g_rows, g_cols, lse_r, lse_c, n_rows, dT, s, coef_t, b_r, b_c, D,
+                                I.stride(0), T.stride(0), D, rb_per, **common)
+    dT = dT.sum(0).to(grad_dtype or I.dtype) if Qr > 1 else dT[0]
     return dI, dT, gs.sum()
 
 
@@ -307,7 +473,9 @@ def _backward_fused(I, T, s, g_rows, g_cols, lse_r, lse_c, n_rows, coef, tf32, g
     gs = torch.zeros(b_r, dtype=torch.float32, device=I.device)
     coef_t = torch.as_tensor(coef, dtype=torch.float32, device=I.device).reshape(1)
     grid = (triton.cdiv(b_r, t["BM"]), triton.cdiv(b_c, t["BN"]))
+    # two [BM|BN, BD] operand tiles beside S: a 128-wide d chunk keeps them inside shared memory
     _bwd_fused[grid](I.contiguous(), T.contiguous(), g_rows, g_cols, lse_r, lse_c, n_rows, dI, dT, gs, s, coef_t,
-                     b_r, b_c, D, I.stride(0), T.stride(0), BM=t["BM"], BN=t["BN"], BK=t["BK"], BD=t["BD"],
-                     PREC=_prec(I.dtype, tf32), num_warps=t["num_warps"], num_stages=t["num_stages"])
+                     b_r, b_c, D, I.stride(0), T.stride(0), BM=t["BM"], BN=t["BN"], BK=t["BK"], BD=min(t["BD"], 128),
+                     PREC=_prec(I.dtype, tf32), GSCALE=_gscale(I.dtype), num_warps=t["num_warps"],
+                     num_stages=t["num_stages"])
     return dI.to(I.dtype), dT.to(grad_dtype or I.dtype), gs.sum()

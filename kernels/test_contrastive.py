@@ -52,6 +52,19 @@ def test_cpu_fp32_against_fp64(impl, b, d, grouped, scale):
 
 
 @pytest.mark.skipif("triton" not in CPU_IMPLS, reason="needs the Triton interpreter")
+@pytest.mark.parametrize("tiles,d,full", [("32,32,32,64,4,1,0", 300, False), ("32,32,64,64,4,1,1", 200, True)])
+def test_tile_variants(monkeypatch, tiles, d, full):
+    """Chunked d (BD=64 < d: S recomputed per chunk) and FULL (one d chunk, no K loop; fp32 rows
+    up to 256 wide); 32-row tiles give 5 row and column blocks, so the strided programs and both
+    splits are exercised."""
+    from kernels.contrastive_triton import pick_tiles
+
+    monkeypatch.setenv("CTVLP_CLIP_TILES", tiles)
+    assert pick_tiles(d, torch.float32, "bwd")["FULL"] is full
+    _check("triton", 130, d, torch.float32, True, 20.0)
+
+
+@pytest.mark.skipif("triton" not in CPU_IMPLS, reason="needs the Triton interpreter")
 @pytest.mark.parametrize("b,d,grouped", [(100, 40, False), (130, 300, True)])
 def test_fused_backward_variant(monkeypatch, b, d, grouped):
     monkeypatch.setenv("CTVLP_CLIP_BACKWARD", "fused")
@@ -107,9 +120,17 @@ def test_chunked_path_never_allocates_b_by_b(monkeypatch):
 @pytest.mark.parametrize("scale", [1.0, 100.0])
 @pytest.mark.parametrize("backward", ["two_pass", "fused"])
 def test_cuda_triton_against_fp64(dtype, b, d, grouped, scale, backward, monkeypatch):
+    """fp32 goes through tf32 (10-bit mantissa, ~3e-4 per logit); the gradient's p - t cancels
+    much of p, which multiplies that relative error, hence 2e-3 on the gradients."""
     monkeypatch.setenv("CTVLP_CLIP_BACKWARD", backward)
-    _check("triton", b, d, dtype, grouped, scale, device="cuda", tol=3e-4 if dtype == torch.float32 else None,
+    _check("triton", b, d, dtype, grouped, scale, device="cuda", tol=2e-3 if dtype == torch.float32 else None,
            tf32=dtype == torch.float32)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (runs on the lent GPU machine)")
+@pytest.mark.parametrize("b,d,grouped", [(1000, 40, False), (2049, 300, True)])
+def test_cuda_fp32_without_tf32(b, d, grouped):
+    _check("triton", b, d, torch.float32, grouped, 30.0, device="cuda", tol=1e-4, tf32=False)
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="exercises the tuner's mechanics in the interpreter")
@@ -125,7 +146,7 @@ def test_autotuner_picks_a_compiling_candidate_and_caches_it():
     bad = (64, 64, 12, 64, 4, 1)  # BK=12: tl.dot needs >= 16, does not compile
     ct._TUNED.clear()
     best = ct.autotune(I, T, s, g, g, False, candidates=[bad, (64, 64, 32, 64, 4, 1), (32, 32, 64, 64, 4, 1)],
-                       time_fn=lambda fn: (fn(), next(times))[1])
+                       probe_rows=100, time_fn=lambda fn: (fn(), next(times))[1])
     assert (best["BM"], best["BK"]) == (32, 64)
     assert ct.autotune(I, T, s, g, g, False, candidates=[]) is best  # cached
     lse_r, cmax, csum, pos = ct.triton_forward(I, T, s, g, g, False, tiles=best)

@@ -23,8 +23,16 @@ def environment() -> dict:
     except OSError:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
     return {"device": gpu or f"CPU: {cpu} ({os.cpu_count()} cores)", "python": platform.python_version(),
-            "torch": torch.__version__, "numpy": numpy.__version__, "platform": platform.platform()}
+            "torch": torch.__version__, "triton": triton_version, "numpy": numpy.__version__,
+            "platform": platform.platform(),
+            # tile and variant overrides change what a kernel benchmark measured
+            "env": {k: v for k, v in os.environ.items() if k.startswith("CTVLP_")}}
 
 
 def write_result(results_dir: str | Path, name: str, payload: dict, argv=None) -> Path:
