@@ -94,6 +94,10 @@ def cmd_bench(args) -> int:
         from .bench import train as bench_train
 
         bench_train.run(cfg, progress=not args.quiet, argv=sys.argv)
+    elif args.what == "conv":
+        from .bench import conv as bench_conv
+
+        bench_conv.run(cfg, progress=not args.quiet, argv=sys.argv)
     elif args.what == "label":
         from .bench import label as bench_label
 
@@ -223,9 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and each codec's compression ratio. `ctvlp bench label`: vLLM reports/s and macro "
                                    "AUC on dev reports, per scoring method. `ctvlp bench loss`: contrastive loss time and memory, "
                                    "dense vs chunked vs Triton. `ctvlp bench train`: image-tower "
-                                   "scans/s, step-time breakdown, peak memory and MFU; GradCache vs plain time per scan.",
+                                   "scans/s, step-time breakdown, peak memory and MFU; GradCache vs plain time per scan. `ctvlp bench conv`: "
+                                   "the Triton conv3d vs cuDNN per tower layer (GPU; CPU checks agreement only).",
                        epilog=EPILOG)
-    p.add_argument("what", choices=["loader", "label", "loss", "train"], help="what to benchmark")
+    p.add_argument("what", choices=["loader", "label", "loss", "train", "conv"], help="what to benchmark")
     _flag(p, "--data", "bench.data", help="existing dataset (default: a fresh synthetic one)")
     _flag(p, "--patients", "bench.patients", type=int, help="synthetic patients when --data is not given")
     _flag(p, "--model-config", "bench.model_config", help="label: architecture with dummy weights, e.g. llama-3.1-8b")

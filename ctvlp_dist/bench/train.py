@@ -64,7 +64,7 @@ def bench_tower(cfg, crop, batch, device, dtype, reps) -> dict:
     from ..models.resnet3d import ResNet3d18
 
     m = cfg.model
-    tower = ResNet3d18(m.stem, m.norm, m.gn_groups, m.channels_last, m.conv_impl).to(device, dtype).train()
+    tower = ResNet3d18(m.stem, m.norm, m.gn_groups, m.channels_last, m.conv_impl, m.width).to(device, dtype).train()
     x = torch.randn(batch, 1, *crop, device=device, dtype=dtype)
 
     def step():

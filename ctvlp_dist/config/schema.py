@@ -66,6 +66,7 @@ class SynthConfig:
     raw: bool = False  # write NIfTI files + reports CSV at real CT-RATE spacings instead of shards
     raw_scale: float = 1.0  # shrink raw volumes (for tests); 1.0 = real CT-RATE sizes
     noise_hu: float = 12.0
+    min_voxels: float = 1.0  # floor on finding sizes in voxels; >1 makes findings bolder on coarse grids
     workers: int = 2
 
 
@@ -105,6 +106,8 @@ class BenchConfig:
     loss_dim: int = 512
     loss_dtype: str = "bfloat16"  # GPU; CPU runs float32
     loss_methods: tuple[str, ...] = ("dense", "chunked", "triton")
+    conv_batch: int = 8  # bench conv (GPU): scans per layer call
+    conv_dtype: str = "bfloat16"  # bench conv (GPU); CPU checks agreement in float32
     train_steps: int = 6  # bench train: optimizer steps of the real loop (the first is warm-up)
     train_crop: Optional[tuple[int, int, int]] = None  # default: loader.crop on GPU, (32, 64, 64) on CPU
     train_micro: int = 2  # bench train: GradCache micro-batch (the plain step runs loader.batch_size at once)
@@ -153,7 +156,8 @@ class ModelConfig:
     norm: str = "bn"  # bn | gn
     gn_groups: int = 32
     channels_last: bool = True  # channels_last_3d memory format
-    conv_impl: str = "torch"  # the op entry point; the Triton fused conv plugs in here
+    conv_impl: str = "torch"  # torch (cuDNN/oneDNN) or triton (kernels/conv3d.py; CPU: TRITON_INTERPRET=1)
+    width: int = 64  # first-stage channels of the image tower (stages double it); 64 = the paper
     text_model: Optional[str] = None  # HF folder; default: the bundled all-MiniLM-L6-v2
     text_pooling: str = "mean"  # mean | cls
     text_max_length: int = 256

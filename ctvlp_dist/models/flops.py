@@ -49,7 +49,7 @@ def image_tower_train_flops(cfg, crop: tuple[int, int, int]) -> int:
     from .resnet3d import ResNet3d18
 
     with torch.device("meta"):
-        tower = ResNet3d18(cfg.stem, cfg.norm, cfg.gn_groups, False, cfg.conv_impl)
+        tower = ResNet3d18(cfg.stem, cfg.norm, cfg.gn_groups, False, cfg.conv_impl, cfg.width)
     return 3 * conv_linear_flops(tower, (1, *crop))
 
 

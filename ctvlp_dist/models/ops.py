@@ -1,5 +1,6 @@
 """Op entry points: the model asks for an op by name and does not know which implementation
-runs it. `conv3d` is torch's today; the fused Triton convolution registers itself here."""
+runs it: "torch" (cuDNN / oneDNN) or "triton" (kernels/conv3d.py, implicit GEMM, forward and
+backward in Triton; on CPU it needs TRITON_INTERPRET=1)."""
 from __future__ import annotations
 
 from typing import Callable
@@ -14,7 +15,16 @@ def register_conv3d(name: str, fn: Callable) -> None:
     _CONV3D[name] = fn
 
 
+def _lazy(impl: str) -> None:
+    """The Triton convolution lives in kernels/ (it imports triton): loaded on first use."""
+    if impl == "triton" and impl not in _CONV3D:
+        from kernels.conv3d import conv3d_triton
+
+        register_conv3d("triton", conv3d_triton)
+
+
 def conv3d(x: torch.Tensor, weight: torch.Tensor, bias=None, stride=1, padding=0, impl: str = "torch") -> torch.Tensor:
+    _lazy(impl)
     try:
         fn = _CONV3D[impl]
     except KeyError:

@@ -39,20 +39,21 @@ STEMS = {"standard": (7, 2, 3, True), "k2s2": (2, 2, 0, False), "k4s4": (4, 4, 0
 
 
 class ResNet3d18(nn.Module):
-    out_dim = 512
-
     def __init__(self, stem: str = "k2s2", norm: str = "bn", gn_groups: int = 32, channels_last: bool = True,
-                 conv_impl: str = "torch"):
+                 conv_impl: str = "torch", width: int = 64):
+        """`width` is the first stage's channel count (64 in the paper; stages double it): narrow
+        towers make CPU demos and interpreter tests of the Triton convolution affordable."""
         super().__init__()
         if stem not in STEMS:
             raise ValueError(f"model.stem must be one of {sorted(STEMS)}, got {stem!r}")
         k, s, p, pool = STEMS[stem]
-        layers = [Conv3d(1, 64, k, stride=s, padding=p, bias=False, impl=conv_impl), _norm(norm, 64, gn_groups),
+        layers = [Conv3d(1, width, k, stride=s, padding=p, bias=False, impl=conv_impl), _norm(norm, width, gn_groups),
                   nn.ReLU(inplace=True)]
         if pool:
             layers.append(nn.MaxPool3d(3, stride=2, padding=1))
         self.stem = nn.Sequential(*layers)
-        chans, blocks, cin = [64, 128, 256, 512], [], 64
+        chans, blocks, cin = [width, 2 * width, 4 * width, 8 * width], [], width
+        self.out_dim = 8 * width
         for i, c in enumerate(chans):
             stride = 1 if i == 0 else 2
             blocks.append(nn.Sequential(BasicBlock3d(cin, c, stride, norm, gn_groups, conv_impl),

@@ -1,0 +1,157 @@
+"""Fused 3D convolution for the ResNet image tower: implicit-GEMM Triton kernels, forward and
+backward, with the BatchNorm/ReLU/residual work around each convolution folded in.
+
+    conv3d_forward(x, w, bias, stride, padding, *, residual=None, relu=False,
+                   in_scale=None, in_shift=None, stats=False) -> y (, stats [2, Cout])
+    conv3d_triton(x, w, bias, stride, padding)   # F.conv3d's signature, with autograd
+    conv_block_inference(x, w, bn, stride, padding, residual=None, relu=True)  # BN folded
+
+`conv3d_triton` is what `model.conv_impl: triton` runs (registered in ctvlp_dist.models.ops):
+forward, input gradient and weight gradient are all Triton. CUDA tensors compile the kernels;
+CPU tensors need TRITON_INTERPRET=1 (the tests). Outputs come back in channels_last_3d.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .conv3d_ref import bn_affine, fold_bn, reference_conv3d, update_running_stats
+
+__all__ = ["conv3d_forward", "conv3d_triton", "conv_block_inference", "reference_conv3d", "bn_affine",
+           "update_running_stats", "fold_bn"]
+
+
+def _triple(v) -> tuple[int, int, int]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (int(v),) * 3
+
+
+def _prec(dtype: torch.dtype) -> str:
+    from .conv3d_triton import INTERPRET
+
+    return "tf32" if dtype == torch.float32 and not INTERPRET and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _tiles(M: int, N: int, K: int) -> dict:
+    """Interpreter: large tiles (its cost is per block operation). GPU: 128 x 64 x 32, narrowed
+    for small channel counts."""
+    from .conv3d_triton import INTERPRET
+
+    if INTERPRET:
+        return dict(BM=64, BN=64, BK=64, num_warps=4, num_stages=1)
+    bn = 64 if N >= 64 else max(16, 1 << (N - 1).bit_length())
+    return dict(BM=128, BN=bn, BK=32 if K >= 32 else 16, num_warps=4, num_stages=3)
+
+
+def _out_shape(x_shape, w_shape, stride, padding):
+    return tuple((i + 2 * p - k) // s + 1 for i, k, s, p in zip(x_shape[2:], w_shape[2:], stride, padding))
+
+
+def _cl(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last_3d)
+
+
+def conv3d_forward(x, w, bias=None, stride=1, padding=0, *, residual=None, relu=False, in_scale=None, in_shift=None,
+                   stats=False, out_dtype=None):
+    """y = conv(act_in(x), w) + bias, then optional per-channel stats, + residual, ReLU."""
+    import triton
+
+    from .conv3d_triton import _conv_fwd
+
+    stride, padding = _triple(stride), _triple(padding)
+    Nb, Cin = x.shape[:2]
+    Cout = w.shape[0]
+    if w.shape[1] != Cin:
+        raise ValueError(f"weight expects {w.shape[1]} input channels, input has {Cin}")
+    Do, Ho, Wo = _out_shape(x.shape, w.shape, stride, padding)
+    y = torch.empty((Nb, Cout, Do, Ho, Wo), dtype=out_dtype or x.dtype, device=x.device,
+                    memory_format=torch.channels_last_3d)
+    st = torch.zeros((2, Cout), dtype=torch.float32, device=x.device) if stats else y
+    wk = w.to(x.dtype)
+    M, K = Nb * Do * Ho * Wo, w[0].numel()
+    t = _tiles(M, Cout, K)
+    res = residual if residual is not None else y
+    sc = in_scale.float().contiguous() if in_scale is not None else y
+    sh = in_shift.float().contiguous() if in_shift is not None else y
+    grid = (triton.cdiv(M, t["BM"]), triton.cdiv(Cout, t["BN"]))
+    _conv_fwd[grid](x, wk, y, bias if bias is not None else y, res, sc, sh, st,
+                    Nb, Cin, *x.shape[2:], Cout, Do, Ho, Wo, *x.stride(), *wk.stride(), *y.stride(), *res.stride(),
+                    *stride, *padding, *w.shape[2:], HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=relu,
+                    STATS_ON=stats, PROLOGUE=in_scale is not None, PREC=_prec(x.dtype), **t)
+    return (y, st) if stats else y
+
+
+def conv3d_dgrad(dy, w, x_shape, stride, padding, dtype):
+    import triton
+
+    from .conv3d_triton import _conv_dgrad
+
+    Nb, Cin = x_shape[:2]
+    Cout = w.shape[0]
+    dx = torch.empty(x_shape, dtype=dtype, device=dy.device, memory_format=torch.channels_last_3d)
+    wk = w.to(dy.dtype)
+    M, K = dx[:, 0].numel(), Cout * w[0, 0].numel()
+    t = _tiles(M, Cin, K)
+    grid = (triton.cdiv(M, t["BM"]), triton.cdiv(Cin, t["BN"]))
+    _conv_dgrad[grid](dy, wk, dx, Nb, Cin, *x_shape[2:], Cout, *dy.shape[2:], *dy.stride(), *wk.stride(), *dx.stride(),
+                      *stride, *padding, *w.shape[2:], PREC=_prec(dy.dtype), **t)
+    return dx
+
+
+def conv3d_wgrad(x, dy, w_shape, stride, padding, dtype):
+    """fp32 partials over Q slices of the output positions, summed: enough programs to fill the
+    chip even when Cout x taps x Cin is small (the deep layers)."""
+    import triton
+
+    from .conv3d_triton import INTERPRET, _conv_wgrad
+
+    Cout, Cin = w_shape[:2]
+    KF = Cin * w_shape[2] * w_shape[3] * w_shape[4]
+    P = dy[:, 0].numel()
+    t = _tiles(Cout, KF, P)
+    t["BK"] = 16 if INTERPRET else 32  # the reduction runs over positions here
+    tiles = triton.cdiv(Cout, t["BM"]) * triton.cdiv(KF, t["BN"])
+    want = 2 if INTERPRET else max(1, min(triton.cdiv(4 * torch.cuda.get_device_properties(dy.device).multi_processor_count,
+                                                      tiles), triton.cdiv(P, 512)))
+    p_per = triton.cdiv(triton.cdiv(P, want), t["BK"]) * t["BK"]
+    Q = triton.cdiv(P, p_per)
+    part = torch.empty((Q, Cout, KF), dtype=torch.float32, device=dy.device)
+    xk = x.to(dy.dtype)
+    _conv_wgrad[(triton.cdiv(Cout, t["BM"]), triton.cdiv(KF, t["BN"]), Q)](
+        xk, dy, part, x.shape[0], Cin, *x.shape[2:], Cout, *dy.shape[2:], *xk.stride(), *dy.stride(), p_per,
+        *stride, *padding, *w_shape[2:], PREC=_prec(dy.dtype), **t)
+    # [Cout, (kd, kh, kw, ci)] -> [Cout, ci, kd, kh, kw]
+    return part.sum(0).view(Cout, *w_shape[2:], Cin).permute(0, 4, 1, 2, 3).to(dtype)
+
+
+class _Conv3dFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, bias, stride, padding):
+        ctx.save_for_backward(x, w)
+        ctx.cfg = (stride, padding, bias is not None)
+        return conv3d_forward(x, w, bias, stride, padding)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        stride, padding, has_bias = ctx.cfg
+        dy = _cl(dy)
+        dx = conv3d_dgrad(dy, w, x.shape, stride, padding, x.dtype) if ctx.needs_input_grad[0] else None
+        dw = conv3d_wgrad(x, dy, w.shape, stride, padding, w.dtype) if ctx.needs_input_grad[1] else None
+        db = dy.sum(dim=(0, 2, 3, 4)).to(w.dtype) if has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db, None, None
+
+
+def conv3d_triton(x, weight, bias=None, stride=1, padding=0):
+    """Drop-in for F.conv3d (no dilation or groups) with Triton forward and backward."""
+    return _Conv3dFn.apply(x, weight, bias, _triple(stride), _triple(padding))
+
+
+@torch.no_grad()
+def conv_block_inference(x, weight, bn: Optional[torch.nn.modules.batchnorm._BatchNorm], stride=1, padding=0, *,
+                         bias=None, residual=None, relu=True):
+    """Embedding extraction: BN folded into the weights, conv + bias + residual + ReLU in one kernel."""
+    if bn is not None:
+        weight, bias = fold_bn(weight, bias, bn)
+    return conv3d_forward(x, weight.to(x.dtype), bias.float() if bias is not None else None, stride, padding,
+                          residual=residual, relu=relu)

@@ -1,0 +1,55 @@
+"""Plain torch references for the fused 3D convolution kernels (the ground truth in tests).
+
+The training block's fused pieces, in the order they run:
+  y = conv(act_in(x), W) + b        act_in = ReLU(x * scale + shift) or identity; padding is
+                                    applied after it (zeros), as in conv(relu(bn(x)))
+  stats = (sum_m y, sum_m y^2)      per output channel, for the next BatchNorm's batch stats
+  out = ReLU(y + residual)          each part optional
+BatchNorm from those statistics: mean = sum / count, var = sumsq / count - mean^2 (biased, used to
+normalise), running stats updated with the unbiased var (count / (count - 1)), as nn.BatchNorm3d.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def reference_conv3d(x, weight, bias=None, stride=1, padding=0, *, residual=None, relu=False,
+                     in_scale=None, in_shift=None):
+    """conv3d(act_in(x)) + bias (+ residual) (ReLU), computed in the inputs' dtype."""
+    if in_scale is not None:
+        x = torch.relu(x * in_scale.view(1, -1, 1, 1, 1) + in_shift.view(1, -1, 1, 1, 1))
+    y = F.conv3d(x, weight, bias, stride, padding)
+    stats = torch.stack([y.sum(dim=(0, 2, 3, 4)), (y * y).sum(dim=(0, 2, 3, 4))])
+    if residual is not None:
+        y = y + residual
+    if relu:
+        y = torch.relu(y)
+    return y, stats
+
+
+def bn_affine(stats: torch.Tensor, count: int, gamma: torch.Tensor, beta: torch.Tensor, eps: float):
+    """Batch statistics -> (scale, shift) with BN(y) = y * scale + shift, plus mean and biased var."""
+    mean = stats[0] / count
+    var = (stats[1] / count - mean * mean).clamp_min(0)
+    scale = gamma / torch.sqrt(var + eps)
+    return scale, beta - mean * scale, mean, var
+
+
+def update_running_stats(bn: torch.nn.modules.batchnorm._BatchNorm, mean: torch.Tensor, var: torch.Tensor,
+                         count: int) -> None:
+    """What nn.BatchNorm3d does in training mode: momentum update with the unbiased variance."""
+    with torch.no_grad():
+        bn.num_batches_tracked += 1
+        m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+        bn.running_mean.mul_(1 - m).add_(mean.to(bn.running_mean.dtype), alpha=m)
+        bn.running_var.mul_(1 - m).add_((var * count / max(count - 1, 1)).to(bn.running_var.dtype), alpha=m)
+
+
+def fold_bn(weight: torch.Tensor, bias: Optional[torch.Tensor], bn: torch.nn.modules.batchnorm._BatchNorm):
+    """Inference: BN(conv(x, W) + b) = conv(x, W * s) + (b - mean) * s + beta, s = gamma / sqrt(var + eps)."""
+    s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    b = bias if bias is not None else torch.zeros_like(bn.running_mean)
+    return weight * s.view(-1, 1, 1, 1, 1), (b - bn.running_mean) * s + bn.bias

@@ -1,0 +1,167 @@
+"""Triton kernels of the 3D convolution as implicit GEMMs (see conv3d_ref.py for the math).
+
+All three are one GEMM whose operand rows are gathered on the fly, never an im2col buffer:
+- forward: M = output positions (N Do Ho Wo), N = Cout, K = taps x Cin;
+- dgrad (input gradient, the transposed convolution): M = input positions, N = Cin,
+  K = taps x Cout, where a tap contributes only if (i + pad - k) is a multiple of the stride;
+- wgrad: M = Cout, N = taps x Cin, K = output positions, split over programs.
+K is flattened as (tap, channel), so a 1-channel stem (K = 343 for 7^3) wastes no lanes on
+padding channels. Any strides are accepted; channels_last_3d inputs (channel stride 1) give
+contiguous loads along K. The forward's optional prologue applies a per-input-channel affine
+map and ReLU while loading (the previous BatchNorm, never written out), and its epilogue adds
+bias, accumulates per-channel sum and sum of squares (fp32 atomics, for the next BatchNorm's
+batch statistics), adds a residual and applies ReLU.
+"""
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _split_k(k, C, KH: tl.constexpr, KW: tl.constexpr):
+    """Flat K index -> (kd, kh, kw, channel)."""
+    c = k % C
+    tap = k // C
+    kw = tap % KW
+    kh = (tap // KW) % KH
+    kd = tap // (KW * KH)
+    return kd, kh, kw, c
+
+
+@triton.jit
+def _split_m(m, D, H, W):
+    """Flat position index over (n, d, h, w) -> its four coordinates."""
+    w = m % W
+    t = m // W
+    h = t % H
+    t = t // H
+    return t // D, t % D, h, w
+
+
+@triton.jit
+def _conv_fwd(X, Wt, Y, BIAS, RES, SC_IN, SH_IN, STATS,
+              Nb, Cin, Di, Hi, Wi, Cout, Do, Ho, Wo,
+              sxn, sxc, sxd, sxh, sxw, swo, swc, swd, swh, sww,
+              syn, syc, syd, syh, syw, srn, src, srd, srh, srw,
+              SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PD, PH, PW,
+              KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+              HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, STATS_ON: tl.constexpr,
+              PROLOGUE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    M = Nb * Do * Ho * Wo
+    K = KD * KH * KW * Cin
+    m = pid_m * BM + tl.arange(0, BM)
+    mmask = m < M
+    n, od, oh, ow = _split_m(m, Do, Ho, Wo)
+    co = pid_n * BN + tl.arange(0, BN)
+    comask = co < Cout
+    acc = tl.zeros((BM, BN), tl.float32)
+    for k0 in range(0, K, BK):
+        k = k0 + tl.arange(0, BK)
+        kmask = k < K
+        kd, kh, kw, ci = _split_k(k, Cin, KH, KW)
+        idd = od[:, None] * SD - PD + kd[None, :]
+        ihh = oh[:, None] * SH - PH + kh[None, :]
+        iww = ow[:, None] * SW - PW + kw[None, :]
+        inb = (idd >= 0) & (idd < Di) & (ihh >= 0) & (ihh < Hi) & (iww >= 0) & (iww < Wi)
+        amask = inb & mmask[:, None] & kmask[None, :]
+        a = tl.load(X + n[:, None] * sxn + ci[None, :] * sxc + idd * sxd + ihh * sxh + iww * sxw, mask=amask, other=0.0)
+        if PROLOGUE:  # previous BatchNorm + ReLU on the fly; zero padding stays zero
+            sc = tl.load(SC_IN + ci, mask=kmask, other=0.0)
+            sh = tl.load(SH_IN + ci, mask=kmask, other=0.0)
+            a = tl.where(amask, tl.maximum(a.to(tl.float32) * sc[None, :] + sh[None, :], 0.0), 0.0).to(X.dtype.element_ty)
+        b = tl.load(Wt + co[None, :] * swo + ci[:, None] * swc + kd[:, None] * swd + kh[:, None] * swh + kw[:, None] * sww,
+                    mask=kmask[:, None] & comask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + co, mask=comask, other=0.0).to(tl.float32)[None, :]
+    valid = mmask[:, None] & comask[None, :]
+    if STATS_ON:  # batch statistics of the convolution's output, for the BatchNorm after it
+        v = tl.where(valid, acc, 0.0)
+        tl.atomic_add(STATS + co, tl.sum(v, 0), mask=comask)
+        tl.atomic_add(STATS + Cout + co, tl.sum(v * v, 0), mask=comask)
+    if HAS_RES:
+        r_off = n[:, None] * srn + co[None, :] * src + od[:, None] * srd + oh[:, None] * srh + ow[:, None] * srw
+        acc += tl.load(RES + r_off, mask=valid, other=0.0).to(tl.float32)
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    y_off = n[:, None] * syn + co[None, :] * syc + od[:, None] * syd + oh[:, None] * syh + ow[:, None] * syw
+    tl.store(Y + y_off, acc.to(Y.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def _conv_dgrad(DY, Wt, DX, Nb, Cin, Di, Hi, Wi, Cout, Do, Ho, Wo,
+                syn, syc, syd, syh, syw, swo, swc, swd, swh, sww, sxn, sxc, sxd, sxh, sxw,
+                SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PD, PH, PW,
+                KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """dX[n, ci, i] = sum over taps k and co of dY[n, co, (i + p - k) / s] W[co, ci, k]."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    M = Nb * Di * Hi * Wi
+    K = KD * KH * KW * Cout
+    m = pid_m * BM + tl.arange(0, BM)
+    mmask = m < M
+    n, i_d, i_h, i_w = _split_m(m, Di, Hi, Wi)
+    ci = pid_n * BN + tl.arange(0, BN)
+    cimask = ci < Cin
+    acc = tl.zeros((BM, BN), tl.float32)
+    for k0 in range(0, K, BK):
+        k = k0 + tl.arange(0, BK)
+        kmask = k < K
+        kd, kh, kw, co = _split_k(k, Cout, KH, KW)
+        td = i_d[:, None] + PD - kd[None, :]
+        th = i_h[:, None] + PH - kh[None, :]
+        tw = i_w[:, None] + PW - kw[None, :]
+        # a tap reaches an output only where the offset is a non-negative multiple of the stride
+        ok = (td >= 0) & (th >= 0) & (tw >= 0) & (td % SD == 0) & (th % SH == 0) & (tw % SW == 0)
+        odd, ohh, oww = td // SD, th // SH, tw // SW
+        ok = ok & (odd < Do) & (ohh < Ho) & (oww < Wo) & mmask[:, None] & kmask[None, :]
+        a = tl.load(DY + n[:, None] * syn + co[None, :] * syc + odd * syd + ohh * syh + oww * syw, mask=ok, other=0.0)
+        b = tl.load(Wt + co[:, None] * swo + ci[None, :] * swc + kd[:, None] * swd + kh[:, None] * swh + kw[:, None] * sww,
+                    mask=kmask[:, None] & cimask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+    x_off = n[:, None] * sxn + ci[None, :] * sxc + i_d[:, None] * sxd + i_h[:, None] * sxh + i_w[:, None] * sxw
+    tl.store(DX + x_off, acc.to(DX.dtype.element_ty), mask=mmask[:, None] & cimask[None, :])
+
+
+@triton.jit
+def _conv_wgrad(X, DY, DW, Nb, Cin, Di, Hi, Wi, Cout, Do, Ho, Wo,
+                sxn, sxc, sxd, sxh, sxw, syn, syc, syd, syh, syw, P_PER,
+                SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PD, PH, PW,
+                KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """Partial dW[co, (tap, ci)] over output positions [q P_PER, (q+1) P_PER) into slot q of an
+    fp32 [Q, Cout, taps * Cin] buffer (summed afterwards: deterministic, no atomics)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    q = tl.program_id(2)
+    P = Nb * Do * Ho * Wo
+    KF = KD * KH * KW * Cin
+    co = pid_m * BM + tl.arange(0, BM)
+    comask = co < Cout
+    f = pid_n * BN + tl.arange(0, BN)
+    fmask = f < KF
+    kd, kh, kw, ci = _split_k(f, Cin, KH, KW)
+    acc = tl.zeros((BM, BN), tl.float32)
+    p_lo = q * P_PER
+    for p0 in range(p_lo, tl.minimum(p_lo + P_PER, P), BK):
+        p = p0 + tl.arange(0, BK)
+        pmask = (p < P) & (p < p_lo + P_PER)
+        n, od, oh, ow = _split_m(p, Do, Ho, Wo)
+        a = tl.load(DY + co[:, None] * syc + (n * syn + od * syd + oh * syh + ow * syw)[None, :],
+                    mask=comask[:, None] & pmask[None, :], other=0.0)
+        idd = od[:, None] * SD - PD + kd[None, :]
+        ihh = oh[:, None] * SH - PH + kh[None, :]
+        iww = ow[:, None] * SW - PW + kw[None, :]
+        inb = (idd >= 0) & (idd < Di) & (ihh >= 0) & (ihh < Hi) & (iww >= 0) & (iww < Wi)
+        b = tl.load(X + n[:, None] * sxn + ci[None, :] * sxc + idd * sxd + ihh * sxh + iww * sxw,
+                    mask=inb & pmask[:, None] & fmask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+    tl.store(DW + q * Cout * KF + co[:, None] * KF + f[None, :], acc, mask=comask[:, None] & fmask[None, :])

@@ -1,0 +1,183 @@
+"""Triton implicit-GEMM conv3d against fp64 torch (F.conv3d + batch_norm + ReLU), fresh random
+inputs every run. CPU: the kernels in the interpreter, fp32 (IEEE dots) and fp16 (the
+interpreter gets bf16 dots wrong, NOTES.md). GPU: bf16 too."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels.conv3d import bn_affine, conv3d_forward, conv3d_triton, conv_block_inference, reference_conv3d
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+TOL = {torch.float32: 3e-4 if CUDA else 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+
+# (Cin, Cout, spatial, kernel, stride, padding): odd channel counts and sizes, the tower's
+# kernels 1/3 (blocks, downsample), 7 (standard stem), 2 and 4 (k2s2, k4s4 stems)
+CASES = [(5, 7, (5, 6, 7), 3, 1, 1), (6, 9, (7, 5, 6), 3, 2, 1), (5, 3, (6, 7, 5), 1, 2, 0),
+         (1, 6, (9, 8, 11), 7, 2, 3), (1, 5, (8, 6, 10), 2, 2, 0), (1, 4, (8, 12, 9), 4, 4, 0)]
+
+
+def _err(a, r):
+    a, r = a.detach().double(), r.detach().double()
+    return float((a - r).norm() / r.norm().clamp_min(1e-30))
+
+
+def _x(n, c, sp, dtype):
+    return torch.randn(n, c, *sp, dtype=torch.float64, device=DEV).to(dtype).contiguous(
+        memory_format=torch.channels_last_3d)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"c{c[0]}-{c[1]}_k{c[3]}s{c[4]}p{c[5]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_forward_with_epilogue(case, dtype):
+    cin, cout, sp, k, s, p = case
+    x = _x(2, cin, sp, dtype)
+    w = (torch.randn(cout, cin, k, k, k, device=DEV) / (cin * k ** 3) ** 0.5).to(dtype)
+    b = torch.randn(cout, device=DEV)
+    ref, ref_st = reference_conv3d(x.double(), w.double(), b.double(), s, p)
+    res = torch.randn_like(ref).to(dtype)
+    y, st = conv3d_forward(x, w, b, s, p, residual=res, relu=True, stats=True)
+    want = torch.relu(ref + res.double())
+    assert torch.isfinite(y).all()
+    assert _err(y, want) < TOL[dtype], _err(y, want)
+    assert _err(st, ref_st) < TOL[dtype] * 10, _err(st, ref_st)  # fp32 atomics; sums of squares cancel little
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_bn_relu_prologue_keeps_padding_zero(dtype):
+    """conv(relu(x * scale + shift)) with zero padding applied after the activation: a positive
+    shift would otherwise leak into the borders."""
+    x = _x(2, 6, (5, 7, 6), dtype)
+    w = (torch.randn(5, 6, 3, 3, 3, device=DEV) / 12).to(dtype)
+    scale, shift = torch.rand(6, device=DEV) + 0.5, torch.randn(6, device=DEV) + 0.5
+    y = conv3d_forward(x, w, None, 1, 1, in_scale=scale, in_shift=shift)
+    ref, _ = reference_conv3d(x.double(), w.double(), None, 1, 1, in_scale=scale.double(), in_shift=shift.double())
+    assert _err(y, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"c{c[0]}-{c[1]}_k{c[3]}s{c[4]}p{c[5]}")
+def test_backward_against_fp64(case):
+    cin, cout, sp, k, s, p = case
+    x = _x(2, cin, sp, torch.float32).requires_grad_()
+    w = (torch.randn(cout, cin, k, k, k, device=DEV) / (cin * k ** 3) ** 0.5).requires_grad_()
+    b = torch.randn(cout, device=DEV, requires_grad=True)
+    y = conv3d_triton(x, w, b, s, p)
+    g = torch.randn_like(y)
+    y.backward(g)
+    xr, wr, br = (t.detach().double().requires_grad_() for t in (x, w, b))
+    F.conv3d(xr, wr, br, s, p).backward(g.double())
+    for name, a, r in [("dx", x.grad, xr.grad), ("dw", w.grad, wr.grad), ("db", b.grad, br.grad)]:
+        assert torch.isfinite(a).all(), name
+        assert _err(a, r) < TOL[torch.float32], (name, _err(a, r))
+
+
+def test_training_bn_statistics_and_running_update():
+    """Stats from the epilogue give the same normalisation and running statistics as BatchNorm3d."""
+    from kernels.conv3d import update_running_stats
+
+    x = _x(3, 5, (6, 6, 6), torch.float32)
+    w = torch.randn(7, 5, 3, 3, 3, device=DEV) / 12
+    bn_ref = torch.nn.BatchNorm3d(7).to(DEV).double().train()
+    bn_ref.weight.data.uniform_(0.5, 1.5)
+    bn_ref.bias.data.normal_()
+    bn = torch.nn.BatchNorm3d(7).to(DEV)
+    bn.load_state_dict({k: v.float() for k, v in bn_ref.state_dict().items()})
+    y, st = conv3d_forward(x, w, None, 1, 1, stats=True)
+    count = y.numel() // 7
+    scale, shift, mean, var = bn_affine(st, count, bn.weight.detach(), bn.bias.detach(), bn.eps)
+    update_running_stats(bn, mean, var, count)
+    ref = bn_ref(F.conv3d(x.double(), w.double(), None, 1, 1))
+    got = y * scale.view(1, -1, 1, 1, 1) + shift.view(1, -1, 1, 1, 1)
+    assert _err(got, ref) < 1e-4
+    for name in ("running_mean", "running_var"):
+        assert _err(getattr(bn, name), getattr(bn_ref, name)) < 1e-5, name
+
+
+def test_inference_block_with_folded_bn():
+    x = _x(2, 6, (5, 6, 7), torch.float32)
+    w = torch.randn(6, 6, 3, 3, 3, device=DEV) / 13
+    bn = torch.nn.BatchNorm3d(6).to(DEV).eval()
+    bn.running_mean.normal_()
+    bn.running_var.uniform_(0.5, 2.0)
+    bn.weight.data.uniform_(0.5, 1.5)
+    bn.bias.data.normal_()
+    res = torch.randn(2, 6, 5, 6, 7, device=DEV)
+    y = conv_block_inference(x, w, bn, 1, 1, residual=res, relu=True)
+    with torch.no_grad():
+        ref = torch.relu(bn.double()(F.conv3d(x.double(), w.double(), None, 1, 1)) + res.double())
+    assert _err(y, ref) < 1e-5
+
+
+@pytest.mark.skipif(not CUDA, reason="the interpreter gets bf16 dots wrong; runs on the lent GPU")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"c{c[0]}-{c[1]}_k{c[3]}s{c[4]}p{c[5]}")
+def test_cuda_bf16(case):
+    cin, cout, sp, k, s, p = case
+    x = _x(2, cin, sp, torch.bfloat16).requires_grad_()
+    w = (torch.randn(cout, cin, k, k, k, device=DEV) / (cin * k ** 3) ** 0.5).bfloat16().requires_grad_()
+    y = conv3d_triton(x, w, None, s, p)
+    g = torch.randn_like(y)
+    y.backward(g)
+    xr, wr = (t.detach().double().requires_grad_() for t in (x, w))
+    yr = F.conv3d(xr, wr, None, s, p)
+    yr.backward(g.double())
+    for name, a, r in [("y", y, yr), ("dx", x.grad, xr.grad), ("dw", w.grad, wr.grad)]:
+        assert _err(a.detach(), r.detach()) < TOL[torch.bfloat16], (name, _err(a.detach(), r.detach()))
+
+
+def _towers(stem, norm="bn"):
+    from ctvlp_dist.models.resnet3d import ResNet3d18
+
+    torch.manual_seed(0)
+    ref = ResNet3d18(stem=stem, norm=norm, gn_groups=4, conv_impl="torch", width=8).to(DEV)
+    tri = ResNet3d18(stem=stem, norm=norm, gn_groups=4, conv_impl="triton", width=8).to(DEV)
+    tri.load_state_dict(ref.state_dict())
+    return ref, tri
+
+
+@pytest.mark.slow
+def test_resnet3d18_triton_matches_torch(monkeypatch):
+    """The whole tower, forward and backward, conv_impl=triton vs torch (BN in training mode, so
+    the running statistics are compared too). fp32, tiny volume, k4s4 stem, width 8 (64..8 x 8
+    channels: the interpreter's cost grows with the channel count). cuDNN's default TF32 would
+    make the reference the less accurate side on a GPU: it is switched off."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    ref, tri = _towers("k4s4")
+    x = torch.randn(2, 1, 16, 32, 32, device=DEV)
+    ya, yb = ref(x), tri(x)
+    assert _err(yb, ya) < 1e-4
+    g = torch.randn_like(ya)
+    ya.backward(g)
+    yb.backward(g)
+    worst = max(_err(pb.grad, pa.grad) for pa, pb in zip(ref.parameters(), tri.parameters()))
+    assert worst < 1e-3, worst
+    for (name, a), (_, b) in zip(ref.named_buffers(), tri.named_buffers()):
+        if a.is_floating_point():
+            assert _err(b, a) < 1e-5, name
+
+
+@pytest.mark.slow
+def test_short_training_loss_curves_agree():
+    """Convergence (as Liger tests it): SGD steps of each implementation on the same batches give
+    the same loss curve. GroupNorm: BatchNorm over 2 scans at 1 voxel (layer 4) turns rounding
+    differences into different trajectories within a few steps, which would test chaos, not us."""
+    ref, tri = _towers("k4s4", norm="gn")
+    head_r, head_t = torch.nn.Linear(64, 3).to(DEV), torch.nn.Linear(64, 3).to(DEV)
+    head_t.load_state_dict(head_r.state_dict())
+    opt_r = torch.optim.SGD([*ref.parameters(), *head_r.parameters()], lr=0.02, momentum=0.9)
+    opt_t = torch.optim.SGD([*tri.parameters(), *head_t.parameters()], lr=0.02, momentum=0.9)
+    gen = torch.Generator(device=DEV).manual_seed(1)
+    curves = ([], [])
+    for _ in range(5):
+        x = torch.randn(2, 1, 16, 16, 16, device=DEV, generator=gen)
+        yl = torch.randint(0, 2, (2, 3), device=DEV, generator=gen).float()
+        for (m, h, o), c in zip(((ref, head_r, opt_r), (tri, head_t, opt_t)), curves):
+            loss = F.binary_cross_entropy_with_logits(h(m(x)), yl)
+            o.zero_grad()
+            loss.backward()
+            o.step()
+            c.append(loss.item())
+    assert max(abs(a - b) for a, b in zip(*curves)) < 1e-3, curves
