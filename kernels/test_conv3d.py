@@ -18,7 +18,8 @@ TOL = {torch.float32: 3e-4 if CUDA else 1e-5, torch.float16: 4e-3, torch.bfloat1
 # (Cin, Cout, spatial, kernel, stride, padding): odd channel counts and sizes, the tower's
 # kernels 1/3 (blocks, downsample), 7 (standard stem), 2 and 4 (k2s2, k4s4 stems)
 CASES = [(5, 7, (5, 6, 7), 3, 1, 1), (6, 9, (7, 5, 6), 3, 2, 1), (5, 3, (6, 7, 5), 1, 2, 0),
-         (1, 6, (9, 8, 11), 7, 2, 3), (1, 5, (8, 6, 10), 2, 2, 0), (1, 4, (8, 12, 9), 4, 4, 0)]
+         (1, 6, (9, 8, 11), 7, 2, 3), (1, 5, (8, 6, 10), 2, 2, 0), (1, 4, (8, 12, 9), 4, 4, 0),
+         (64, 9, (3, 4, 5), 3, 2, 1)]  # channels a multiple of the K tile: the per-tap forward loop
 
 
 def _err(a, r):
@@ -48,12 +49,13 @@ def test_forward_with_epilogue(case, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_bn_relu_prologue_keeps_padding_zero(dtype):
+@pytest.mark.parametrize("cin", [6, 64])  # flattened-K and per-tap loops
+def test_bn_relu_prologue_keeps_padding_zero(dtype, cin):
     """conv(relu(x * scale + shift)) with zero padding applied after the activation: a positive
     shift would otherwise leak into the borders."""
-    x = _x(2, 6, (5, 7, 6), dtype)
-    w = (torch.randn(5, 6, 3, 3, 3, device=DEV) / 12).to(dtype)
-    scale, shift = torch.rand(6, device=DEV) + 0.5, torch.randn(6, device=DEV) + 0.5
+    x = _x(2, cin, (5, 7, 6) if cin < 64 else (3, 4, 3), dtype)
+    w = (torch.randn(5, cin, 3, 3, 3, device=DEV) / (cin * 27) ** 0.5).to(dtype)
+    scale, shift = torch.rand(cin, device=DEV) + 0.5, torch.randn(cin, device=DEV) + 0.5
     y = conv3d_forward(x, w, None, 1, 1, in_scale=scale, in_shift=shift)
     ref, _ = reference_conv3d(x.double(), w.double(), None, 1, 1, in_scale=scale.double(), in_shift=shift.double())
     assert _err(y, ref) < TOL[dtype]

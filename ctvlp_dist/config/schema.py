@@ -66,7 +66,6 @@ class SynthConfig:
     raw: bool = False  # write NIfTI files + reports CSV at real CT-RATE spacings instead of shards
     raw_scale: float = 1.0  # shrink raw volumes (for tests); 1.0 = real CT-RATE sizes
     noise_hu: float = 12.0
-    min_voxels: float = 1.0  # floor on finding sizes in voxels; >1 makes findings bolder on coarse grids
     workers: int = 2
 
 

@@ -64,7 +64,6 @@ class ScanJob:
     noise_hu: float
     label_set: str = "ctrate18"
     only: Optional[dict] = None  # override labels (tests toggle single findings)
-    min_voxels: float = 1.0  # floor on finding sizes, in voxels (phantom.render)
 
 
 def render_scan(job: ScanJob) -> tuple[np.ndarray, np.ndarray, dict, str, dict]:
@@ -72,7 +71,7 @@ def render_scan(job: ScanJob) -> tuple[np.ndarray, np.ndarray, dict, str, dict]:
     labels = job.only if job.only is not None else patient_labels(job.seed, job.patient, job.label_set)
     cv = Canvas(job.shape, job.spacing)
     anatomy = draw_anatomy(np.random.default_rng([job.seed, job.patient, 1, 1]))
-    details = render(cv, anatomy, labels, _rngs(job.seed, job.patient, list(labels)), job.min_voxels)
+    details = render(cv, anatomy, labels, _rngs(job.seed, job.patient, list(labels)))
     noise = np.random.default_rng([job.seed, job.patient, job.recon, 7]).normal(0, job.noise_hu, cv.shape)
     vol = np.clip(np.rint(cv.hu + noise), -32768, 32767).astype(np.int16)
     report = write_report(labels, details, np.random.default_rng([job.seed, job.patient, 2]))
@@ -92,8 +91,7 @@ def _jobs(cfg, shape, spacing):
     sc = cfg.synth
     for i in range(sc.patients):
         for r in range(sc.scans_per_patient):
-            yield ScanJob(sc.seed, i, r, tuple(shape), tuple(spacing), sc.noise_hu, cfg.shard.label_set,
-                          min_voxels=sc.min_voxels)
+            yield ScanJob(sc.seed, i, r, tuple(shape), tuple(spacing), sc.noise_hu, cfg.shard.label_set)
 
 
 def run_synth(cfg, progress: bool = True) -> dict:

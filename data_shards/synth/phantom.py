@@ -44,11 +44,8 @@ def _aorta_path(s):
     return [np.array(p) * s for p in ([-10, 22, 0], [60, 16, 0], [66, -34, -25], [-150, -44, -25])]
 
 
-def render(cv: Canvas, a: Anatomy, findings: dict[str, bool], rngs: dict[str, np.random.Generator],
-           min_voxels: float = 1.0) -> dict:
-    """Paint anatomy then findings onto `cv`. Returns per-finding details for the report.
-    `min_voxels` scales the floors on finding sizes (in voxels): a coarse cohort (the demo's
-    5-9 mm voxels) stays learnable from a few hundred optimizer steps when it is > 1."""
+def render(cv: Canvas, a: Anatomy, findings: dict[str, bool], rngs: dict[str, np.random.Generator]) -> dict:
+    """Paint anatomy then findings onto `cv`. Returns per-finding details for the report."""
     s, vs = a.s, cv.voxel
     details: dict[str, dict] = {}
     big = 1e4
@@ -111,7 +108,7 @@ def render(cv: Canvas, a: Anatomy, findings: dict[str, bool], rngs: dict[str, np
         if sl is not None and inner is not None:
             ring = (sl[0], sl[1] & ~_expand(inner, sl))
             cv.paint(ring, HU["bone"], label=BONE)
-    _render_findings(cv, a, findings, rngs, bronchi, details, cv.voxel * min_voxels)
+    _render_findings(cv, a, findings, rngs, bronchi, details)
     return details
 
 
@@ -132,8 +129,8 @@ def _side(p) -> str:
     return "right" if p[2] > 0 else "left"
 
 
-def _render_findings(cv: Canvas, a: Anatomy, f: dict, rngs, bronchi, details, vs: float) -> None:
-    s = a.s
+def _render_findings(cv: Canvas, a: Anatomy, f: dict, rngs, bronchi, details) -> None:
+    s, vs = a.s, cv.voxel
     lo = min(c[0] - a.lung_r[0] for c in a.lung_c)  # lung base z
     hi = max(c[0] + a.lung_r[0] for c in a.lung_c)
 
