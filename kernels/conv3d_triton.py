@@ -44,6 +44,18 @@ def _split_m(m, D, H, W):
 
 
 @triton.jit
+def _in_tap(od, oh, ow, kd, kh, kw, Di, Hi, Wi, sxd, sxh, sxw, SD: tl.constexpr, SH: tl.constexpr,
+            SW: tl.constexpr, PD, PH, PW):
+    """Input voxels that output positions (rows) read through taps (columns): the spatial part
+    of their address and whether each lies inside the volume (outside: zero padding)."""
+    idd = od[:, None] * SD - PD + kd[None, :]
+    ihh = oh[:, None] * SH - PH + kh[None, :]
+    iww = ow[:, None] * SW - PW + kw[None, :]
+    inb = (idd >= 0) & (idd < Di) & (ihh >= 0) & (ihh < Hi) & (iww >= 0) & (iww < Wi)
+    return idd * sxd + ihh * sxh + iww * sxw, inb
+
+
+@triton.jit
 def _conv_fwd(X, Wt, Y, BIAS, RES, SC_IN, SH_IN, STATS,
               Nb, Cin, Di, Hi, Wi, Cout, Do, Ho, Wo,
               sxn, sxc, sxd, sxh, sxw, swo, swc, swd, swh, sww,
@@ -66,12 +78,9 @@ def _conv_fwd(X, Wt, Y, BIAS, RES, SC_IN, SH_IN, STATS,
         k = k0 + tl.arange(0, BK)
         kmask = k < K
         kd, kh, kw, ci = _split_k(k, Cin, KH, KW)
-        idd = od[:, None] * SD - PD + kd[None, :]
-        ihh = oh[:, None] * SH - PH + kh[None, :]
-        iww = ow[:, None] * SW - PW + kw[None, :]
-        inb = (idd >= 0) & (idd < Di) & (ihh >= 0) & (ihh < Hi) & (iww >= 0) & (iww < Wi)
+        sp, inb = _in_tap(od, oh, ow, kd, kh, kw, Di, Hi, Wi, sxd, sxh, sxw, SD, SH, SW, PD, PH, PW)
         amask = inb & mmask[:, None] & kmask[None, :]
-        a = tl.load(X + n[:, None] * sxn + ci[None, :] * sxc + idd * sxd + ihh * sxh + iww * sxw, mask=amask, other=0.0)
+        a = tl.load(X + n[:, None] * sxn + ci[None, :] * sxc + sp, mask=amask, other=0.0)
         if PROLOGUE:  # previous BatchNorm + ReLU on the fly; zero padding stays zero
             sc = tl.load(SC_IN + ci, mask=kmask, other=0.0)
             sh = tl.load(SH_IN + ci, mask=kmask, other=0.0)
@@ -157,11 +166,7 @@ def _conv_wgrad(X, DY, DW, Nb, Cin, Di, Hi, Wi, Cout, Do, Ho, Wo,
         n, od, oh, ow = _split_m(p, Do, Ho, Wo)
         a = tl.load(DY + co[:, None] * syc + (n * syn + od * syd + oh * syh + ow * syw)[None, :],
                     mask=comask[:, None] & pmask[None, :], other=0.0)
-        idd = od[:, None] * SD - PD + kd[None, :]
-        ihh = oh[:, None] * SH - PH + kh[None, :]
-        iww = ow[:, None] * SW - PW + kw[None, :]
-        inb = (idd >= 0) & (idd < Di) & (ihh >= 0) & (ihh < Hi) & (iww >= 0) & (iww < Wi)
-        b = tl.load(X + n[:, None] * sxn + ci[None, :] * sxc + idd * sxd + ihh * sxh + iww * sxw,
-                    mask=inb & pmask[:, None] & fmask[None, :], other=0.0)
+        sp, inb = _in_tap(od, oh, ow, kd, kh, kw, Di, Hi, Wi, sxd, sxh, sxw, SD, SH, SW, PD, PH, PW)
+        b = tl.load(X + n[:, None] * sxn + ci[None, :] * sxc + sp, mask=inb & pmask[:, None] & fmask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PREC)
     tl.store(DW + q * Cout * KF + co[:, None] * KF + f[None, :], acc, mask=comask[:, None] & fmask[None, :])

@@ -21,19 +21,9 @@ LAYERS = [("stem k2s2", 1, 64, (96, 192, 192), 2, 2, 0), ("stem 7^3 s2", 1, 64, 
 
 
 def _cuda_ms(fn, reps: int = 10) -> float:
-    import torch
+    from .loss import _cuda_time
 
-    fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b))
-    return sorted(ts)[len(ts) // 2]
+    return _cuda_time(fn, reps=reps, warmup=1) * 1e3
 
 
 def _top_kernel(fn) -> str:
