@@ -48,7 +48,7 @@ def test_config_show_and_keys():
 def test_demo_runs(tmp_path):
     """A smaller version of the demo's whole path: every stage runs for real (vLLM on 2 reports,
     both training stages on 2 Ray workers for 2 steps each); the AUC bar is the full demo's."""
-    r = run("demo", "--config", str(ROOT / "configs" / "demo.yaml"), "--out", str(tmp_path / "demo"), "--quiet", "demo.patients=10",
+    r = run("demo", "--config", str(ROOT / "configs" / "demo.yaml"), "--out", str(tmp_path / "demo"), "--quiet", "demo.patients=16",
             "demo.vllm_reports=2", "demo.supervised_steps=2", "demo.clip_steps=2", "eval.bootstrap=20", timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
     m = json.loads((tmp_path / "demo" / "metrics.json").read_text())
