@@ -389,41 +389,39 @@ def _bwd_split(n_blocks: int, n_other: int, n_dc: int, b_out: int, D: int, devic
     return _split(n_other, want)
 
 
-def triton_forward(I, T, s, g_rows, g_cols, tf32: bool = True, tiles=None):
-    """Returns row lse [b_r], column partials (max, sum) [P, b_c] and positives' logits [b_r]."""
+def _launch_forward(I, T, s, g_rows, g_cols, tf32, tiles):
+    """The forward kernel: row partials (max, sum, pos) [Q, b_r], column partials [P, b_c]."""
     b_r, D = I.shape
     b_c = T.shape[0]
     t = tiles or tiles_for(I, T, s, g_rows, g_cols, tf32, "fwd")
     n_rb, n_cb = triton.cdiv(b_r, t["BM"]), triton.cdiv(b_c, t["BN"])
     P, cb_per, Q = _fwd_grid(n_rb, n_cb, b_c, I.device)
     f32 = dict(dtype=torch.float32, device=I.device)
-    m_r, l_r, pos = torch.empty((Q, b_r), **f32), torch.empty((Q, b_r), **f32), torch.empty((Q, b_r), **f32)
+    m_r, l_r, pos = (torch.empty((Q, b_r), **f32) for _ in range(3))
     cmax, csum = torch.empty((P, b_c), **f32), torch.empty((P, b_c), **f32)  # the kernel initialises them
     _fwd[(P, Q)](I, T, g_rows, g_cols, m_r, l_r, pos, cmax, csum, s, b_r, b_c, D, I.stride(0), T.stride(0), cb_per,
                  BM=t["BM"], BN=t["BN"], BK=t["BK"], PREC=_prec(I.dtype, tf32), num_warps=t["num_warps"],
                  num_stages=t["num_stages"])
-    lse_r = m_r[0] + torch.log(l_r[0]) if Q == 1 else merge_column_stats(m_r, l_r)
+    return m_r, l_r, pos, cmax, csum
+
+
+def triton_forward(I, T, s, g_rows, g_cols, tf32: bool = True, tiles=None):
+    """Returns row lse [b_r], column partials (max, sum) [P, b_c] and positives' logits [b_r]."""
+    m_r, l_r, pos, cmax, csum = _launch_forward(I, T, s, g_rows, g_cols, tf32, tiles)
+    lse_r = m_r[0] + torch.log(l_r[0]) if m_r.shape[0] == 1 else merge_column_stats(m_r, l_r)
     return lse_r, cmax, csum, pos.sum(0)
 
 
 def triton_forward_loss(I, T, s, g_rows, g_cols, n_rows, tf32: bool = True, tiles=None):
     """Single process (b_r == b_c): the forward kernel, then one finalize launch. Returns row
     lse, column lse and the summed loss (a 0-d fp32 tensor)."""
-    b_r, D = I.shape
-    t = tiles or tiles_for(I, T, s, g_rows, g_cols, tf32, "fwd")
-    n_rb, n_cb = triton.cdiv(b_r, t["BM"]), triton.cdiv(b_r, t["BN"])
-    P, cb_per, Q = _fwd_grid(n_rb, n_cb, b_r, I.device)
-    f32 = dict(dtype=torch.float32, device=I.device)
-    parts = torch.empty((5, max(P, Q), b_r), **f32)  # one allocation: m_r, l_r, pos, cmax, csum
-    m_r, l_r, pos, cmax, csum = (parts[k, :n] for k, n in enumerate((Q, Q, Q, P, P)))
-    _fwd[(P, Q)](I, T, g_rows, g_cols, m_r, l_r, pos, cmax, csum, s, b_r, b_r, D, I.stride(0), T.stride(0), cb_per,
-                 BM=t["BM"], BN=t["BN"], BK=t["BK"], PREC=_prec(I.dtype, tf32), num_warps=t["num_warps"],
-                 num_stages=t["num_stages"])
+    m_r, l_r, pos, cmax, csum = _launch_forward(I, T, s, g_rows, g_cols, tf32, tiles)
+    b = I.shape[0]
     BLOCK = 1024
-    nb = triton.cdiv(b_r, BLOCK)
-    out = torch.empty(2 * b_r + nb, **f32)
-    lse_r, lse_c, part = out[:b_r], out[b_r:2 * b_r], out[2 * b_r:]
-    _finalize[(nb,)](m_r, l_r, pos, cmax, csum, n_rows, lse_r, lse_c, part, b_r, Q, P, BLOCK=BLOCK)
+    nb = triton.cdiv(b, BLOCK)
+    out = torch.empty(2 * b + nb, dtype=torch.float32, device=I.device)
+    lse_r, lse_c, part = out[:b], out[b:2 * b], out[2 * b:]
+    _finalize[(nb,)](m_r, l_r, pos, cmax, csum, n_rows, lse_r, lse_c, part, b, m_r.shape[0], cmax.shape[0], BLOCK=BLOCK)
     return lse_r, lse_c, part.sum()
 
 
