@@ -144,3 +144,35 @@ def test_crops_and_flips():
     assert np.array_equal(c[2:12, :, 1:15], vol[:, 2:10, :])
     f, fm = random_flip(vol, mask, (2,), 1.0, rng)
     assert np.array_equal(f, vol[:, :, ::-1]) and np.array_equal(fm, mask[:, :, ::-1])
+
+
+def test_sentence_text_view_draws_one_sentence_per_sample_and_epoch(cohort_npy):
+    from ctvlp_dist.labels.rules import split_sentences
+
+    cfg = LoaderConfig(batch_size=4, num_workers=0, crop=(8, 16, 16), text_view="sentence")
+    whole = next(iter(CTLoader(cohort_npy, dataclasses.replace(cfg, text_view="report"), split="train")))
+    a = next(iter(CTLoader(cohort_npy, cfg, split="train")))
+    b = next(iter(CTLoader(cohort_npy, cfg, split="train")))
+    assert a.report == b.report and a.key == whole.key  # reproducible, same samples
+    for sent, report in zip(a.report, whole.report):
+        assert sent.rstrip(".") in split_sentences(report)
+    loader, seen = CTLoader(cohort_npy, cfg, split="train"), {}
+    for epoch in range(3):  # over the epochs a report's volume meets different sentences
+        loader.set_epoch(epoch)
+        for batch in loader:
+            for k, t in zip(batch.key, batch.report):
+                seen.setdefault(k, set()).add(t)
+    assert max(len(v) for v in seen.values()) > 1
+    evaluation = next(iter(CTLoader(cohort_npy, dataclasses.replace(cfg, train=False), split="train")))
+    assert evaluation.report == whole.report  # evaluation always reads whole reports
+    with pytest.raises(ValueError, match="text_view"):
+        CTLoader(cohort_npy, dataclasses.replace(cfg, text_view="paragraph"), split="train")
+
+
+def test_text_group_ids_equal_exactly_for_identical_texts():
+    from ctvlp_dist.data.text import text_group_ids
+
+    g = text_group_ids(["No pleural effusion.", "Cardiomegaly is present.", "No pleural effusion.", "no pleural effusion."])
+    assert g.dtype == torch.int64 and g[0] == g[2] and len({int(x) for x in g}) == 3
+    assert torch.equal(g, text_group_ids(["No pleural effusion.", "Cardiomegaly is present.", "No pleural effusion.",
+                                          "no pleural effusion."]))  # stable: ranks hash alike

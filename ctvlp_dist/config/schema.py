@@ -85,6 +85,7 @@ class LoaderConfig:
     out_range: tuple[float, float] = (-1.0, 1.0)
     last_batch: str = "pad"  # pad (repeat, flagged in batch.is_pad) | drop
     labels: Optional[str] = None  # CSV/Parquet joined by key -> batch.labels
+    text_view: str = "report"  # report | sentence: one random sentence per sample and epoch (train only; data/text.py)
     raw: bool = False  # yield stored int16 volumes untouched (for checks and benchmarks)
     prefetch_factor: int = 2
 
@@ -200,8 +201,11 @@ class TrainConfig:
     uncertain: str = "ignore"  # ignore | positive | negative: what a -1 (uncertain) silver label means
     text_bce: bool = False  # supervised: also train the text tower on the labels
     aux_weight: float = 0.0  # clip: weight of the auxiliary BCE through the shared classifier
+    aux_text: bool = True  # clip: the auxiliary BCE on the text latents too (off for loader.text_view=sentence)
+    group_identical_texts: bool = False  # clip: identical texts are positives of each other (fVLM calibration)
     init_from: Optional[str] = None  # a model.safetensors export (e.g. the supervised stage) to start from
     bn_mode: str = "train"  # train | eval: frozen BN statistics (GradCache then equals the full batch exactly)
+    lock_image: bool = False  # clip: freeze the image tower, BN statistics included (open_clip --lock-image; LiT)
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3
     launcher: str = "ray"  # ray (Ray Train TorchTrainer) | local (one process); torchrun/deepspeed run `python -m ctvlp_dist.train.worker`
@@ -259,6 +263,7 @@ class DemoConfig:
     vllm_reports: int = 12  # reports labelled by the real vLLM engine (SmolLM2-135M on CPU); 0 = skip
     supervised_steps: int = 20
     clip_steps: int = 20
+    clip_lr: float = 0.0  # the CLIP stage's optim.lr (0: the same as supervised); the seed paper: 10x lower
     workers: int = 2  # Ray Train workers of both stages
 
 

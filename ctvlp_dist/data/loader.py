@@ -23,6 +23,7 @@ from data_shards.writer import load_manifest
 from .batch import CTBatch
 from .labels import LabelTable
 from .plan import rank_batches
+from .text import TEXT_VIEWS, text_view
 from .transforms import crop_pair, random_flip, window_into
 
 
@@ -94,8 +95,12 @@ class _EpochDataset(IterableDataset):
             if with_mask:
                 np.copyto(anat[i, 0].numpy(), m)
         keys = [s.key for s in samples]
+        reports = [s.report for s in samples]
+        if c.train and c.text_view != "report":
+            reports = [text_view(r, c.text_view, np.random.default_rng([c.seed, self.epoch, pos, 0x7E]))
+                       for r, (_, pos, _) in zip(reports, items)]
         labels = torch.from_numpy(self.labels.lookup(keys)) if self.labels is not None else None
-        return CTBatch(volume=vol, report=[s.report for s in samples], key=keys, anatomy=anat, labels=labels,
+        return CTBatch(volume=vol, report=reports, key=keys, anatomy=anat, labels=labels,
                        is_pad=torch.tensor([p for _, _, p in items], dtype=torch.bool), meta=[s.meta for s in samples])
 
     def _close(self) -> None:
@@ -137,6 +142,8 @@ class CTLoader:
 
     def __init__(self, root: str | Path, cfg, split: Optional[str] = "train", rank: int = 0, world_size: int = 1,
                  label_names: Optional[list[str]] = None):
+        if cfg.text_view not in TEXT_VIEWS:
+            raise ValueError(f"loader.text_view must be one of {TEXT_VIEWS}, got {cfg.text_view!r}")
         self.cfg, self.rank, self.world = cfg, rank, world_size
         self.index = ShardIndex(root, split)
         labels = None

@@ -50,11 +50,15 @@ def supervised_objective(model, volume: torch.Tensor, labels: torch.Tensor, unce
 
 
 def clip_objective(model, z_image: torch.Tensor, z_text: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                   aux_weight: float = 0.0, uncertain: str = "ignore", group_ids=None) -> torch.Tensor:
-    """InfoNCE over the global batch (+ aux BCE on the local rows); usable as GradCache's loss_fn."""
+                   aux_weight: float = 0.0, uncertain: str = "ignore", group_ids=None,
+                   aux_text: bool = True) -> torch.Tensor:
+    """InfoNCE over the global batch (+ aux BCE on the local rows); usable as GradCache's loss_fn.
+    `aux_text=False` leaves the text latents out of the BCE: a single sampled sentence does not
+    carry the report's labels."""
     loss = clip_loss(z_image, z_text, model("scale"), group_ids=group_ids)
     if aux_weight and labels is not None:
-        aux = masked_bce(model("classify", z_image), labels, uncertain) + masked_bce(model("classify", z_text), labels,
-                                                                                    uncertain)
+        aux = masked_bce(model("classify", z_image), labels, uncertain)
+        if aux_text:
+            aux = aux + masked_bce(model("classify", z_text), labels, uncertain)
         loss = loss + aux_weight * aux
     return loss

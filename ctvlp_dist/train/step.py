@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ..data.batch import CTBatch
+from ..data.text import text_group_ids
 from .gradcache import _wide, gradcache_step
 from .objectives import clip_objective, supervised_objective
 
@@ -57,11 +58,14 @@ def supervised_step(engine, batches: Sequence[CTBatch], tc, timer, tokenize: Cal
 def clip_step(engine, batches: Sequence[CTBatch], tc, timer, tokenize: Callable) -> float:
     labels = _labels(batches, engine.device) if tc.aux_weight else None
 
+    groups = text_group_ids([t for b in batches for t in b.report]).to(engine.device) \
+        if tc.group_identical_texts else None
+
     def loss_fn(zi, zt):
         # The logit scale and classifier are called on the module, not the engine: an engine output
         # divides its gradient by the accumulation steps in any backward but engine.backward, which
         # would scale GradCache's embedding gradients (and trip DeepSpeed's backward bookkeeping).
-        return clip_objective(engine.module, zi, zt, labels, tc.aux_weight, tc.uncertain)
+        return clip_objective(engine.module, zi, zt, labels, tc.aux_weight, tc.uncertain, groups, tc.aux_text)
 
     if len(batches) == 1:
         b = batches[0]
