@@ -90,3 +90,28 @@ def test_text_tower_freezes_all_but_the_top_layers():
     assert not t.model.embeddings.word_embeddings.weight.requires_grad
     t.freeze_below(0)
     assert not any(p.requires_grad for p in t.model.parameters())
+
+
+def test_frozen_text_tower_caches_features_without_dropout():
+    """A fully frozen tower is a fixed feature extractor: cached features equal a fresh eval-mode
+    pass (no dropout in train mode), repeats skip the encoder, new weights clear the cache."""
+    import torch
+
+    from ctvlp_dist.models import TextEncoder
+
+    t = TextEncoder(max_length=32, trainable_layers=0).train()
+    texts = ["No pleural effusion was observed.", "Cardiomegaly is present.", "No pleural effusion was observed."]
+    calls = []
+    t.model.register_forward_hook(lambda m, a, kw, o: calls.append(len(kw["input_ids"])), with_kwargs=True)
+    first = t(t.tokenize(texts))
+    assert not t.model.training and not first.requires_grad
+    with torch.no_grad():
+        ref = t._encode(t.tokenize(texts))
+    torch.testing.assert_close(first, ref, rtol=1e-5, atol=1e-6)
+    calls.clear()
+    again = t(t.tokenize(texts[::-1] + ["Heart size is normal."]))
+    assert calls == [1]  # only the one new text reached the encoder
+    torch.testing.assert_close(again[:3], first.flip(0))
+    sd = {k: v + 0.01 if v.is_floating_point() else v for k, v in t.state_dict().items()}
+    t.load_state_dict(sd)
+    assert not torch.allclose(t(t.tokenize(texts[:1])), first[:1])
