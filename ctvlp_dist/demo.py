@@ -34,12 +34,14 @@ def _labels(cfg, data: Path, out: Path, backend: str, limit: int, progress: bool
             "micro_f1": ev["micro_f1"], "macro_f1": ev.get("macro_f1")}
 
 
-def _train(cfg, data: Path, labels: str, out: Path, stage: str, steps: int, workers: int, init_from=None) -> dict:
+def _train(cfg, data: Path, labels: str, out: Path, stage: str, steps: int, workers: int, init_from=None,
+           lr: float = 0.0) -> dict:
     from .train.launch import train
 
     tc = dataclasses.replace(cfg.train, stage=stage, data=str(data), out=str(out), steps=steps, workers=workers,
                              init_from=init_from, resume="none", progress=cfg.train.progress)
-    run = dataclasses.replace(cfg, train=tc, loader=dataclasses.replace(cfg.loader, labels=labels))
+    run = dataclasses.replace(cfg, train=tc, loader=dataclasses.replace(cfg.loader, labels=labels),
+                              optim=dataclasses.replace(cfg.optim, lr=lr or cfg.optim.lr))
     return train(run)
 
 
@@ -68,7 +70,8 @@ def run_demo(cfg, progress: bool = True) -> int:
         f"{k} macro AUC {v['macro_auc']:.3f} (micro F1 {v['micro_f1']:.3f})" for k, v in quality.items()))
     silver = quality["rules"]["path"]
     sup = _train(cfg, data, silver, out / "supervised", "supervised", d.supervised_steps, d.workers)
-    clip = _train(cfg, data, silver, out / "clip", "clip", d.clip_steps, d.workers, init_from=sup["export"])
+    clip = _train(cfg, data, silver, out / "clip", "clip", d.clip_steps, d.workers, init_from=sup["export"],
+                  lr=d.clip_lr)
     _step(4, f"training: supervised {sup['steps']} steps (loss {sup['final_loss']:.3f}), clip {clip['steps']} steps "
              f"(loss {clip['final_loss']:.3f}), {d.workers} Ray Train workers, ZeRO-{clip['zero_stage']}")
     ev_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, checkpoint=clip["export"], data=str(data),

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from ctvlp_dist.config import load_config
+
 CTVLP = str(Path(sys.executable).parent / "ctvlp")
 COMMANDS = ["synth", "shard", "verify", "label", "bench", "demo", "config", "train", "eval"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,9 +51,14 @@ def test_demo_runs(tmp_path):
     """A smaller version of the demo's whole path: every stage runs for real (vLLM on 2 reports,
     both training stages on 2 Ray workers for 2 steps each); the AUC bar is the full demo's."""
     r = run("demo", "--config", str(ROOT / "configs" / "demo.yaml"), "--out", str(tmp_path / "demo"), "--quiet", "demo.patients=16",
-            "demo.vllm_reports=2", "demo.supervised_steps=2", "demo.clip_steps=2", "eval.bootstrap=20", timeout=900)
+            "demo.vllm_reports=2", "demo.supervised_steps=2", "demo.clip_steps=2", "eval.bootstrap=20",
+            "loader.batch_size=2", "train.global_batch=4", timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
     m = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    lr = {s: [json.loads(x)["lr"] for x in (tmp_path / "demo" / s / "metrics.jsonl").read_text().splitlines()]
+          for s in ("supervised", "clip")}
+    cfg = load_config(ROOT / "configs" / "demo.yaml")
+    assert lr["clip"][0] / lr["supervised"][0] == pytest.approx(cfg.demo.clip_lr / cfg.optim.lr)  # each stage its lr
     assert set(m["demo"]["label_quality"]) == {"rules", "vllm"}
     assert m["demo"]["label_quality"]["rules"]["macro_auc"] > 0.8
     assert m["demo"]["training"]["supervised"]["steps"] == 2 and m["demo"]["training"]["clip"]["steps"] == 2

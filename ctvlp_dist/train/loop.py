@@ -71,10 +71,15 @@ def load_init(model: torch.nn.Module, path: str) -> None:
 def _freeze_unused(model: torch.nn.Module, tc) -> None:
     """Parameters a stage never uses get no gradient: keep them out of the optimizer, so AdamW
     and ZeRO's gradient buckets do not sweep them every step (the supervised stage without
-    text_bce leaves the text tower, its projection and the logit scale untouched)."""
+    text_bce leaves the text tower, its projection and the logit scale untouched). With
+    lock_image the CLIP stage trains the projections and heads on a fixed image tower."""
+    frozen = []
     if tc.stage == "supervised" and not tc.text_bce:
-        for p in [*model.text.parameters(), *model.text_proj.parameters(), model.logit_scale]:
-            p.requires_grad_(False)
+        frozen += [*model.text.parameters(), *model.text_proj.parameters(), model.logit_scale]
+    if tc.stage == "clip" and tc.lock_image:
+        frozen += list(model.image.parameters())
+    for p in frozen:
+        p.requires_grad_(False)
 
 
 def _setup_process(tc) -> None:
@@ -91,7 +96,7 @@ def _seed_all(seed: int) -> None:
     random.seed(seed)
 
 
-def _set_bn_mode(module: torch.nn.Module, mode: str) -> None:
+def _set_bn_mode(module: torch.nn.Module, mode: str, lock_image: bool = False) -> None:
     if mode not in ("train", "eval"):
         raise ValueError(f"train.bn_mode must be train or eval, got {mode!r}")
     module.train()
@@ -99,6 +104,8 @@ def _set_bn_mode(module: torch.nn.Module, mode: str) -> None:
         for m in module.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.eval()
+    if lock_image:
+        module.image.eval()  # a locked tower keeps its BN statistics too
 
 
 def _plan(cfg, loader: CTLoader, world: int) -> tuple[int, int, int]:
@@ -157,7 +164,7 @@ def run_worker(cfg_dict: dict, sink: str = "folder") -> dict:
         _seed_all(tc.seed * 7919 + 1 + rank)  # the runtime stream (dropout): one per rank
     elif rank == 0:
         log.info("resumed from %s at step %d", resumed_from, step)
-    _set_bn_mode(engine.module, tc.bn_mode)
+    _set_bn_mode(engine.module, tc.bn_mode, tc.stage == "clip" and tc.lock_image)
 
     precision = resolve_precision(tc.precision, tc.use_gpu)
     peak = (tc.peak_tflops or device_peak_tflops(precision)) * 1e12
