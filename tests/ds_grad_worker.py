@@ -39,7 +39,7 @@ def main():
                       text_max_length=32)
     model = CTCLIP(cfg).to(dtype).eval()  # eval: dropout off; GroupNorm is the same in both modes
     tc = SimpleNamespace(uncertain="ignore", aux_weight=0.5, text_bce=True, zero_stage=zero, precision="bf16" if bf16 else "fp32",
-                         use_gpu=False)
+                         use_gpu=False, aux_text=True, group_identical_texts=False)
     g = torch.Generator().manual_seed(1)
     vol = torch.randn(B, 1, 8, 16, 16, generator=g).to(dtype)
     reports = [f"Report {i}: {'nodule' if i % 3 else 'no effusion'} in the {'right' if i % 2 else 'left'} lung."
