@@ -23,7 +23,7 @@ from data_shards.writer import load_manifest
 from .batch import CTBatch
 from .labels import LabelTable
 from .plan import rank_batches
-from .text import TEXT_VIEWS, text_view
+from .text import check_text_view, text_view
 from .transforms import crop_pair, random_flip, window_into
 
 
@@ -142,8 +142,7 @@ class CTLoader:
 
     def __init__(self, root: str | Path, cfg, split: Optional[str] = "train", rank: int = 0, world_size: int = 1,
                  label_names: Optional[list[str]] = None):
-        if cfg.text_view not in TEXT_VIEWS:
-            raise ValueError(f"loader.text_view must be one of {TEXT_VIEWS}, got {cfg.text_view!r}")
+        check_text_view(cfg.text_view)  # at construction, not in a worker's first batch
         self.cfg, self.rank, self.world = cfg, rank, world_size
         self.index = ShardIndex(root, split)
         labels = None

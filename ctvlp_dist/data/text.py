@@ -20,13 +20,17 @@ from ..labels.rules import split_sentences
 TEXT_VIEWS = ("report", "sentence")
 
 
+def check_text_view(view: str) -> None:
+    if view not in TEXT_VIEWS:
+        raise ValueError(f"loader.text_view must be one of {TEXT_VIEWS}, got {view!r}")
+
+
 def text_view(report: str, view: str, rng: np.random.Generator) -> str:
+    check_text_view(view)
     if view == "report":
         return report
-    if view == "sentence":
-        sents = split_sentences(report)
-        return sents[int(rng.integers(len(sents)))] + "." if sents else report
-    raise ValueError(f"loader.text_view must be one of {TEXT_VIEWS}, got {view!r}")
+    sents = split_sentences(report)
+    return sents[int(rng.integers(len(sents)))] + "." if sents else report
 
 
 def text_group_ids(texts: Sequence[str]) -> torch.Tensor:

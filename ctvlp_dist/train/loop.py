@@ -76,10 +76,14 @@ def _freeze_unused(model: torch.nn.Module, tc) -> None:
     frozen = []
     if tc.stage == "supervised" and not tc.text_bce:
         frozen += [*model.text.parameters(), *model.text_proj.parameters(), model.logit_scale]
-    if tc.stage == "clip" and tc.lock_image:
+    if _image_locked(tc):
         frozen += list(model.image.parameters())
     for p in frozen:
         p.requires_grad_(False)
+
+
+def _image_locked(tc) -> bool:
+    return tc.stage == "clip" and tc.lock_image  # the supervised stage trains nothing but the tower
 
 
 def _setup_process(tc) -> None:
@@ -164,7 +168,7 @@ def run_worker(cfg_dict: dict, sink: str = "folder") -> dict:
         _seed_all(tc.seed * 7919 + 1 + rank)  # the runtime stream (dropout): one per rank
     elif rank == 0:
         log.info("resumed from %s at step %d", resumed_from, step)
-    _set_bn_mode(engine.module, tc.bn_mode, tc.stage == "clip" and tc.lock_image)
+    _set_bn_mode(engine.module, tc.bn_mode, _image_locked(tc))
 
     precision = resolve_precision(tc.precision, tc.use_gpu)
     peak = (tc.peak_tflops or device_peak_tflops(precision)) * 1e12
