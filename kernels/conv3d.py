@@ -3,12 +3,15 @@ backward, with the BatchNorm/ReLU/residual work around each convolution folded i
 
     conv3d_forward(x, w, bias, stride, padding, *, residual=None, relu=False,
                    in_scale=None, in_shift=None, stats=False) -> y (, stats [2, Cout])
+    conv3d_dgrad / conv3d_wgrad(..., bn_bwd=..., relu_bn=..., in_scale=...)  # fused backward
+    bn_act_forward / bn_act_backward   # BN + shortcut + ReLU, and its backward's reductions
     conv3d_triton(x, w, bias, stride, padding)   # F.conv3d's signature, with autograd
     conv_block_inference(x, w, bn, stride, padding, residual=None, relu=True)  # BN folded
 
-`conv3d_triton` is what `model.conv_impl: triton` runs (registered in ctvlp_dist.models.ops):
-forward, input gradient and weight gradient are all Triton. CUDA tensors compile the kernels;
-CPU tensors need TRITON_INTERPRET=1 (the tests). Outputs come back in channels_last_3d.
+`model.conv_impl: triton` runs the BatchNorm units of the tower (the residual block and the stem)
+through conv3d_block.py, which composes these, and any other convolution through conv3d_triton.
+CUDA tensors compile the kernels; CPU tensors need TRITON_INTERPRET=1 (the tests). Outputs come
+back in channels_last_3d.
 """
 from __future__ import annotations
 
@@ -81,7 +84,13 @@ def conv3d_forward(x, w, bias=None, stride=1, padding=0, *, residual=None, relu=
     return (y, st) if stats else y
 
 
-def conv3d_dgrad(dy, w, x_shape, stride, padding, dtype):
+def conv3d_dgrad(dy, w, x_shape, stride, padding, dtype, *, bn_bwd=None, residual=None, relu_bn=None):
+    """Input gradient. Fused, each optional:
+    bn_bwd = (y, alpha, beta, gamma): `dy` is the gradient at the next BatchNorm's output, and
+        the gradient at the convolution's output, alpha dy + beta y + gamma, is formed on load;
+    residual: another gradient of the same input, added;
+    relu_bn = (y_in, scale, shift, mean): the input was ReLU(y_in scale + shift); returns the
+        gradient at y_in's BatchNorm output and that BatchNorm's reductions [2, Cin]."""
     import triton
 
     from .conv3d_triton import _conv_dgrad
@@ -90,17 +99,27 @@ def conv3d_dgrad(dy, w, x_shape, stride, padding, dtype):
     Cout = w.shape[0]
     dx = torch.empty(x_shape, dtype=dtype, device=dy.device, memory_format=torch.channels_last_3d)
     wk = w.to(dy.dtype)
+    yb, al, be, ga = _bn_bwd_args(dy, bn_bwd, dx)
+    res = _same_layout(dx, residual) if residual is not None else dx
+    if relu_bn is not None:
+        yin, sc, sh, mu = _same_layout(dx, relu_bn[0]), *relu_bn[1:]
+        st = torch.zeros((2, Cin), dtype=torch.float32, device=dy.device)
+    else:
+        yin = sc = sh = mu = st = dx
     M, K = dx[:, 0].numel(), Cout * w[0, 0].numel()
     t = _tiles(M, Cin, K)
     grid = (triton.cdiv(M, t["BM"]), triton.cdiv(Cin, t["BN"]))
-    _conv_dgrad[grid](dy, wk, dx, Nb, Cin, *x_shape[2:], Cout, *dy.shape[2:], *dy.stride(), *wk.stride(), *dx.stride(),
-                      *stride, *padding, *w.shape[2:], PREC=_prec(dy.dtype), **t)
-    return dx
+    _conv_dgrad[grid](dy, yb, wk, dx, al, be, ga, res, yin, sc, sh, mu, st,
+                      Nb, Cin, *x_shape[2:], Cout, *dy.shape[2:], *dy.stride(), *wk.stride(), *dx.stride(),
+                      *stride, *padding, *w.shape[2:], BN_BWD=bn_bwd is not None, HAS_RES=residual is not None,
+                      RELU_BN=relu_bn is not None, PREC=_prec(dy.dtype), **t)
+    return (dx, st) if relu_bn is not None else dx
 
 
-def conv3d_wgrad(x, dy, w_shape, stride, padding, dtype):
-    """fp32 partials over Q slices of the output positions, summed: enough programs to fill the
-    chip even when Cout x taps x Cin is small (the deep layers)."""
+def conv3d_wgrad(x, dy, w_shape, stride, padding, dtype, *, bn_bwd=None, in_scale=None, in_shift=None):
+    """Weight gradient, fp32 partials over Q slices of the output positions, summed: enough
+    programs to fill the chip even when Cout x taps x Cin is small (the deep layers). Fused,
+    each optional: bn_bwd as in conv3d_dgrad; in_scale/in_shift, the forward's prologue on x."""
     import triton
 
     from .conv3d_triton import INTERPRET, _conv_wgrad
@@ -117,11 +136,71 @@ def conv3d_wgrad(x, dy, w_shape, stride, padding, dtype):
     Q = triton.cdiv(P, p_per)
     part = torch.empty((Q, Cout, KF), dtype=torch.float32, device=dy.device)
     xk = x.to(dy.dtype)
+    yb, al, be, ga = _bn_bwd_args(dy, bn_bwd, part)
+    sc, sh = (in_scale, in_shift) if in_scale is not None else (part, part)
     _conv_wgrad[(triton.cdiv(Cout, t["BM"]), triton.cdiv(KF, t["BN"]), Q)](
-        xk, dy, part, x.shape[0], Cin, *x.shape[2:], Cout, *dy.shape[2:], *xk.stride(), *dy.stride(), p_per,
-        *stride, *padding, *w_shape[2:], PREC=_prec(dy.dtype), **t)
+        xk, dy, yb, part, al, be, ga, sc, sh, x.shape[0], Cin, *x.shape[2:], Cout, *dy.shape[2:], *xk.stride(),
+        *dy.stride(), p_per, *stride, *padding, *w_shape[2:], BN_BWD=bn_bwd is not None,
+        PROLOGUE=in_scale is not None, PREC=_prec(dy.dtype), **t)
     # [Cout, (kd, kh, kw, ci)] -> [Cout, ci, kd, kh, kw]
     return part.sum(0).view(Cout, *w_shape[2:], Cin).permute(0, 4, 1, 2, 3).to(dtype)
+
+
+def _same_layout(like: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A companion tensor read with `like`'s strides: same shape, dense channels_last_3d."""
+    if t.shape != like.shape:
+        raise ValueError(f"companion tensor has shape {tuple(t.shape)}, expected {tuple(like.shape)}")
+    return _cl(t)
+
+
+def _bn_bwd_args(dy, bn_bwd, dummy):
+    if bn_bwd is None:
+        return (dummy,) * 4
+    y, alpha, beta, gamma = bn_bwd
+    return _same_layout(dy, y), alpha, beta, gamma
+
+
+def _ew_grid(P: int, C: int):
+    import triton
+
+    from .conv3d_triton import INTERPRET
+
+    bc = min(64, triton.next_power_of_2(C))
+    bp = 64 if INTERPRET else max(16, 4096 // bc)
+    return (triton.cdiv(P, bp), triton.cdiv(C, bc)), dict(BP=bp, BC=bc)
+
+
+def bn_act_forward(y, scale, shift, *, residual=None, res_scale=None, res_shift=None, relu=True):
+    """ReLU(y scale + shift + r), r = residual or residual res_scale + res_shift: the block's
+    closing BatchNorm, shortcut add and ReLU in one pass (the stem's BatchNorm + ReLU without r)."""
+    from .conv3d_triton import _bn_act_fwd
+
+    y = _cl(y)
+    out = torch.empty_like(y, memory_format=torch.channels_last_3d)
+    C = y.shape[1]
+    r = _same_layout(y, residual) if residual is not None else y
+    scr, shr = (res_scale, res_shift) if res_scale is not None else (scale, shift)
+    grid, t = _ew_grid(y.numel() // C, C)
+    _bn_act_fwd[grid](y, scale, shift, r, scr, shr, out, y.numel() // C, C, HAS_RES=residual is not None,
+                      RES_BN=res_scale is not None, RELU=relu, **t)
+    return out
+
+
+def bn_act_backward(dout, out, y, mean, *, residual=None, res_mean=None):
+    """Backward of bn_act_forward's ReLU: dZ = dout [out > 0], plus the BatchNorm reductions per
+    channel: rows (sum dZ, sum dZ (y - mean)) and, for a BatchNorm'd residual, sum dZ (r - res_mean)."""
+    from .conv3d_triton import _bn_act_bwd
+
+    out = _cl(out)
+    dout, y = _same_layout(out, dout), _same_layout(out, y)
+    dz = torch.empty_like(out, memory_format=torch.channels_last_3d)
+    C = out.shape[1]
+    rb = res_mean is not None
+    st = torch.zeros((3 if rb else 2, C), dtype=torch.float32, device=out.device)
+    r, mur = (_same_layout(out, residual), res_mean) if rb else (y, mean)
+    grid, t = _ew_grid(out.numel() // C, C)
+    _bn_act_bwd[grid](dout, out, dz, y, mean, r, mur, st, out.numel() // C, C, RES_BN=rb, **t)
+    return dz, st
 
 
 class _Conv3dFn(torch.autograd.Function):

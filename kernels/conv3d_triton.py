@@ -105,12 +105,30 @@ def _conv_fwd(X, Wt, Y, BIAS, RES, SC_IN, SH_IN, STATS,
 
 
 @triton.jit
-def _conv_dgrad(DY, Wt, DX, Nb, Cin, Di, Hi, Wi, Cout, Do, Ho, Wo,
+def _bn_bwd_prologue(dz, y, ok, co, cmask, AL, BE, GA):
+    """The BatchNorm backward on the fly: dY = alpha * dZ + beta * Y + gamma per channel (columns:
+    co along axis 1), zero where the load was masked. The coefficients come from the two batch
+    reductions (conv3d_block.bn_backward_coefs)."""
+    al = tl.load(AL + co, mask=cmask, other=0.0)
+    be = tl.load(BE + co, mask=cmask, other=0.0)
+    ga = tl.load(GA + co, mask=cmask, other=0.0)
+    return tl.where(ok, dz.to(tl.float32) * al + y.to(tl.float32) * be + ga, 0.0)
+
+
+@triton.jit
+def _conv_dgrad(DY, YB, Wt, DX, AL, BE, GA, RES, YIN, SC_IN, SH_IN, MU_IN, STATS,
+                Nb, Cin, Di, Hi, Wi, Cout, Do, Ho, Wo,
                 syn, syc, syd, syh, syw, swo, swc, swd, swh, sww, sxn, sxc, sxd, sxh, sxw,
                 SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PD, PH, PW,
                 KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                BN_BWD: tl.constexpr, HAS_RES: tl.constexpr, RELU_BN: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
-    """dX[n, ci, i] = sum over taps k and co of dY[n, co, (i + p - k) / s] W[co, ci, k]."""
+    """dX[n, ci, i] = sum over taps k and co of dY[n, co, (i + p - k) / s] W[co, ci, k].
+
+    Fused, each optional: dY formed from (dZ, Y) by the BatchNorm backward while loading (BN_BWD);
+    + RES (another gradient of the same input); then the backward of the previous BatchNorm's ReLU,
+    dX *= [YIN * scale + shift > 0], with that BatchNorm's two reductions (sum dX, sum dX (YIN -
+    mean)) accumulated per channel (RELU_BN). RES and YIN have DX's layout; YB has DY's."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     M = Nb * Di * Hi * Wi
@@ -132,22 +150,39 @@ def _conv_dgrad(DY, Wt, DX, Nb, Cin, Di, Hi, Wi, Cout, Do, Ho, Wo,
         ok = (td >= 0) & (th >= 0) & (tw >= 0) & (td % SD == 0) & (th % SH == 0) & (tw % SW == 0)
         odd, ohh, oww = td // SD, th // SH, tw // SW
         ok = ok & (odd < Do) & (ohh < Ho) & (oww < Wo) & mmask[:, None] & kmask[None, :]
-        a = tl.load(DY + n[:, None] * syn + co[None, :] * syc + odd * syd + ohh * syh + oww * syw, mask=ok, other=0.0)
+        dy_off = n[:, None] * syn + co[None, :] * syc + odd * syd + ohh * syh + oww * syw
+        a = tl.load(DY + dy_off, mask=ok, other=0.0)
+        if BN_BWD:
+            yb = tl.load(YB + dy_off, mask=ok, other=0.0)
+            a = _bn_bwd_prologue(a, yb, ok, co[None, :], kmask[None, :], AL, BE, GA).to(DY.dtype.element_ty)
         b = tl.load(Wt + co[:, None] * swo + ci[None, :] * swc + kd[:, None] * swd + kh[:, None] * swh + kw[:, None] * sww,
                     mask=kmask[:, None] & cimask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PREC)
     x_off = n[:, None] * sxn + ci[None, :] * sxc + i_d[:, None] * sxd + i_h[:, None] * sxh + i_w[:, None] * sxw
-    tl.store(DX + x_off, acc.to(DX.dtype.element_ty), mask=mmask[:, None] & cimask[None, :])
+    valid = mmask[:, None] & cimask[None, :]
+    if HAS_RES:
+        acc += tl.load(RES + x_off, mask=valid, other=0.0).to(tl.float32)
+    if RELU_BN:
+        yin = tl.load(YIN + x_off, mask=valid, other=0.0).to(tl.float32)
+        sc = tl.load(SC_IN + ci, mask=cimask, other=0.0)
+        sh = tl.load(SH_IN + ci, mask=cimask, other=0.0)
+        mu = tl.load(MU_IN + ci, mask=cimask, other=0.0)
+        acc = tl.where(valid & (yin * sc[None, :] + sh[None, :] > 0), acc, 0.0)
+        tl.atomic_add(STATS + ci, tl.sum(acc, 0), mask=cimask)
+        tl.atomic_add(STATS + Cin + ci, tl.sum(acc * (yin - mu[None, :]), 0), mask=cimask)
+    tl.store(DX + x_off, acc.to(DX.dtype.element_ty), mask=valid)
 
 
 @triton.jit
-def _conv_wgrad(X, DY, DW, Nb, Cin, Di, Hi, Wi, Cout, Do, Ho, Wo,
+def _conv_wgrad(X, DY, YB, DW, AL, BE, GA, SC_IN, SH_IN, Nb, Cin, Di, Hi, Wi, Cout, Do, Ho, Wo,
                 sxn, sxc, sxd, sxh, sxw, syn, syc, syd, syh, syw, P_PER,
                 SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PD, PH, PW,
-                KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, BN_BWD: tl.constexpr, PROLOGUE: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     """Partial dW[co, (tap, ci)] over output positions [q P_PER, (q+1) P_PER) into slot q of an
-    fp32 [Q, Cout, taps * Cin] buffer (summed afterwards: deterministic, no atomics)."""
+    fp32 [Q, Cout, taps * Cin] buffer (summed afterwards: deterministic, no atomics). Fused, each
+    optional: dY from (dZ, Y) by the BatchNorm backward (BN_BWD), and the forward's prologue on
+    X (PROLOGUE: the previous BatchNorm + ReLU, recomputed rather than stored)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     q = tl.program_id(2)
@@ -158,15 +193,70 @@ def _conv_wgrad(X, DY, DW, Nb, Cin, Di, Hi, Wi, Cout, Do, Ho, Wo,
     f = pid_n * BN + tl.arange(0, BN)
     fmask = f < KF
     kd, kh, kw, ci = _split_k(f, Cin, KH, KW)
+    if PROLOGUE:
+        sc = tl.load(SC_IN + ci, mask=fmask, other=0.0)
+        sh = tl.load(SH_IN + ci, mask=fmask, other=0.0)
     acc = tl.zeros((BM, BN), tl.float32)
     p_lo = q * P_PER
     for p0 in range(p_lo, tl.minimum(p_lo + P_PER, P), BK):
         p = p0 + tl.arange(0, BK)
         pmask = (p < P) & (p < p_lo + P_PER)
         n, od, oh, ow = _split_m(p, Do, Ho, Wo)
-        a = tl.load(DY + co[:, None] * syc + (n * syn + od * syd + oh * syh + ow * syw)[None, :],
-                    mask=comask[:, None] & pmask[None, :], other=0.0)
+        dy_off = co[:, None] * syc + (n * syn + od * syd + oh * syh + ow * syw)[None, :]
+        amask = comask[:, None] & pmask[None, :]
+        a = tl.load(DY + dy_off, mask=amask, other=0.0)
+        if BN_BWD:
+            yb = tl.load(YB + dy_off, mask=amask, other=0.0)
+            a = _bn_bwd_prologue(a, yb, amask, co[:, None], comask[:, None], AL, BE, GA).to(DY.dtype.element_ty)
         sp, inb = _in_tap(od, oh, ow, kd, kh, kw, Di, Hi, Wi, sxd, sxh, sxw, SD, SH, SW, PD, PH, PW)
-        b = tl.load(X + n[:, None] * sxn + ci[None, :] * sxc + sp, mask=inb & pmask[:, None] & fmask[None, :], other=0.0)
+        bmask = inb & pmask[:, None] & fmask[None, :]
+        b = tl.load(X + n[:, None] * sxn + ci[None, :] * sxc + sp, mask=bmask, other=0.0)
+        if PROLOGUE:  # zero padding stays zero, as in the forward
+            b = tl.where(bmask, tl.maximum(b.to(tl.float32) * sc[None, :] + sh[None, :], 0.0), 0.0).to(X.dtype.element_ty)
         acc = tl.dot(a, b, acc, input_precision=PREC)
     tl.store(DW + q * Cout * KF + co[:, None] * KF + f[None, :], acc, mask=comask[:, None] & fmask[None, :])
+
+
+@triton.jit
+def _bn_act_fwd(Y, SC, SH, R, SCR, SHR, OUT, P, C, HAS_RES: tl.constexpr, RES_BN: tl.constexpr,
+                RELU: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr):
+    """OUT = ReLU(Y * scale + shift + residual), residual = R or R * scale_r + shift_r (the
+    downsample's BatchNorm). Tensors are dense [P, C] (channels_last_3d)."""
+    p = tl.program_id(0) * BP + tl.arange(0, BP)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    cmask = c < C
+    mask = (p < P)[:, None] & cmask[None, :]
+    off = p[:, None] * C + c[None, :]
+    sc = tl.load(SC + c, mask=cmask, other=0.0)
+    sh = tl.load(SH + c, mask=cmask, other=0.0)
+    v = tl.load(Y + off, mask=mask, other=0.0).to(tl.float32) * sc[None, :] + sh[None, :]
+    if HAS_RES:
+        r = tl.load(R + off, mask=mask, other=0.0).to(tl.float32)
+        if RES_BN:
+            r = r * tl.load(SCR + c, mask=cmask, other=0.0)[None, :] + tl.load(SHR + c, mask=cmask, other=0.0)[None, :]
+        v += r
+    if RELU:
+        v = tl.maximum(v, 0.0)
+    tl.store(OUT + off, v.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bn_act_bwd(DOUT, OUT, DZ, Y, MU, R, MUR, STATS, P, C, RES_BN: tl.constexpr, BP: tl.constexpr,
+                BC: tl.constexpr):
+    """Backward of _bn_act_fwd's ReLU, dZ = dOUT [OUT > 0], with the BatchNorm backward's two
+    reductions per channel into STATS rows 0 and 1 (sum dZ, sum dZ (Y - mean)) and, for a
+    BatchNorm'd residual, row 2 (sum dZ (R - mean_r))."""
+    p = tl.program_id(0) * BP + tl.arange(0, BP)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    cmask = c < C
+    mask = (p < P)[:, None] & cmask[None, :]
+    off = p[:, None] * C + c[None, :]
+    live = tl.load(OUT + off, mask=mask, other=0.0) > 0
+    dz = tl.where(mask & live, tl.load(DOUT + off, mask=mask, other=0.0).to(tl.float32), 0.0)
+    tl.store(DZ + off, dz.to(DZ.dtype.element_ty), mask=mask)
+    y = tl.load(Y + off, mask=mask, other=0.0).to(tl.float32) - tl.load(MU + c, mask=cmask, other=0.0)[None, :]
+    tl.atomic_add(STATS + c, tl.sum(dz, 0), mask=cmask)
+    tl.atomic_add(STATS + C + c, tl.sum(dz * y, 0), mask=cmask)
+    if RES_BN:
+        r = tl.load(R + off, mask=mask, other=0.0).to(tl.float32) - tl.load(MUR + c, mask=cmask, other=0.0)[None, :]
+        tl.atomic_add(STATS + 2 * C + c, tl.sum(dz * r, 0), mask=cmask)

@@ -45,11 +45,12 @@ def _meta_copy(model: nn.Module) -> nn.Module:
 def image_tower_train_flops(cfg, crop: tuple[int, int, int]) -> int:
     """FLOPs per scan of one training step of the image tower: forward + backward = 3x forward
     (the backward computes input and weight gradients, each as costly as the forward).
-    GradCache's extra no-grad forward is overhead, not model FLOPs, so it is not counted."""
+    GradCache's extra no-grad forward is overhead, not model FLOPs, so it is not counted. The
+    count does not depend on model.conv_impl: shapes come from the torch ops, which run on meta."""
     from .resnet3d import ResNet3d18
 
     with torch.device("meta"):
-        tower = ResNet3d18(cfg.stem, cfg.norm, cfg.gn_groups, False, cfg.conv_impl, cfg.width)
+        tower = ResNet3d18(cfg.stem, cfg.norm, cfg.gn_groups, False, "torch", cfg.width)
     return 3 * conv_linear_flops(tower, (1, *crop))
 
 

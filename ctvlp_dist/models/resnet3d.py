@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .ops import Conv3d
+from .ops import Conv3d, fused_op
 
 
 def _norm(kind: str, ch: int, groups: int) -> nn.Module:
@@ -28,14 +28,32 @@ class BasicBlock3d(nn.Module):
         self.down = None
         if stride != 1 or cin != cout:
             self.down = nn.Sequential(Conv3d(cin, cout, 1, stride=stride, bias=False, impl=impl), _norm(norm, cout, groups))
+        self._fused = fused_op("basic_block", impl) if norm == "bn" else None
 
     def forward(self, x):
+        if self._fused is not None:  # BN, ReLU and the shortcut inside the implementation's kernels
+            return self._fused(self, x)
         idt = x if self.down is None else self.down(x)
         y = self.relu(self.bn1(self.conv1(x)))
         return self.relu(self.bn2(self.conv2(y)) + idt)
 
 
 STEMS = {"standard": (7, 2, 3, True), "k2s2": (2, 2, 0, False), "k4s4": (4, 4, 0, False)}
+
+
+class Stem3d(nn.Sequential):
+    """conv, norm, ReLU (, max-pool): a Sequential, so checkpoints keep the `stem.N` keys; the
+    first three run as one fused unit when the implementation has it (BN only)."""
+
+    def __init__(self, *layers, impl: str = "torch"):
+        super().__init__(*layers)
+        self._fused = fused_op("conv_bn_relu", impl) if isinstance(layers[1], nn.BatchNorm3d) else None
+
+    def forward(self, x):
+        if self._fused is None:
+            return super().forward(x)
+        x = self._fused(self[0], self[1], x)
+        return self[3](x) if len(self) > 3 else x
 
 
 class ResNet3d18(nn.Module):
@@ -51,7 +69,7 @@ class ResNet3d18(nn.Module):
                   nn.ReLU(inplace=True)]
         if pool:
             layers.append(nn.MaxPool3d(3, stride=2, padding=1))
-        self.stem = nn.Sequential(*layers)
+        self.stem = Stem3d(*layers, impl=conv_impl)
         chans, blocks, cin = [width, 2 * width, 4 * width, 8 * width], [], width
         self.out_dim = 8 * width
         for i, c in enumerate(chans):

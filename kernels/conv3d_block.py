@@ -1,0 +1,177 @@
+"""The ResNet training block on the fused conv3d kernels, forward and backward:
+
+    out = ReLU(BN2(conv2(ReLU(BN1(conv1(x))))) + shortcut),  shortcut = x or BNd(convd(x))
+
+and the stem's conv -> BN -> ReLU. Training-mode BatchNorm uses batch statistics and updates the
+running statistics exactly as nn.BatchNorm3d does; eval mode uses the running statistics, and
+without autograd folds them into the weights (conv_block_inference).
+
+What is written to memory per block: the raw convolution outputs y1, y2 (, yd) and the block
+output; torch also keeps BN1's and BN2's outputs, the ReLU and the sum. The passes:
+  forward   conv1 (+ batch stats), [convd (+ stats)], conv2 (prologue BN1 + ReLU; + stats),
+            bn_act (BN2 + shortcut + ReLU)
+  backward  bn_act_bwd (ReLU mask; BN2's [and BNd's] reductions),
+            conv2 wgrad (BN2 backward on dY; BN1 + ReLU recomputed on X),
+            conv2 dgrad (BN2 backward on dY; ReLU mask and BN1's reductions in the epilogue),
+            conv1 wgrad, [convd wgrad, dgrad], conv1 dgrad (+ the shortcut's gradient)
+A BatchNorm's backward is, per channel, dY = alpha dZ + beta Y + gamma once its two batch
+reductions are known, so it is applied while the next kernel loads dZ: never a separate pass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .conv3d import (bn_act_backward, bn_act_forward, conv3d_dgrad, conv3d_forward, conv3d_wgrad,
+                     conv_block_inference)
+from .conv3d_ref import bn_affine, update_running_stats
+
+__all__ = ["fused_basic_block", "fused_conv_bn_relu", "bn_backward_coefs"]
+
+
+@dataclass
+class BNState:
+    """What a BatchNorm's forward derives and its backward needs (fp32, per channel)."""
+    scale: torch.Tensor  # BN(y) = y scale + shift
+    shift: torch.Tensor
+    mean: torch.Tensor
+    rstd: torch.Tensor
+    count: int
+    batch_stats: bool  # normalised by the batch's statistics (training) or the running ones
+
+
+def bn_forward(stats: torch.Tensor, count: int, bn: nn.modules.batchnorm._BatchNorm) -> BNState:
+    """From the conv epilogue's (sum, sum of squares): the affine map, and in training mode the
+    running-statistics update. Which statistics normalise follows F.batch_norm's rule."""
+    if bn.weight is None:
+        raise ValueError("the fused block needs affine BatchNorm (affine=True)")
+    gamma, beta = bn.weight.detach().float(), bn.bias.detach().float()
+    batch = bn.training or bn.running_mean is None
+    if batch:
+        if count < 2:
+            raise ValueError(f"BatchNorm in training mode needs more than 1 value per channel, got {count}")
+        scale, shift, mean, var = bn_affine(stats, count, gamma, beta, bn.eps)
+        if bn.training and bn.track_running_stats:
+            update_running_stats(bn, mean, var, count)
+    else:
+        mean, var = bn.running_mean.float(), bn.running_var.float()
+        scale = gamma / torch.sqrt(var + bn.eps)
+        shift = beta - mean * scale
+    return BNState(scale.contiguous(), shift.contiguous(), mean.contiguous(), torch.rsqrt(var + bn.eps), count, batch)
+
+
+def bn_backward_coefs(st: BNState, sum_dz: torch.Tensor, sum_dz_yc: torch.Tensor):
+    """The two reductions (sum dZ, sum dZ (Y - mean)) -> ((alpha, beta, gamma) with
+    dY = alpha dZ + beta Y + gamma, d gamma_bn, d beta_bn). Batch statistics add the terms that
+    flow through the mean and variance: dY = s (dZ - mean(dZ) - x_hat mean(dZ x_hat))."""
+    dgamma, dbeta = st.rstd * sum_dz_yc, sum_dz
+    if not st.batch_stats:
+        zero = torch.zeros_like(st.scale)
+        return (st.scale, zero, zero), dgamma, dbeta
+    beta = -st.scale * st.rstd * dgamma / st.count
+    gamma = -st.scale * dbeta / st.count - beta * st.mean
+    return (st.scale, beta.contiguous(), gamma.contiguous()), dgamma, dbeta
+
+
+def _count(y: torch.Tensor) -> int:
+    return y.numel() // y.shape[1]
+
+
+def _all_eval(*bns) -> bool:
+    return not any(b is not None and b.training for b in bns)
+
+
+class _ConvBNReLUFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, gamma, beta, conv, bn):
+        y, st = conv3d_forward(x, w, None, conv.stride, conv.padding, stats=True)
+        n = bn_forward(st, _count(y), bn)
+        out = bn_act_forward(y, n.scale, n.shift)
+        ctx.save_for_backward(x, w, y, out)
+        ctx.conv, ctx.bn, ctx.bn_dtype = conv, n, gamma.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, w, y, out = ctx.saved_tensors
+        c, n = ctx.conv, ctx.bn
+        dz, red = bn_act_backward(dout, out, y, n.mean)
+        coefs, dg, db = bn_backward_coefs(n, red[0], red[1])
+        dx = conv3d_dgrad(dz, w, x.shape, c.stride, c.padding, x.dtype, bn_bwd=(y, *coefs)) \
+            if ctx.needs_input_grad[0] else None
+        dw = conv3d_wgrad(x, dz, w.shape, c.stride, c.padding, w.dtype, bn_bwd=(y, *coefs)) \
+            if ctx.needs_input_grad[1] else None
+        t = ctx.bn_dtype
+        return dx, dw, dg.to(t), db.to(t), None, None
+
+
+def fused_conv_bn_relu(conv: nn.Conv3d, bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """ReLU(bn(conv(x))) (the stem), with the same parameters, gradients and running statistics."""
+    if not torch.is_grad_enabled() and _all_eval(bn):
+        return conv_block_inference(x, conv.weight, bn, conv.stride, conv.padding, relu=True)
+    return _ConvBNReLUFn.apply(x, conv.weight, bn.weight, bn.bias, conv, bn)
+
+
+class _BasicBlockFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w1, g1, b1, w2, g2, b2, wd, gd, bd, blk):
+        c1, c2 = blk.conv1, blk.conv2
+        y1, st = conv3d_forward(x, w1, None, c1.stride, c1.padding, stats=True)
+        n1 = bn_forward(st, _count(y1), blk.bn1)
+        y2, st = conv3d_forward(y1, w2, None, c2.stride, c2.padding, in_scale=n1.scale, in_shift=n1.shift, stats=True)
+        n2 = bn_forward(st, _count(y2), blk.bn2)
+        yd, nd = None, None
+        if blk.down is not None:
+            cd = blk.down[0]
+            yd, st = conv3d_forward(x, wd, None, cd.stride, cd.padding, stats=True)
+            nd = bn_forward(st, _count(yd), blk.down[1])
+            out = bn_act_forward(y2, n2.scale, n2.shift, residual=yd, res_scale=nd.scale, res_shift=nd.shift)
+        else:
+            out = bn_act_forward(y2, n2.scale, n2.shift, residual=x)
+        ctx.save_for_backward(x, w1, w2, wd, y1, y2, yd, out)
+        ctx.blk, ctx.bns = blk, (n1, n2, nd)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, w1, w2, wd, y1, y2, yd, out = ctx.saved_tensors
+        blk, (n1, n2, nd) = ctx.blk, ctx.bns
+        c1, c2 = blk.conv1, blk.conv2
+        need = ctx.needs_input_grad
+        dz, red = bn_act_backward(dout, out, y2, n2.mean, residual=yd, res_mean=nd.mean if nd else None)
+        k2, dg2, db2 = bn_backward_coefs(n2, red[0], red[1])
+        dw2 = conv3d_wgrad(y1, dz, w2.shape, c2.stride, c2.padding, w2.dtype, bn_bwd=(y2, *k2),
+                           in_scale=n1.scale, in_shift=n1.shift) if need[4] else None
+        dz1, red1 = conv3d_dgrad(dz, w2, y1.shape, c2.stride, c2.padding, y1.dtype, bn_bwd=(y2, *k2),
+                                 relu_bn=(y1, n1.scale, n1.shift, n1.mean))
+        k1, dg1, db1 = bn_backward_coefs(n1, red1[0], red1[1])
+        dw1 = conv3d_wgrad(x, dz1, w1.shape, c1.stride, c1.padding, w1.dtype, bn_bwd=(y1, *k1)) if need[1] else None
+        dwd = dgd = dbd = None
+        shortcut = dz
+        gd = blk.down[1].weight if nd is not None else None
+        if nd is not None:
+            cd = blk.down[0]
+            kd, dgd, dbd = bn_backward_coefs(nd, red[0], red[2])
+            dgd, dbd = dgd.to(gd.dtype), dbd.to(gd.dtype)
+            dwd = conv3d_wgrad(x, dz, wd.shape, cd.stride, cd.padding, wd.dtype, bn_bwd=(yd, *kd)) if need[7] else None
+            shortcut = conv3d_dgrad(dz, wd, x.shape, cd.stride, cd.padding, x.dtype, bn_bwd=(yd, *kd)) \
+                if need[0] else None
+        dx = conv3d_dgrad(dz1, w1, x.shape, c1.stride, c1.padding, x.dtype, bn_bwd=(y1, *k1), residual=shortcut) \
+            if need[0] else None
+        t = blk.bn1.weight.dtype
+        return dx, dw1, dg1.to(t), db1.to(t), dw2, dg2.to(t), db2.to(t), dwd, dgd, dbd, None
+
+
+def fused_basic_block(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A BasicBlock3d (conv1, bn1, conv2, bn2, optional down = (conv, bn)) on the fused kernels."""
+    down = blk.down
+    if not torch.is_grad_enabled() and _all_eval(blk.bn1, blk.bn2, down[1] if down is not None else None):
+        a1 = conv_block_inference(x, blk.conv1.weight, blk.bn1, blk.conv1.stride, blk.conv1.padding, relu=True)
+        sc = x if down is None else conv_block_inference(x, down[0].weight, down[1], down[0].stride, down[0].padding,
+                                                         relu=False)
+        return conv_block_inference(a1, blk.conv2.weight, blk.bn2, blk.conv2.stride, blk.conv2.padding, residual=sc)
+    wd, gd, bd = (down[0].weight, down[1].weight, down[1].bias) if down is not None else (None, None, None)
+    return _BasicBlockFn.apply(x, blk.conv1.weight, blk.bn1.weight, blk.bn1.bias, blk.conv2.weight, blk.bn2.weight,
+                               blk.bn2.bias, wd, gd, bd, blk)

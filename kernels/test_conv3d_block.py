@@ -1,0 +1,144 @@
+"""The fused training block and stem (conv3d_block.py) against the torch modules in fp64: output,
+input gradient, every weight, gamma and beta gradient, and the BatchNorm running statistics.
+CPU: Triton in the interpreter, fp32 and fp16 (NOTES.md: bf16 dots are wrong there)."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels.conv3d_block import BNState, bn_backward_coefs, fused_basic_block, fused_conv_bn_relu
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+TOL = {torch.float32: 3e-4 if CUDA else 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+def _err(a, r):
+    a, r = a.detach().double(), r.detach().double()
+    return float((a - r).norm() / r.norm().clamp_min(1e-30))
+
+
+def _bns(module):
+    return [m for m in module.modules() if isinstance(m, torch.nn.BatchNorm3d)]
+
+
+def _pair(make, dtype):
+    """The torch module in fp64 (the reference) and a copy in `dtype`, BN affine parameters and
+    running statistics randomised so that no term is trivially zero or one."""
+    torch.manual_seed(torch.randint(0, 2 ** 31, ()).item())
+    ref = make().to(DEV).double()
+    for bn in _bns(ref):
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.normal_()
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+    dut = make().to(DEV)
+    dut.load_state_dict(ref.state_dict())
+    return ref, dut.to(dtype)
+
+
+def _compare(ref, dut, run_ref, run_dut, x, dtype, grad=True):
+    xr = x.detach().double().requires_grad_(grad)
+    xd = x.detach().to(dtype).contiguous(memory_format=torch.channels_last_3d).requires_grad_(grad)
+    yr, yd = run_ref(xr), run_dut(xd)
+    assert torch.isfinite(yd).all()
+    assert _err(yd, yr) < TOL[dtype], ("y", _err(yd, yr))
+    if grad:
+        g = torch.randn_like(yr)
+        yr.backward(g)
+        yd.backward(g.to(dtype))
+        assert _err(xd.grad, xr.grad) < TOL[dtype], ("dx", _err(xd.grad, xr.grad))
+        for (name, pr), (_, pd) in zip(ref.named_parameters(), dut.named_parameters()):
+            assert pd.grad is not None and pd.grad.dtype == pd.dtype, name
+            assert _err(pd.grad, pr.grad) < TOL[dtype] * 2, (name, _err(pd.grad, pr.grad))
+    for (name, br), (_, bd) in zip(ref.named_buffers(), dut.named_buffers()):
+        if br.is_floating_point():
+            assert _err(bd, br) < TOL[dtype], (name, _err(bd, br))
+        else:
+            assert torch.equal(bd, br), name
+
+
+def _block(cin, cout, stride):
+    from ctvlp_dist.models.resnet3d import BasicBlock3d
+
+    return lambda: BasicBlock3d(cin, cout, stride, "bn", 1, "torch")
+
+
+# (Cin, Cout, stride, spatial): identity shortcut; downsampling 1^3 stride-2 shortcut; a channel
+# change at stride 1 (1^3 shortcut); odd sizes and channel counts throughout
+BLOCKS = [(6, 6, 1, (5, 6, 7)), (5, 7, 2, (7, 6, 5)), (3, 5, 1, (4, 5, 3))]
+
+
+@pytest.mark.parametrize("case", BLOCKS, ids=lambda c: f"c{c[0]}-{c[1]}s{c[2]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_training_block_matches_torch(case, dtype):
+    cin, cout, s, sp = case
+    ref, dut = _pair(_block(cin, cout, s), dtype)
+    x = torch.randn(2, cin, *sp, device=DEV, dtype=torch.float64)
+    _compare(ref, dut, ref, lambda t: fused_basic_block(dut, t), x, dtype)
+
+
+def test_eval_mode_block_with_grad_uses_running_stats():
+    """Eval-mode BN under autograd (a frozen-statistics fine-tune): normalised by the running
+    statistics, which stay put; the backward has no batch-statistics terms."""
+    ref, dut = _pair(_block(5, 7, 2), torch.float32)
+    ref.eval(), dut.eval()
+    x = torch.randn(2, 5, 6, 5, 7, device=DEV, dtype=torch.float64)
+    _compare(ref, dut, ref, lambda t: fused_basic_block(dut, t), x, torch.float32)
+
+
+@pytest.mark.parametrize("case", BLOCKS[:2], ids=lambda c: f"c{c[0]}-{c[1]}s{c[2]}")
+def test_inference_block_folds_bn(case):
+    cin, cout, s, sp = case
+    ref, dut = _pair(_block(cin, cout, s), torch.float32)
+    ref.eval(), dut.eval()
+    x = torch.randn(2, cin, *sp, device=DEV, dtype=torch.float64)
+    with torch.no_grad():
+        _compare(ref, dut, ref, lambda t: fused_basic_block(dut, t), x, torch.float32, grad=False)
+
+
+# (kernel, stride, padding): the standard 7^3 stem and the lite k4s4 stem
+@pytest.mark.parametrize("stem", [(7, 2, 3), (4, 4, 0)], ids=["k7s2p3", "k4s4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_stem_conv_bn_relu_matches_torch(stem, dtype):
+    k, s, p = stem
+    make = lambda: torch.nn.Sequential(torch.nn.Conv3d(1, 6, k, s, p, bias=False), torch.nn.BatchNorm3d(6),  # noqa: E731
+                                       torch.nn.ReLU())
+    ref, dut = _pair(make, dtype)
+    x = torch.randn(2, 1, 8, 9, 7, device=DEV, dtype=torch.float64)
+    _compare(ref, dut, ref, lambda t: fused_conv_bn_relu(dut[0], dut[1], t), x, dtype)
+
+
+@pytest.mark.parametrize("batch_stats", [True, False])
+def test_bn_backward_coefficients_against_autograd(batch_stats):
+    """dY = alpha dZ + beta Y + gamma and d gamma, d beta from the two reductions: the algebra the
+    kernels rely on, checked against autograd through F.batch_norm (plain torch, fp64)."""
+    C, eps = 5, 1e-5
+    y = (torch.randn(3, C, 4, 5, 6, dtype=torch.float64) * 2 + 1).requires_grad_()
+    gamma = (torch.rand(C, dtype=torch.float64) + 0.5).requires_grad_()
+    beta = torch.randn(C, dtype=torch.float64, requires_grad=True)
+    rm, rv = torch.randn(C, dtype=torch.float64), torch.rand(C, dtype=torch.float64) + 0.5
+    z = F.batch_norm(y, rm.clone(), rv.clone(), gamma, beta, training=batch_stats, eps=eps)
+    dz = torch.randn_like(z)
+    z.backward(dz)
+    dims, n = (0, 2, 3, 4), y[:, 0].numel()
+    mean = y.detach().mean(dims) if batch_stats else rm
+    var = y.detach().var(dims, unbiased=False) if batch_stats else rv
+    rstd = torch.rsqrt(var + eps)
+    st = BNState(gamma.detach() * rstd, beta.detach() - mean * gamma.detach() * rstd, mean, rstd, n, batch_stats)
+    yc = y.detach() - mean.view(1, -1, 1, 1, 1)
+    (al, be, ga), dg, db = bn_backward_coefs(st, dz.sum(dims), (dz * yc).sum(dims))
+    v = lambda t: t.view(1, -1, 1, 1, 1)  # noqa: E731
+    dy = v(al) * dz + v(be) * y.detach() + v(ga)
+    assert _err(dy, y.grad) < 1e-12
+    assert _err(dg, gamma.grad) < 1e-12 and _err(db, beta.grad) < 1e-12
+
+
+def test_training_bn_needs_more_than_one_value():
+    ref, dut = _pair(_block(4, 4, 1), torch.float32)
+    x = torch.randn(1, 4, 1, 1, 1, device=DEV).contiguous(memory_format=torch.channels_last_3d)
+    with pytest.raises(ValueError, match="more than 1 value"):
+        fused_basic_block(dut, x)
