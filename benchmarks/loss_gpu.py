@@ -2,8 +2,7 @@
 
     python3 benchmarks/loss_gpu.py OUTDIR [--phases pytest,sweep,bench,fused,big] [--tiles FWD --bwd-tiles BWD]
 
-Phases, each under a share of one wall-clock budget (CTVLP_GPU_BUDGET_S, default 560 s, so a
-10-minute device call always returns its files):
+Phases, each under a share of one wall-clock budget (gpu_call.py):
 - pytest: the CUDA tests in kernels/test_contrastive.py (bf16/fp16/fp32 vs fp64), fixed tiles;
 - sweep: forward and backward tile configs, each pass alone, at b=16384, d=512, bf16;
 - bench: `ctvlp bench loss` with the best tiles: dense, chunked and Triton, b = 1k..64k;
@@ -14,11 +13,10 @@ Records go to OUTDIR (copy them to benchmarks/results/). Run it with the device 
 """
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from gpu_call import Budget, gpu_env, print_device
 
 ap = argparse.ArgumentParser()
 ap.add_argument("out")
@@ -28,36 +26,10 @@ ap.add_argument("--bwd-tiles", default=None, help="backward tiles BM,BN,BK,BD,wa
 args = ap.parse_args()
 out = Path(args.out)
 out.mkdir(parents=True, exist_ok=True)
-root = Path(__file__).resolve().parents[1]
-env = {**os.environ, "PYTHONPATH": str(root), "PYTHONUNBUFFERED": "1"}
-env.pop("TRITON_INTERPRET", None)
-deadline = time.time() + float(os.environ.get("CTVLP_GPU_BUDGET_S", 560))
+env = gpu_env()
+sh = Budget(out, env).sh
 phases = args.phases.split(",")
-
-
-def sh(cmd, log, cap):
-    """Run a step for at most `cap` seconds or what is left of the budget; its output goes to
-    OUTDIR/log when `log` is set (the device tool returns at most 8 files)."""
-    left = deadline - time.time()
-    if left < 20:
-        print(f"SKIPPED (budget spent): {' '.join(cmd)[:120]}", flush=True)
-        return None
-    print("$", " ".join(cmd)[:300], flush=True)
-    try:
-        r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=min(cap, left))
-        text = r.stdout + "\n" + r.stderr
-    except subprocess.TimeoutExpired as e:
-        got = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-        text = f"TIMEOUT after {min(cap, left):.0f} s\n{got}"
-        r = None
-    if log:
-        (out / log).write_text(text)
-    print("\n".join(text.strip().splitlines()[-14:]), flush=True)
-    return r
-
-
-print(subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm",
-                      "--format=csv"], capture_output=True, text=True).stdout, flush=True)
+print_device()
 tiles = args.tiles or "128,128,64,128,8,3"
 
 if "pytest" in phases:

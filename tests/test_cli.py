@@ -1,5 +1,6 @@
 """The `ctvlp` command line: help for every command, friendly errors, demo and bench run."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -79,3 +80,19 @@ def test_bench_loader_writes_result(tmp_path):
     assert all(row["samples_per_s"] > 0 for row in rec["throughput"])
     assert rec["compression_ratio_synthetic"]["npy"] < 1.0 < rec["compression_ratio_synthetic"]["lz4"]
     assert "| dataset | pass |" in r.stdout
+
+
+@pytest.mark.slow
+def test_bench_conv_tower_on_cpu_checks_agreement(tmp_path):
+    """On CPU, `bench conv` runs the Triton kernels in the interpreter and records only whether
+    they agree with torch (the GPU path times them; it needs a lent GPU)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([CTVLP, "bench", "conv", "--quiet", "bench.conv_parts=[tower]", f"bench.results_dir={tmp_path}"],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr
+    (res,) = tmp_path.glob("conv-cpu-*.json")
+    (row,) = json.loads(res.read_text())["tower"]
+    assert row["rel_err_y"] < 1e-4 and row["rel_err_dx"] < 1e-2 and row["rel_err_inference"] < 1e-4
+    assert "| tower | impl |" in r.stdout
+    bad = run("bench", "conv", "bench.conv_parts=[towr]")
+    assert bad.returncode != 0 and "choose from layers, blocks, tower" in bad.stderr

@@ -1,15 +1,24 @@
-"""`ctvlp bench conv`: the Triton implicit-GEMM conv3d against cuDNN, per layer of the tower.
+"""`ctvlp bench conv`: the Triton conv3d (model.conv_impl=triton) against cuDNN, in three parts
+(bench.conv_parts):
 
-Layers of the seed model at its 96x192x192 crop (k2s2 stem: 48x96^2, 24x48^2, 12x24^2, 6x12^2 at
-64..512 channels) plus the standard 7^3 stride-2 stem, batch bench.conv_batch, bf16 on GPU.
-Forward and forward + backward (input and weight gradients), CUDA events, median. FLOPs are
-2 M Cout K for each GEMM (forward; backward 2 more), bytes the fewest possible (input, weight,
+- layers: each convolution of the seed model at its 96x192x192 crop (k2s2 stem: 48x96^2, 24x48^2,
+  12x24^2, 6x12^2 at 64..512 channels) plus the standard 7^3 stride-2 stem, alone;
+- blocks: each residual block in training mode (conv, BN, ReLU, shortcut), the fused Triton
+  block (kernels/conv3d_block.py) against the torch block on cuDNN;
+- tower: the whole ResNet3d18 (k2s2, BN), training step (forward + backward) and inference,
+  against cuDNN eager and, with bench.conv_compile, torch.compile(mode="max-autotune").
+
+Batch bench.conv_batch, bf16 on GPU; CUDA events, median; the same run measures the bf16
+matmul and copy ceilings (METHOD.md), and each rate is reported against them. FLOPs are 2 M Cout
+K per GEMM (forward; backward 2 more); a layer's bytes are the fewest possible (input, weight,
 output once each). cuDNN runs in channels_last_3d; the profiler's top kernel name is recorded,
-so a silent fallback (torch 2.9.0's bf16 conv3d) would show. CPU: the same layers at 1/8 of
-each spatial size through the interpreter would say nothing about speed, so CPU runs only check
-that every layer agrees with torch.
+so a silent fallback (torch 2.9.0's bf16 conv3d) would show. CPU: the interpreter says nothing
+about speed, so CPU runs only check that each part agrees with torch, at 1/8 of each spatial
+size (blocks and tower also at 1/8 of the channels).
 """
 from __future__ import annotations
+
+import math
 
 from .record import markdown_table, write_result
 
@@ -78,28 +87,190 @@ def _layer(name, cin, cout, sp, k, s, p, batch, dtype, device, scale=1):
     return row
 
 
+# The residual blocks of the seed tower at the 96x192x192 crop: (name, Cin, Cout, stride, input spatial)
+BLOCKS = [("layer1.0", 64, 64, 1, (48, 96, 96)), ("layer2.0", 64, 128, 2, (48, 96, 96)),
+          ("layer2.1", 128, 128, 1, (24, 48, 48)), ("layer3.0", 128, 256, 2, (24, 48, 48)),
+          ("layer3.1", 256, 256, 1, (12, 24, 24)), ("layer4.0", 256, 512, 2, (12, 24, 24)),
+          ("layer4.1", 512, 512, 1, (6, 12, 12))]
+
+
+def _twins(make, device, dtype):
+    """The same module twice, conv_impl torch and triton, with one state."""
+    ref, tri = make("torch").to(device, dtype), make("triton").to(device, dtype)
+    tri.load_state_dict(ref.state_dict())
+    return ref.train(), tri.train()
+
+
+def _rel(a, b) -> float:
+    a, b = a.detach().float(), b.detach().float()
+    return float(f"{float((a - b).norm() / b.norm().clamp_min(1e-30)):.3g}")
+
+
+def _agree(ref, tri, x) -> dict:
+    """Output and input gradient of the triton module against the torch one, training mode."""
+    import torch
+
+    xs = [x.detach().clone().requires_grad_() for _ in range(2)]
+    ys = [m(t) for m, t in zip((ref, tri), xs)]
+    g = torch.randn_like(ys[0])
+    for y in ys:
+        y.backward(g)
+    return {"rel_err_y": _rel(ys[1], ys[0]), "rel_err_dx": _rel(xs[1].grad, xs[0].grad)}
+
+
+def _train_step(m, x, g):
+    def run():
+        m.zero_grad(set_to_none=True)
+        x.grad = None
+        m(x).backward(g)
+    return run
+
+
+def _block(name, cin, cout, stride, sp, batch, dtype, device, ceil):
+    """One residual block, training step. FLOPs: its convolutions' GEMMs, 3x the forward."""
+    import torch
+
+    from ..models.resnet3d import BasicBlock3d
+
+    gpu = device == "cuda"
+    if not gpu:
+        cin, cout, sp = max(1, cin // 8), max(1, cout // 8), tuple(max(2, v // 8) for v in sp)
+    ref, tri = _twins(lambda impl: BasicBlock3d(cin, cout, stride, "bn", 1, impl), device, dtype)
+    x = torch.randn(batch, cin, *sp, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last_3d)
+    row = {"block": name, "in": "x".join(map(str, sp)), "cin": cin, "cout": cout, **_agree(ref, tri, x)}
+    if not gpu:
+        return row
+    xg = x.clone().requires_grad_()
+    g = torch.randn_like(ref(x))
+    t = {"triton_fwdbwd_ms": _cuda_ms(_train_step(tri, xg, g), reps=5),
+         "cudnn_fwdbwd_ms": _cuda_ms(_train_step(ref, xg, g), reps=5)}
+    row.update({k: round(v, 3) for k, v in t.items()})
+    row["fwdbwd_speedup_vs_cudnn"] = round(t["cudnn_fwdbwd_ms"] / t["triton_fwdbwd_ms"], 3)
+    m_out = batch * math.prod(-(-v // stride) for v in sp)  # output positions of every conv in the block
+    fl = 3 * 2 * m_out * cout * (27 * cin + 27 * cout + (cin if tri.down is not None else 0))
+    row["triton_tflops"] = round(fl / t["triton_fwdbwd_ms"] / 1e9, 1)
+    row["cudnn_tflops"] = round(fl / t["cudnn_fwdbwd_ms"] / 1e9, 1)
+    row["triton_frac_of_bf16_matmul"] = round(row["triton_tflops"] / ceil["bf16_matmul_tflops"], 3)
+    return row
+
+
+def _tower(batch, dtype, device, ceil, compile_too: bool) -> list[dict]:
+    """The whole tower: a training step (BN batch statistics, forward + backward of all
+    parameters and the input) and inference (eval, no autograd: BN folded on the Triton side)."""
+    import copy
+    import time
+    from types import SimpleNamespace
+
+    import torch
+
+    from ..models.flops import image_tower_train_flops
+    from ..models.resnet3d import ResNet3d18
+
+    gpu = device == "cuda"
+    width, crop = (64, (96, 192, 192)) if gpu else (8, (8, 16, 16))
+    ref, tri = _twins(lambda impl: ResNet3d18("k2s2", "bn", 32, True, impl, width), device, dtype)
+    x = torch.randn(batch, 1, *crop, device=device, dtype=dtype)
+    agree = _agree(ref, tri, x)
+    with torch.no_grad():
+        ref.eval(), tri.eval()
+        agree["rel_err_inference"] = _rel(tri(x), ref(x))
+        ref.train(), tri.train()
+    base = {"in": "x".join(map(str, crop)), "width": width, "batch": batch, **agree}
+    if not gpu:
+        return [{"tower": "train+inference agreement", **base}]
+    train_fl = image_tower_train_flops(SimpleNamespace(stem="k2s2", norm="bn", gn_groups=32, width=width), crop) * batch
+    models = {"cudnn eager": ref, "triton fused": tri}
+    compile_s = {}
+    if compile_too:
+        comp = copy.deepcopy(ref)
+        t0 = time.time()
+        try:
+            models["torch.compile max-autotune"] = torch.compile(comp, mode="max-autotune")
+        except Exception as e:  # recorded, not fatal: the other rows still mean something
+            compile_s["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        compile_s["wrap_s"] = round(time.time() - t0, 1)
+    xg = x.clone().requires_grad_()
+    g = torch.randn(batch, ref.out_dim, device=device, dtype=dtype)
+    rows = []
+    for mode, fl in (("train fwd+bwd", train_fl), ("inference", train_fl / 3)):
+        for name, m in models.items():
+            row = {"tower": mode, "impl": name, **base}
+            try:
+                if mode == "train fwd+bwd":
+                    m.train()
+                    fn = _train_step(m, xg, g)
+                else:
+                    m.eval()
+
+                    def fn(m=m):
+                        with torch.no_grad():
+                            m(x)
+                t0 = time.time()
+                fn()  # the first call compiles (torch.compile: autotunes); timed apart
+                torch.cuda.synchronize()
+                row["first_call_s"] = round(time.time() - t0, 1)
+                ms = _cuda_ms(fn, reps=5)
+                row.update(ms=round(ms, 2), scans_per_s=round(batch / ms * 1e3, 1), tflops=round(fl / ms / 1e9, 1),
+                           frac_of_bf16_matmul=round(fl / ms / 1e9 / ceil["bf16_matmul_tflops"], 3))
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            rows.append(row)
+        cud = next((r["ms"] for r in rows if r["tower"] == mode and r["impl"] == "cudnn eager" and "ms" in r), None)
+        for r in rows:
+            if r["tower"] == mode and "ms" in r and cud:
+                r["speedup_vs_cudnn"] = round(cud / r["ms"], 3)
+    rows[0]["cudnn_kernel"] = _top_kernel(_train_step(ref, xg, g))
+    if compile_s:
+        rows[0]["compile"] = compile_s
+    return rows
+
+
 def run(cfg, progress: bool = True, argv=None) -> dict:
     import torch
+
+    from .loss import gpu_ceilings
 
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
     dtype = getattr(torch, cfg.bench.conv_dtype) if gpu else torch.float32
-    batch = cfg.bench.conv_batch if gpu else 1
-    rows = []
-    for layer in LAYERS:
-        r = _layer(*layer, batch=batch, dtype=dtype, device=device, scale=1 if gpu else 8)
-        rows.append(r)
+    batch = cfg.bench.conv_batch if gpu else 2
+    parts = list(cfg.bench.conv_parts)
+    unknown = set(parts) - {"layers", "blocks", "tower"}
+    if unknown:
+        raise ValueError(f"bench.conv_parts: unknown {sorted(unknown)}; choose from layers, blocks, tower")
+    ceil = gpu_ceilings() if gpu else {}
+    out = {"batch": batch, "dtype": str(dtype).split(".")[-1], "cudnn": torch.backends.cudnn.version(),
+           "ceilings": ceil, "parts": parts}
+
+    def show(r):
         if progress:
             print(r, flush=True)
-    out = {"batch": batch, "dtype": str(dtype).split(".")[-1], "cudnn": torch.backends.cudnn.version(), "rows": rows}
-    if gpu:
-        tot = {k: sum(r[k] for r in rows if not r["layer"].startswith("stem 7")) for k in
-               ("triton_fwd_ms", "cudnn_fwd_ms", "triton_fwdbwd_ms", "cudnn_fwdbwd_ms")}
-        out["layers_sum_excl_7_stem"] = tot
+        return r
+
+    if "layers" in parts:
+        out["rows"] = [show(_layer(*layer, batch=batch if gpu else 1, dtype=dtype, device=device, scale=1 if gpu else 8))
+                       for layer in LAYERS]
+        if gpu:
+            out["layers_sum_excl_7_stem"] = {
+                k: sum(r[k] for r in out["rows"] if not r["layer"].startswith("stem 7"))
+                for k in ("triton_fwd_ms", "cudnn_fwd_ms", "triton_fwdbwd_ms", "cudnn_fwdbwd_ms")}
+    if "blocks" in parts:
+        out["blocks"] = [show(_block(*b, batch=batch, dtype=dtype, device=device, ceil=ceil)) for b in BLOCKS]
+    if "tower" in parts:
+        out["tower"] = [show(r) for r in _tower(batch, dtype, device, ceil, cfg.bench.conv_compile and gpu)]
     path = write_result(cfg.bench.results_dir, "conv", out, argv)
-    cols = ["layer", "in", "cin", "cout", "rel_err_vs_torch"] + (
-        ["triton_fwd_ms", "cudnn_fwd_ms", "triton_fwd_tflops", "cudnn_fwd_tflops", "fwd_speedup_vs_cudnn",
-         "triton_fwdbwd_ms", "cudnn_fwdbwd_ms", "fwdbwd_speedup_vs_cudnn", "cudnn_kernel"] if gpu else [])
-    print(markdown_table(rows, cols))
+    if "rows" in out:
+        cols = ["layer", "in", "cin", "cout", "rel_err_vs_torch"] + (
+            ["triton_fwd_ms", "cudnn_fwd_ms", "triton_fwd_tflops", "cudnn_fwd_tflops", "fwd_speedup_vs_cudnn",
+             "triton_fwdbwd_ms", "cudnn_fwdbwd_ms", "fwdbwd_speedup_vs_cudnn", "cudnn_kernel"] if gpu else [])
+        print(markdown_table(out["rows"], cols))
+    if "blocks" in out:
+        print(markdown_table(out["blocks"], ["block", "in", "cin", "cout", "rel_err_y", "rel_err_dx"] + (
+            ["triton_fwdbwd_ms", "cudnn_fwdbwd_ms", "fwdbwd_speedup_vs_cudnn", "triton_tflops", "cudnn_tflops",
+             "triton_frac_of_bf16_matmul"] if gpu else [])))
+    if "tower" in out:
+        print(markdown_table(out["tower"], ["tower", "impl", "in", "batch", "rel_err_y", "rel_err_dx", "rel_err_inference"]
+                             + (["ms", "scans_per_s", "tflops", "frac_of_bf16_matmul", "speedup_vs_cudnn",
+                                 "first_call_s"] if gpu else [])))
     print(f"wrote {path}")
     return out

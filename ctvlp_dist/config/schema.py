@@ -108,6 +108,8 @@ class BenchConfig:
     loss_methods: tuple[str, ...] = ("dense", "chunked", "triton")
     conv_batch: int = 8  # bench conv (GPU): scans per layer call
     conv_dtype: str = "bfloat16"  # bench conv (GPU); CPU checks agreement in float32
+    conv_parts: tuple[str, ...] = ("layers", "blocks", "tower")  # bench conv: single convs, BN blocks, whole tower
+    conv_compile: bool = True  # bench conv tower (GPU): also torch.compile(mode="max-autotune") of the torch tower
     train_steps: int = 6  # bench train: optimizer steps of the real loop (the first is warm-up)
     train_crop: Optional[tuple[int, int, int]] = None  # default: loader.crop on GPU, (32, 64, 64) on CPU
     train_micro: int = 2  # bench train: GradCache micro-batch (the plain step runs loader.batch_size at once)
