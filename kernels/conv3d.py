@@ -15,6 +15,7 @@ back in channels_last_3d.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -106,9 +107,11 @@ def conv3d_dgrad(dy, w, x_shape, stride, padding, dtype, *, bn_bwd=None, residua
         st = torch.zeros((2, Cin), dtype=torch.float32, device=dy.device)
     else:
         yin = sc = sh = mu = st = dx
-    M, K = dx[:, 0].numel(), Cout * w[0, 0].numel()
+    classes = stride[0] * stride[1] * stride[2]  # parity classes of the input positions
+    M = Nb * math.prod(-(-v // s) for v, s in zip(x_shape[2:], stride))
+    K = Cout * math.prod(-(-k // s) for k, s in zip(w.shape[2:], stride))  # taps per class, at most
     t = _tiles(M, Cin, K)
-    grid = (triton.cdiv(M, t["BM"]), triton.cdiv(Cin, t["BN"]))
+    grid = (triton.cdiv(M, t["BM"]), triton.cdiv(Cin, t["BN"]), classes)
     _conv_dgrad[grid](dy, yb, wk, dx, al, be, ga, res, yin, sc, sh, mu, st,
                       Nb, Cin, *x_shape[2:], Cout, *dy.shape[2:], *dy.stride(), *wk.stride(), *dx.stride(),
                       *stride, *padding, *w.shape[2:], BN_BWD=bn_bwd is not None, HAS_RES=residual is not None,

@@ -125,31 +125,47 @@ def _conv_dgrad(DY, YB, Wt, DX, AL, BE, GA, RES, YIN, SC_IN, SH_IN, MU_IN, STATS
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     """dX[n, ci, i] = sum over taps k and co of dY[n, co, (i + p - k) / s] W[co, ci, k].
 
+    Strided convolutions are split by the parity class of the input position (i mod s, the
+    grid's third axis): within a class the taps that reach an output are a fixed sub-lattice
+    (k = k0 + s t), so the K loop runs over those alone, not over all taps with most masked
+    (3^3 stride 2: 3.4 taps on average instead of 27).
+
     Fused, each optional: dY formed from (dZ, Y) by the BatchNorm backward while loading (BN_BWD);
     + RES (another gradient of the same input); then the backward of the previous BatchNorm's ReLU,
     dX *= [YIN * scale + shift > 0], with that BatchNorm's two reductions (sum dX, sum dX (YIN -
     mean)) accumulated per channel (RELU_BN). RES and YIN have DX's layout; YB has DY's."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    M = Nb * Di * Hi * Wi
-    K = KD * KH * KW * Cout
+    cls = tl.program_id(2)
+    rd, rh, rw = cls // (SH * SW), (cls // SW) % SH, cls % SW
+    # the class's taps per dimension: k0 + s t for t < nt; output index o = j + c - t
+    kd0, kh0, kw0 = (rd + PD) % SD, (rh + PH) % SH, (rw + PW) % SW
+    ntd, nth, ntw = tl.cdiv(KD - kd0, SD), tl.cdiv(KH - kh0, SH), tl.cdiv(KW - kw0, SW)
+    cd, ch, cw = (rd + PD - kd0) // SD, (rh + PH - kh0) // SH, (rw + PW - kw0) // SW
+    Dq, Hq, Wq = tl.cdiv(Di, SD), tl.cdiv(Hi, SH), tl.cdiv(Wi, SW)
+    M = Nb * Dq * Hq * Wq
+    K = ntd * nth * ntw * Cout
     m = pid_m * BM + tl.arange(0, BM)
-    mmask = m < M
-    n, i_d, i_h, i_w = _split_m(m, Di, Hi, Wi)
+    n, jd, jh, jw = _split_m(m, Dq, Hq, Wq)
+    i_d, i_h, i_w = rd + SD * jd, rh + SH * jh, rw + SW * jw
+    mmask = (m < M) & (i_d < Di) & (i_h < Hi) & (i_w < Wi)
     ci = pid_n * BN + tl.arange(0, BN)
     cimask = ci < Cin
     acc = tl.zeros((BM, BN), tl.float32)
     for k0 in range(0, K, BK):
         k = k0 + tl.arange(0, BK)
         kmask = k < K
-        kd, kh, kw, co = _split_k(k, Cout, KH, KW)
-        td = i_d[:, None] + PD - kd[None, :]
-        th = i_h[:, None] + PH - kh[None, :]
-        tw = i_w[:, None] + PW - kw[None, :]
-        # a tap reaches an output only where the offset is a non-negative multiple of the stride
-        ok = (td >= 0) & (th >= 0) & (tw >= 0) & (td % SD == 0) & (th % SH == 0) & (tw % SW == 0)
-        odd, ohh, oww = td // SD, th // SH, tw // SW
-        ok = ok & (odd < Do) & (ohh < Ho) & (oww < Wo) & mmask[:, None] & kmask[None, :]
+        co = k % Cout
+        tap = k // Cout
+        tw = tap % ntw
+        th = (tap // ntw) % nth
+        td = tap // (ntw * nth)
+        kd, kh, kw = kd0 + SD * td, kh0 + SH * th, kw0 + SW * tw
+        odd = jd[:, None] + cd - td[None, :]
+        ohh = jh[:, None] + ch - th[None, :]
+        oww = jw[:, None] + cw - tw[None, :]
+        ok = (odd >= 0) & (ohh >= 0) & (oww >= 0) & (odd < Do) & (ohh < Ho) & (oww < Wo)
+        ok = ok & mmask[:, None] & kmask[None, :]
         dy_off = n[:, None] * syn + co[None, :] * syc + odd * syd + ohh * syh + oww * syw
         a = tl.load(DY + dy_off, mask=ok, other=0.0)
         if BN_BWD:

@@ -19,7 +19,8 @@ TOL = {torch.float32: 3e-4 if CUDA else 1e-5, torch.float16: 4e-3, torch.bfloat1
 # kernels 1/3 (blocks, downsample), 7 (standard stem), 2 and 4 (k2s2, k4s4 stems)
 CASES = [(5, 7, (5, 6, 7), 3, 1, 1), (6, 9, (7, 5, 6), 3, 2, 1), (5, 3, (6, 7, 5), 1, 2, 0),
          (1, 6, (9, 8, 11), 7, 2, 3), (1, 5, (8, 6, 10), 2, 2, 0), (1, 4, (8, 12, 9), 4, 4, 0),
-         (64, 9, (3, 4, 5), 3, 2, 1)]  # channels a multiple of the K tile: the per-tap forward loop
+         (64, 9, (3, 4, 5), 3, 2, 1),  # channels a multiple of the K tile: the per-tap forward loop
+         (4, 5, (5, 3, 7), 2, 2, 1)]  # padded even kernel: the dgrad's parity classes get 1 tap each, shifted
 
 
 def _err(a, r):

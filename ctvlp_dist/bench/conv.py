@@ -118,6 +118,24 @@ def _agree(ref, tri, x) -> dict:
     return {"rel_err_y": _rel(ys[1], ys[0]), "rel_err_dx": _rel(xs[1].grad, xs[0].grad)}
 
 
+def saved_mb(m, x) -> float:
+    """MB that autograd keeps for the backward of m(x) (each storage once): the activation memory
+    of a training step, which fusing BN and ReLU into the convolutions reduces."""
+    import torch
+
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        m(x)
+    seen.pop(x.untyped_storage().data_ptr(), None)  # the input exists anyway
+    return round(sum(seen.values()) / 2 ** 20, 2)
+
+
 def _train_step(m, x, g):
     def run():
         m.zero_grad(set_to_none=True)
@@ -138,6 +156,8 @@ def _block(name, cin, cout, stride, sp, batch, dtype, device, ceil):
     ref, tri = _twins(lambda impl: BasicBlock3d(cin, cout, stride, "bn", 1, impl), device, dtype)
     x = torch.randn(batch, cin, *sp, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last_3d)
     row = {"block": name, "in": "x".join(map(str, sp)), "cin": cin, "cout": cout, **_agree(ref, tri, x)}
+    xs = x.clone().requires_grad_()
+    row.update(saved_MB_triton=saved_mb(tri, xs), saved_MB_torch=saved_mb(ref, xs))
     if not gpu:
         return row
     xg = x.clone().requires_grad_()
@@ -176,6 +196,8 @@ def _tower(batch, dtype, device, ceil, compile_too: bool) -> list[dict]:
         agree["rel_err_inference"] = _rel(tri(x), ref(x))
         ref.train(), tri.train()
     base = {"in": "x".join(map(str, crop)), "width": width, "batch": batch, **agree}
+    xs = x.clone().requires_grad_()
+    base.update(saved_MB_triton=saved_mb(tri, xs), saved_MB_torch=saved_mb(ref, xs))
     if not gpu:
         return [{"tower": "train+inference agreement", **base}]
     train_fl = image_tower_train_flops(SimpleNamespace(stem="k2s2", norm="bn", gn_groups=32, width=width), crop) * batch
@@ -265,11 +287,13 @@ def run(cfg, progress: bool = True, argv=None) -> dict:
              "triton_fwdbwd_ms", "cudnn_fwdbwd_ms", "fwdbwd_speedup_vs_cudnn", "cudnn_kernel"] if gpu else [])
         print(markdown_table(out["rows"], cols))
     if "blocks" in out:
-        print(markdown_table(out["blocks"], ["block", "in", "cin", "cout", "rel_err_y", "rel_err_dx"] + (
+        print(markdown_table(out["blocks"], ["block", "in", "cin", "cout", "rel_err_y", "rel_err_dx", "saved_MB_triton",
+                                             "saved_MB_torch"] + (
             ["triton_fwdbwd_ms", "cudnn_fwdbwd_ms", "fwdbwd_speedup_vs_cudnn", "triton_tflops", "cudnn_tflops",
              "triton_frac_of_bf16_matmul"] if gpu else [])))
     if "tower" in out:
-        print(markdown_table(out["tower"], ["tower", "impl", "in", "batch", "rel_err_y", "rel_err_dx", "rel_err_inference"]
+        print(markdown_table(out["tower"], ["tower", "impl", "in", "batch", "rel_err_y", "rel_err_dx", "rel_err_inference",
+                                            "saved_MB_triton", "saved_MB_torch"]
                              + (["ms", "scans_per_s", "tflops", "frac_of_bf16_matmul", "speedup_vs_cudnn",
                                  "first_call_s"] if gpu else [])))
     print(f"wrote {path}")
