@@ -245,6 +245,7 @@ def _tower(batch, dtype, device, ceil, compile_too: bool) -> list[dict]:
         for r in rows:
             if r["tower"] == mode and "ms" in r and cud:
                 r["speedup_vs_cudnn"] = round(cud / r["ms"], 3)
+    ref.train()
     rows[0]["cudnn_kernel"] = _top_kernel(_train_step(ref, xg, g))
     if compile_s:
         rows[0]["compile"] = compile_s
