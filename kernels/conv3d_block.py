@@ -40,6 +40,7 @@ class BNState:
     rstd: torch.Tensor
     count: int
     batch_stats: bool  # normalised by the batch's statistics (training) or the running ones
+    param_dtype: torch.dtype  # gamma's and beta's, which their gradients take
 
 
 def bn_forward(stats: torch.Tensor, count: int, bn: nn.modules.batchnorm._BatchNorm) -> BNState:
@@ -59,7 +60,8 @@ def bn_forward(stats: torch.Tensor, count: int, bn: nn.modules.batchnorm._BatchN
         mean, var = bn.running_mean.float(), bn.running_var.float()
         scale = gamma / torch.sqrt(var + bn.eps)
         shift = beta - mean * scale
-    return BNState(scale.contiguous(), shift.contiguous(), mean.contiguous(), torch.rsqrt(var + bn.eps), count, batch)
+    return BNState(scale.contiguous(), shift.contiguous(), mean.contiguous(), torch.rsqrt(var + bn.eps), count, batch,
+                   bn.weight.dtype)
 
 
 def bn_backward_coefs(st: BNState, sum_dz: torch.Tensor, sum_dz_yc: torch.Tensor):
@@ -67,12 +69,13 @@ def bn_backward_coefs(st: BNState, sum_dz: torch.Tensor, sum_dz_yc: torch.Tensor
     dY = alpha dZ + beta Y + gamma, d gamma_bn, d beta_bn). Batch statistics add the terms that
     flow through the mean and variance: dY = s (dZ - mean(dZ) - x_hat mean(dZ x_hat))."""
     dgamma, dbeta = st.rstd * sum_dz_yc, sum_dz
+    grads = dgamma.to(st.param_dtype), dbeta.to(st.param_dtype)
     if not st.batch_stats:
         zero = torch.zeros_like(st.scale)
-        return (st.scale, zero, zero), dgamma, dbeta
+        return (st.scale, zero, zero), *grads
     beta = -st.scale * st.rstd * dgamma / st.count
     gamma = -st.scale * dbeta / st.count - beta * st.mean
-    return (st.scale, beta.contiguous(), gamma.contiguous()), dgamma, dbeta
+    return (st.scale, beta.contiguous(), gamma.contiguous()), *grads
 
 
 def _count(y: torch.Tensor) -> int:
@@ -90,7 +93,7 @@ class _ConvBNReLUFn(torch.autograd.Function):
         n = bn_forward(st, _count(y), bn)
         out = bn_act_forward(y, n.scale, n.shift)
         ctx.save_for_backward(x, w, y, out)
-        ctx.conv, ctx.bn, ctx.bn_dtype = conv, n, gamma.dtype
+        ctx.conv, ctx.bn = conv, n
         return out
 
     @staticmethod
@@ -103,8 +106,7 @@ class _ConvBNReLUFn(torch.autograd.Function):
             if ctx.needs_input_grad[0] else None
         dw = conv3d_wgrad(x, dz, w.shape, c.stride, c.padding, w.dtype, bn_bwd=(y, *coefs)) \
             if ctx.needs_input_grad[1] else None
-        t = ctx.bn_dtype
-        return dx, dw, dg.to(t), db.to(t), None, None
+        return dx, dw, dg, db, None, None
 
 
 def fused_conv_bn_relu(conv: nn.Conv3d, bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
@@ -150,18 +152,15 @@ class _BasicBlockFn(torch.autograd.Function):
         dw1 = conv3d_wgrad(x, dz1, w1.shape, c1.stride, c1.padding, w1.dtype, bn_bwd=(y1, *k1)) if need[1] else None
         dwd = dgd = dbd = None
         shortcut = dz
-        gd = blk.down[1].weight if nd is not None else None
         if nd is not None:
             cd = blk.down[0]
             kd, dgd, dbd = bn_backward_coefs(nd, red[0], red[2])
-            dgd, dbd = dgd.to(gd.dtype), dbd.to(gd.dtype)
             dwd = conv3d_wgrad(x, dz, wd.shape, cd.stride, cd.padding, wd.dtype, bn_bwd=(yd, *kd)) if need[7] else None
             shortcut = conv3d_dgrad(dz, wd, x.shape, cd.stride, cd.padding, x.dtype, bn_bwd=(yd, *kd)) \
                 if need[0] else None
         dx = conv3d_dgrad(dz1, w1, x.shape, c1.stride, c1.padding, x.dtype, bn_bwd=(y1, *k1), residual=shortcut) \
             if need[0] else None
-        t = blk.bn1.weight.dtype
-        return dx, dw1, dg1.to(t), db1.to(t), dw2, dg2.to(t), db2.to(t), dwd, dgd, dbd, None
+        return dx, dw1, dg1, db1, dw2, dg2, db2, dwd, dgd, dbd, None
 
 
 def fused_basic_block(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -137,7 +137,8 @@ def test_bn_backward_coefficients_against_autograd(batch_stats):
     mean = y.detach().mean(dims) if batch_stats else rm
     var = y.detach().var(dims, unbiased=False) if batch_stats else rv
     rstd = torch.rsqrt(var + eps)
-    st = BNState(gamma.detach() * rstd, beta.detach() - mean * gamma.detach() * rstd, mean, rstd, n, batch_stats)
+    st = BNState(gamma.detach() * rstd, beta.detach() - mean * gamma.detach() * rstd, mean, rstd, n, batch_stats,
+                 gamma.dtype)
     yc = y.detach() - mean.view(1, -1, 1, 1, 1)
     (al, be, ga), dg, db = bn_backward_coefs(st, dz.sum(dims), (dz * yc).sum(dims))
     v = lambda t: t.view(1, -1, 1, 1, 1)  # noqa: E731
