@@ -2,7 +2,7 @@
 backward, with the BatchNorm/ReLU/residual work around each convolution folded in.
 
     conv3d_forward(x, w, bias, stride, padding, *, residual=None, relu=False,
-                   in_scale=None, in_shift=None, stats=False) -> y (, stats [2, Cout])
+                   in_scale=None, in_shift=None, stats=False) -> y (, moments [2, Cout])
     conv3d_dgrad / conv3d_wgrad(..., bn_bwd=..., relu_bn=..., in_scale=...)  # fused backward
     bn_act_forward / bn_act_backward   # BN + shortcut + ReLU, and its backward's reductions
     conv3d_triton(x, w, bias, stride, padding)   # F.conv3d's signature, with autograd
@@ -70,10 +70,10 @@ def conv3d_forward(x, w, bias=None, stride=1, padding=0, *, residual=None, relu=
     Do, Ho, Wo = _out_shape(x.shape, w.shape, stride, padding)
     y = torch.empty((Nb, Cout, Do, Ho, Wo), dtype=out_dtype or x.dtype, device=x.device,
                     memory_format=torch.channels_last_3d)
-    st = torch.zeros((2, Cout), dtype=torch.float32, device=x.device) if stats else y
     wk = w.to(x.dtype)
     M, K = Nb * Do * Ho * Wo, w[0].numel()
     t = _tiles(M, Cout, K)
+    st = torch.empty((triton.cdiv(M, t["BM"]), 2, Cout), dtype=torch.float32, device=x.device) if stats else y
     res = residual if residual is not None else y
     sc = in_scale.float().contiguous() if in_scale is not None else y
     sh = in_shift.float().contiguous() if in_shift is not None else y
@@ -82,7 +82,18 @@ def conv3d_forward(x, w, bias=None, stride=1, padding=0, *, residual=None, relu=
                     Nb, Cin, *x.shape[2:], Cout, Do, Ho, Wo, *x.stride(), *wk.stride(), *y.stride(), *res.stride(),
                     *stride, *padding, *w.shape[2:], HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=relu,
                     STATS_ON=stats, PROLOGUE=in_scale is not None, PREC=_prec(x.dtype), **t)
-    return (y, st) if stats else y
+    return (y, merge_moments(st, M, t["BM"])) if stats else y
+
+
+def merge_moments(part: torch.Tensor, count: int, rows: int) -> torch.Tensor:
+    """Per-tile (sum, centred sum of squares) [T, 2, C], tiles of `rows` rows (the last one
+    shorter) -> (mean, biased variance) [2, C], by Chan's parallel rule:
+    M2 = sum_t M2_t + sum_t n_t (mean_t - mean)^2. Every term is non-negative, so nothing cancels."""
+    n = torch.full((part.shape[0], 1), float(rows), dtype=torch.float32, device=part.device)
+    n[-1] = count - rows * (part.shape[0] - 1)
+    mean = part[:, 0].sum(0) / count
+    m2 = part[:, 1].sum(0) + (n * (part[:, 0] / n - mean).square()).sum(0)
+    return torch.stack([mean, m2 / count])
 
 
 def conv3d_dgrad(dy, w, x_shape, stride, padding, dtype, *, bn_bwd=None, residual=None, relu_bn=None):

@@ -43,8 +43,8 @@ class BNState:
     param_dtype: torch.dtype  # gamma's and beta's, which their gradients take
 
 
-def bn_forward(stats: torch.Tensor, count: int, bn: nn.modules.batchnorm._BatchNorm) -> BNState:
-    """From the conv epilogue's (sum, sum of squares): the affine map, and in training mode the
+def bn_forward(moments: torch.Tensor, count: int, bn: nn.modules.batchnorm._BatchNorm) -> BNState:
+    """From the conv epilogue's batch (mean, biased var): the affine map, and in training mode the
     running-statistics update. Which statistics normalise follows F.batch_norm's rule."""
     if bn.weight is None:
         raise ValueError("the fused block needs affine BatchNorm (affine=True)")
@@ -53,7 +53,7 @@ def bn_forward(stats: torch.Tensor, count: int, bn: nn.modules.batchnorm._BatchN
     if batch:
         if count < 2:
             raise ValueError(f"BatchNorm in training mode needs more than 1 value per channel, got {count}")
-        scale, shift, mean, var = bn_affine(stats, count, gamma, beta, bn.eps)
+        scale, shift, mean, var = bn_affine(moments, gamma, beta, bn.eps)
         if bn.training and bn.track_running_stats:
             update_running_stats(bn, mean, var, count)
     else:

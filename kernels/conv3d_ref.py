@@ -3,10 +3,11 @@
 The training block's fused pieces, in the order they run:
   y = conv(act_in(x), W) + b        act_in = ReLU(x * scale + shift) or identity; padding is
                                     applied after it (zeros), as in conv(relu(bn(x)))
-  stats = (sum_m y, sum_m y^2)      per output channel, for the next BatchNorm's batch stats
+  moments = (mean_m y, var_m y)     per output channel (biased var), the next BatchNorm's batch
+                                    statistics
   out = ReLU(y + residual)          each part optional
-BatchNorm from those statistics: mean = sum / count, var = sumsq / count - mean^2 (biased, used to
-normalise), running stats updated with the unbiased var (count / (count - 1)), as nn.BatchNorm3d.
+BatchNorm normalises with the biased var and updates its running statistics with the unbiased
+one (count / (count - 1)), as nn.BatchNorm3d.
 """
 from __future__ import annotations
 
@@ -22,18 +23,17 @@ def reference_conv3d(x, weight, bias=None, stride=1, padding=0, *, residual=None
     if in_scale is not None:
         x = torch.relu(x * in_scale.view(1, -1, 1, 1, 1) + in_shift.view(1, -1, 1, 1, 1))
     y = F.conv3d(x, weight, bias, stride, padding)
-    stats = torch.stack([y.sum(dim=(0, 2, 3, 4)), (y * y).sum(dim=(0, 2, 3, 4))])
+    moments = torch.stack([y.mean(dim=(0, 2, 3, 4)), y.var(dim=(0, 2, 3, 4), unbiased=False)])
     if residual is not None:
         y = y + residual
     if relu:
         y = torch.relu(y)
-    return y, stats
+    return y, moments
 
 
-def bn_affine(stats: torch.Tensor, count: int, gamma: torch.Tensor, beta: torch.Tensor, eps: float):
-    """Batch statistics -> (scale, shift) with BN(y) = y * scale + shift, plus mean and biased var."""
-    mean = stats[0] / count
-    var = (stats[1] / count - mean * mean).clamp_min(0)
+def bn_affine(moments: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float):
+    """Batch (mean, biased var) -> (scale, shift) with BN(y) = y * scale + shift, plus mean and var."""
+    mean, var = moments[0], moments[1].clamp_min(0)
     scale = gamma / torch.sqrt(var + eps)
     return scale, beta - mean * scale, mean, var
 

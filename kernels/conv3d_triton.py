@@ -9,8 +9,9 @@ K is flattened as (tap, channel), so a 1-channel stem (K = 343 for 7^3) wastes n
 padding channels. Any strides are accepted; channels_last_3d inputs (channel stride 1) give
 contiguous loads along K. The forward's optional prologue applies a per-input-channel affine
 map and ReLU while loading (the previous BatchNorm, never written out), and its epilogue adds
-bias, accumulates per-channel sum and sum of squares (fp32 atomics, for the next BatchNorm's
-batch statistics), adds a residual and applies ReLU.
+bias, gathers per-channel batch statistics for the next BatchNorm (each row tile's sum and
+centred sum of squares, merged in fp32 by Chan's rule: deterministic, and exact enough when
+|mean| >> std, where E[y^2] - mean^2 would cancel), adds a residual and applies ReLU.
 """
 from __future__ import annotations
 
@@ -91,10 +92,12 @@ def _conv_fwd(X, Wt, Y, BIAS, RES, SC_IN, SH_IN, STATS,
     if HAS_BIAS:
         acc += tl.load(BIAS + co, mask=comask, other=0.0).to(tl.float32)[None, :]
     valid = mmask[:, None] & comask[None, :]
-    if STATS_ON:  # batch statistics of the convolution's output, for the BatchNorm after it
-        v = tl.where(valid, acc, 0.0)
-        tl.atomic_add(STATS + co, tl.sum(v, 0), mask=comask)
-        tl.atomic_add(STATS + Cout + co, tl.sum(v * v, 0), mask=comask)
+    if STATS_ON:  # this tile's share of the next BatchNorm's batch statistics: its sum and its
+        # centred sum of squares, stored per row tile and merged by Chan's rule (conv3d.merge_moments)
+        s = tl.sum(tl.where(valid, acc, 0.0), 0)
+        dev = tl.where(valid, acc - (s / tl.minimum(M - pid_m * BM, BM).to(tl.float32))[None, :], 0.0)
+        tl.store(STATS + pid_m * 2 * Cout + co, s, mask=comask)
+        tl.store(STATS + pid_m * 2 * Cout + Cout + co, tl.sum(dev * dev, 0), mask=comask)
     if HAS_RES:
         r_off = n[:, None] * srn + co[None, :] * src + od[:, None] * srd + oh[:, None] * srh + ow[:, None] * srw
         acc += tl.load(RES + r_off, mask=valid, other=0.0).to(tl.float32)
