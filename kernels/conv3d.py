@@ -142,7 +142,7 @@ def conv3d_wgrad(x, dy, w_shape, stride, padding, dtype, *, bn_bwd=None, in_scal
     KF = Cin * w_shape[2] * w_shape[3] * w_shape[4]
     P = dy[:, 0].numel()
     t = _tiles(Cout, KF, P)
-    t["BK"] = 16 if INTERPRET else 32  # the reduction runs over positions here
+    t["BK"] = 64 if INTERPRET else 32  # the reduction runs over positions here
     tiles = triton.cdiv(Cout, t["BM"]) * triton.cdiv(KF, t["BN"])
     want = 2 if INTERPRET else max(1, min(triton.cdiv(4 * torch.cuda.get_device_properties(dy.device).multi_processor_count,
                                                       tiles), triton.cdiv(P, 512)))
