@@ -2,6 +2,7 @@
 
     python3 benchmarks/conv_gpu.py OUTDIR [--phases pytest,layers,blocks,tower]   # first call
     python3 benchmarks/conv_gpu.py OUTDIR --phases compile                        # second call
+    python3 benchmarks/conv_gpu.py OUTDIR --phases tiles                          # third call
 
 Phases, each under a share of one wall-clock budget (gpu_call.py):
 - pytest: kernels/test_conv3d.py and test_conv3d_block.py on CUDA (bf16 included, which the
@@ -9,7 +10,10 @@ Phases, each under a share of one wall-clock budget (gpu_call.py):
 - layers, blocks, tower: `ctvlp bench conv` with that part alone (cuDNN eager is the baseline);
 - compile: the tower again with torch.compile(mode="max-autotune"). Its autotuning takes minutes
   for the training graph and again for inference, so it is not a default phase: give it a
-  device call of its own.
+  device call of its own;
+- tiles: each kernel (forward, dgrad, wgrad) of each layer under every tile of the sweep grid
+  (kernels.conv3d.TILE_GRID) against cuDNN's same operation; best_tiles in the record says which
+  tile to make the default. Compiling ~50 variants takes minutes: a call of its own.
 Records go to OUTDIR (copy them to benchmarks/results/). Run it with the device tool as
 `mkdir -p $OUT/conv && python3 benchmarks/conv_gpu.py $OUT/conv 2>&1 | tee $OUT/conv/run.log`.
 """
@@ -38,3 +42,5 @@ for part, cap in (("layers", 100), ("blocks", 120), ("tower", 150)):  # Triton c
         sh(bench + [f"bench.conv_parts=[{part}]", "bench.conv_compile=false"], f"{part}.log", cap)
 if "compile" in phases:
     sh(bench + ["bench.conv_parts=[tower]", "bench.conv_compile=true"], "compile.log", 550)
+if "tiles" in phases:
+    sh(bench + ["bench.conv_parts=[tiles]", "bench.conv_tile_budget_s=420"], "tiles.log", 550)

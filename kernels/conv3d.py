@@ -16,6 +16,7 @@ back in channels_last_3d.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from typing import Optional
 
 import torch
@@ -23,7 +24,7 @@ import torch
 from .conv3d_ref import bn_affine, fold_bn, reference_conv3d, update_running_stats
 
 __all__ = ["conv3d_forward", "conv3d_triton", "conv_block_inference", "reference_conv3d", "bn_affine",
-           "update_running_stats", "fold_bn"]
+           "update_running_stats", "fold_bn", "tile_override", "TILE_GRID"]
 
 
 def _triple(v) -> tuple[int, int, int]:
@@ -36,15 +37,42 @@ def _prec(dtype: torch.dtype) -> str:
     return "tf32" if dtype == torch.float32 and not INTERPRET and torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
-def _tiles(M: int, N: int, K: int) -> dict:
+# Tile shapes (BM, BN, BK, num_warps, num_stages) that `ctvlp bench conv` part `tiles` times on
+# the GPU, kernel by kernel and layer by layer, to choose _tiles' defaults from measurements.
+# The first is today's default for wide layers; every one is tested for correctness.
+TILE_GRID = [(128, 64, 32, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 4),
+             (128, 128, 32, 4, 4), (256, 128, 64, 8, 3)]
+KINDS = ("fwd", "dgrad", "wgrad")
+_override: dict[str, tuple] = {}
+
+
+@contextmanager
+def tile_override(kind: str, tile: tuple):
+    """Run the `kind` kernel ("fwd", "dgrad" or "wgrad") with this (BM, BN, BK, num_warps,
+    num_stages) instead of _tiles' choice, whatever the shape: the tile sweep's handle."""
+    if kind not in KINDS:
+        raise ValueError(f"tile_override: kind must be one of {KINDS}, got {kind!r}")
+    _override[kind] = tuple(tile)
+    try:
+        yield
+    finally:
+        _override.pop(kind, None)
+
+
+def _tiles(kind: str, M: int, N: int, K: int) -> dict:
     """Interpreter: large tiles (its cost is per block operation). GPU: 128 x 64 x 32, narrowed
-    for small channel counts."""
+    for small channel counts. A tile_override wins."""
     from .conv3d_triton import INTERPRET
 
+    if kind in _override:
+        return dict(zip(("BM", "BN", "BK", "num_warps", "num_stages"), _override[kind]))
     if INTERPRET:
         return dict(BM=64, BN=64, BK=64, num_warps=4, num_stages=1)
     bn = 64 if N >= 64 else max(16, 1 << (N - 1).bit_length())
-    return dict(BM=128, BN=bn, BK=32 if K >= 32 else 16, num_warps=4, num_stages=3)
+    bk = 32 if K >= 32 else 16
+    if kind == "wgrad":  # the reduction runs over output positions here
+        bk = 32
+    return dict(BM=128, BN=bn, BK=bk, num_warps=4, num_stages=3)
 
 
 def _out_shape(x_shape, w_shape, stride, padding):
@@ -72,7 +100,7 @@ def conv3d_forward(x, w, bias=None, stride=1, padding=0, *, residual=None, relu=
                     memory_format=torch.channels_last_3d)
     wk = w.to(x.dtype)
     M, K = Nb * Do * Ho * Wo, w[0].numel()
-    t = _tiles(M, Cout, K)
+    t = _tiles("fwd", M, Cout, K)
     st = torch.empty((triton.cdiv(M, t["BM"]), 2, Cout), dtype=torch.float32, device=x.device) if stats else y
     res = residual if residual is not None else y
     sc = in_scale.float().contiguous() if in_scale is not None else y
@@ -121,7 +149,7 @@ def conv3d_dgrad(dy, w, x_shape, stride, padding, dtype, *, bn_bwd=None, residua
     classes = stride[0] * stride[1] * stride[2]  # parity classes of the input positions
     M = Nb * math.prod(-(-v // s) for v, s in zip(x_shape[2:], stride))
     K = Cout * math.prod(-(-k // s) for k, s in zip(w.shape[2:], stride))  # taps per class, at most
-    t = _tiles(M, Cin, K)
+    t = _tiles("dgrad", M, Cin, K)
     grid = (triton.cdiv(M, t["BM"]), triton.cdiv(Cin, t["BN"]), classes)
     _conv_dgrad[grid](dy, yb, wk, dx, al, be, ga, res, yin, sc, sh, mu, st,
                       Nb, Cin, *x_shape[2:], Cout, *dy.shape[2:], *dy.stride(), *wk.stride(), *dx.stride(),
@@ -141,8 +169,7 @@ def conv3d_wgrad(x, dy, w_shape, stride, padding, dtype, *, bn_bwd=None, in_scal
     Cout, Cin = w_shape[:2]
     KF = Cin * w_shape[2] * w_shape[3] * w_shape[4]
     P = dy[:, 0].numel()
-    t = _tiles(Cout, KF, P)
-    t["BK"] = 64 if INTERPRET else 32  # the reduction runs over positions here
+    t = _tiles("wgrad", Cout, KF, P)
     tiles = triton.cdiv(Cout, t["BM"]) * triton.cdiv(KF, t["BN"])
     want = 2 if INTERPRET else max(1, min(triton.cdiv(4 * torch.cuda.get_device_properties(dy.device).multi_processor_count,
                                                       tiles), triton.cdiv(P, 512)))

@@ -83,17 +83,38 @@ def test_bench_loader_writes_result(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_conv_tower_on_cpu_checks_agreement(tmp_path):
+def test_bench_conv_tower_and_tiles_on_cpu_check_agreement(tmp_path):
     """On CPU, `bench conv` runs the Triton kernels in the interpreter and records only whether
-    they agree with torch (the GPU path times them; it needs a lent GPU)."""
+    they agree with torch (the GPU path times them; it needs a lent GPU): the tower, and each
+    kernel of layer1 under every tile of the sweep."""
+    from kernels.conv3d import TILE_GRID
+
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([CTVLP, "bench", "conv", "--quiet", "bench.conv_parts=[tower]", f"bench.results_dir={tmp_path}"],
-                       capture_output=True, text=True, timeout=600, env=env)
+    r = subprocess.run([CTVLP, "bench", "conv", "--quiet", "bench.conv_parts=[tower,tiles]",
+                        f"bench.results_dir={tmp_path}"], capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr
     (res,) = tmp_path.glob("conv-cpu-*.json")
-    (row,) = json.loads(res.read_text())["tower"]
+    rec = json.loads(res.read_text())
+    assert len(rec["tiles"]) == 3 * len(TILE_GRID)
+    assert all(t["rel_err_vs_cudnn"] < 1e-5 for t in rec["tiles"]), rec["tiles"]
+    (row,) = rec["tower"]
     assert row["rel_err_y"] < 1e-4 and row["rel_err_dx"] < 1e-4 and row["rel_err_inference"] < 1e-4
     assert 0 < row["saved_MB_triton"] < 0.9 * row["saved_MB_torch"]  # the fused blocks keep fewer activations
     assert "| tower | impl |" in r.stdout
     bad = run("bench", "conv", "bench.conv_parts=[towr]")
-    assert bad.returncode != 0 and "choose from layers, blocks, tower" in bad.stderr
+    assert bad.returncode != 0 and "choose from layers, blocks, tower, tiles" in bad.stderr
+
+
+def test_best_tiles_picks_the_fastest_and_its_gain_over_the_default():
+    from ctvlp_dist.bench.conv import _tile_name, best_tiles
+    from kernels.conv3d import TILE_GRID
+
+    d, a, b = (_tile_name(t) for t in TILE_GRID[:3])
+    rows = [{"layer": "L", "kernel": "fwd", "tile": d, "ms": 4.0, "tflops": 1.0, "speedup_vs_cudnn": 0.2},
+            {"layer": "L", "kernel": "fwd", "tile": a, "ms": 1.0, "tflops": 4.0, "speedup_vs_cudnn": 0.8},
+            {"layer": "L", "kernel": "fwd", "tile": b, "error": "OutOfResources"},
+            {"layer": "L", "kernel": "wgrad", "tile": d, "skipped": "budget"},
+            {"layer": "L", "kernel": "wgrad", "tile": b, "ms": 2.0, "tflops": 2.0, "speedup_vs_cudnn": 0.5}]
+    fwd, wgrad = best_tiles(rows)
+    assert (fwd["best_tile"], fwd["ms"], fwd["gain_vs_default"]) == (a, 1.0, 4.0)
+    assert wgrad["best_tile"] == b and "gain_vs_default" not in wgrad  # the default was never timed

@@ -6,7 +6,9 @@
 - blocks: each residual block in training mode (conv, BN, ReLU, shortcut), the fused Triton
   block (kernels/conv3d_block.py) against the torch block on cuDNN;
 - tower: the whole ResNet3d18 (k2s2, BN), training step (forward + backward) and inference,
-  against cuDNN eager and, with bench.conv_compile, torch.compile(mode="max-autotune").
+  against cuDNN eager and, with bench.conv_compile, torch.compile(mode="max-autotune");
+- tiles (not a default part): each kernel of each layer under every tile of the sweep grid,
+  against cuDNN's same operation, to choose the tile defaults from measurements.
 
 Batch bench.conv_batch, bf16 on GPU; CUDA events, median; the same run measures the bf16
 matmul and copy ceilings (METHOD.md), and each rate is reported against them. FLOPs are 2 M Cout
@@ -252,6 +254,84 @@ def _tower(batch, dtype, device, ceil, compile_too: bool) -> list[dict]:
     return rows
 
 
+def _tile_sweep(batch, dtype, device, ceil, budget_s: float) -> list[dict]:
+    """Each kernel (forward, dgrad, wgrad) of each non-stem layer under every tile of
+    kernels.conv3d.TILE_GRID, against cuDNN's same operation (F.conv3d, conv3d_input,
+    conv3d_weight): which tile should be the default, and which kernel lags most. Every timed
+    result is checked against cuDNN's. Compiling a tile costs seconds, so once budget_s has passed,
+    the remaining rows are recorded as skipped. CPU: layer1 alone at 1/8 size, agreement only."""
+    import time
+
+    import torch
+    import torch.nn.functional as F
+
+    from kernels.conv3d import KINDS, TILE_GRID, conv3d_dgrad, conv3d_forward, conv3d_wgrad, tile_override
+
+    gpu = device == "cuda"
+    stop = time.time() + budget_s
+    layers = [lay for lay in LAYERS if not lay[0].startswith("stem")][:None if gpu else 1]
+    rows = []
+    for name, cin, cout, sp, k, s, p in layers:
+        if not gpu:
+            cin, cout, sp = max(1, cin // 8), max(1, cout // 8), tuple(max(k, v // 8) for v in sp)
+        x = torch.randn(batch, cin, *sp, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last_3d)
+        w = (torch.randn(cout, cin, k, k, k, device=device) / (cin * k ** 3) ** 0.5).to(dtype)
+        y = F.conv3d(x, w, None, s, p)
+        dy = torch.randn_like(y).contiguous(memory_format=torch.channels_last_3d)
+        s3, p3 = (s,) * 3, (p,) * 3
+        cudnn = {"fwd": lambda: F.conv3d(x, w, None, s, p),
+                 "dgrad": lambda: torch.nn.grad.conv3d_input(x.shape, w, dy, s, p),
+                 "wgrad": lambda: torch.nn.grad.conv3d_weight(x, w.shape, dy, s, p)}
+        ours = {"fwd": lambda: conv3d_forward(x, w, None, s3, p3),
+                "dgrad": lambda: conv3d_dgrad(dy, w, x.shape, s3, p3, x.dtype),
+                "wgrad": lambda: conv3d_wgrad(x, dy, w.shape, s3, p3, w.dtype)}
+        fl = 2 * y[:, 0].numel() * cout * cin * k ** 3  # each of the three is one GEMM of this size
+        for kind in KINDS:
+            want = cudnn[kind]()
+            base = _cuda_ms(cudnn[kind]) if gpu else None
+            for tile in TILE_GRID:
+                row = {"layer": name, "kernel": kind, "tile": _tile_name(tile)}
+                rows.append(row)
+                if time.time() > stop:
+                    row["skipped"] = "budget"
+                    continue
+                try:
+                    with tile_override(kind, tile):
+                        row["rel_err_vs_cudnn"] = _rel(ours[kind](), want)
+                        if gpu:
+                            ms = _cuda_ms(ours[kind])
+                            row.update(ms=round(ms, 3), cudnn_ms=round(base, 3), tflops=round(fl / ms / 1e9, 1),
+                                       frac_of_bf16_matmul=round(fl / ms / 1e9 / ceil["bf16_matmul_tflops"], 3),
+                                       speedup_vs_cudnn=round(base / ms, 3))
+                except Exception as e:  # a tile that does not compile (shared memory) is a finding
+                    row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    return rows
+
+
+def _tile_name(tile) -> str:
+    return "x".join(map(str, tile[:3])) + f" w{tile[3]} s{tile[4]}"
+
+
+def best_tiles(rows: list[dict]) -> list[dict]:
+    """Per (layer, kernel): the fastest tile, and its gain over the default (TILE_GRID's first)."""
+    from kernels.conv3d import TILE_GRID
+
+    out = {}
+    for r in rows:
+        if "ms" not in r:
+            continue
+        b = out.setdefault((r["layer"], r["kernel"]), {"layer": r["layer"], "kernel": r["kernel"], "default_ms": None,
+                                                       "ms": float("inf")})
+        if r["tile"] == _tile_name(TILE_GRID[0]):
+            b["default_ms"] = r["ms"]
+        if r["ms"] < b["ms"]:
+            b.update(best_tile=r["tile"], ms=r["ms"], tflops=r["tflops"], speedup_vs_cudnn=r["speedup_vs_cudnn"])
+    for b in out.values():
+        if b["default_ms"]:
+            b["gain_vs_default"] = round(b["default_ms"] / b["ms"], 3)
+    return list(out.values())
+
+
 def run(cfg, progress: bool = True, argv=None) -> dict:
     import torch
 
@@ -262,9 +342,9 @@ def run(cfg, progress: bool = True, argv=None) -> dict:
     dtype = getattr(torch, cfg.bench.conv_dtype) if gpu else torch.float32
     batch = cfg.bench.conv_batch if gpu else 2
     parts = list(cfg.bench.conv_parts)
-    unknown = set(parts) - {"layers", "blocks", "tower"}
+    unknown = set(parts) - {"layers", "blocks", "tower", "tiles"}
     if unknown:
-        raise ValueError(f"bench.conv_parts: unknown {sorted(unknown)}; choose from layers, blocks, tower")
+        raise ValueError(f"bench.conv_parts: unknown {sorted(unknown)}; choose from layers, blocks, tower, tiles")
     ceil = gpu_ceilings() if gpu else {}
     out = {"batch": batch, "dtype": str(dtype).split(".")[-1], "cudnn": torch.backends.cudnn.version(),
            "ceilings": ceil, "parts": parts}
@@ -285,6 +365,9 @@ def run(cfg, progress: bool = True, argv=None) -> dict:
         out["blocks"] = [show(_block(*b, batch=batch, dtype=dtype, device=device, ceil=ceil)) for b in BLOCKS]
     if "tower" in parts:
         out["tower"] = [show(r) for r in _tower(batch, dtype, device, ceil, cfg.bench.conv_compile and gpu)]
+    if "tiles" in parts:
+        out["tiles"] = [show(r) for r in _tile_sweep(batch if gpu else 1, dtype, device, ceil, cfg.bench.conv_tile_budget_s)]
+        out["best_tiles"] = best_tiles(out["tiles"])
     path = write_result(cfg.bench.results_dir, "conv", out, argv)
     if "rows" in out:
         cols = ["layer", "in", "cin", "cout", "rel_err_vs_torch"] + (
@@ -301,5 +384,9 @@ def run(cfg, progress: bool = True, argv=None) -> dict:
                                             "saved_MB_triton", "saved_MB_torch"]
                              + (["ms", "scans_per_s", "tflops", "frac_of_bf16_matmul", "speedup_vs_cudnn",
                                  "first_call_s"] if gpu else [])))
+    if "tiles" in out:
+        print(markdown_table(out["best_tiles"] if gpu else out["tiles"],
+                             ["layer", "kernel", "best_tile", "ms", "tflops", "speedup_vs_cudnn", "gain_vs_default"] if gpu
+                             else ["layer", "kernel", "tile", "rel_err_vs_cudnn", "error"]))
     print(f"wrote {path}")
     return out

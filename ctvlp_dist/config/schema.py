@@ -108,8 +108,10 @@ class BenchConfig:
     loss_methods: tuple[str, ...] = ("dense", "chunked", "triton")
     conv_batch: int = 8  # bench conv (GPU): scans per layer call
     conv_dtype: str = "bfloat16"  # bench conv (GPU); CPU checks agreement in float32
-    conv_parts: tuple[str, ...] = ("layers", "blocks", "tower")  # bench conv: single convs, BN blocks, whole tower
+    # bench conv: single convs, BN blocks, whole tower; "tiles" (the tile sweep) on request
+    conv_parts: tuple[str, ...] = ("layers", "blocks", "tower")
     conv_compile: bool = True  # bench conv tower (GPU): also torch.compile(mode="max-autotune") of the torch tower
+    conv_tile_budget_s: float = 300.0  # bench conv tiles (GPU): stop compiling new tiles after this long
     train_steps: int = 6  # bench train: optimizer steps of the real loop (the first is warm-up)
     train_crop: Optional[tuple[int, int, int]] = None  # default: loader.crop on GPU, (32, 64, 64) on CPU
     train_micro: int = 2  # bench train: GradCache micro-batch (the plain step runs loader.batch_size at once)
