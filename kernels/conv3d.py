@@ -59,6 +59,21 @@ def tile_override(kind: str, tile: tuple):
         _override.pop(kind, None)
 
 
+_captured: Optional[list] = None  # while compile_report.capture runs: launches recorded, not run
+
+
+def _launch(kernel, grid, *args, **meta):
+    if _captured is not None:
+        _captured.append((kernel, grid, args, meta))
+    else:
+        kernel[grid](*args, **meta)
+
+
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors; off the GPU (a compile report), the H100 SXM's 132."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
 def _tiles(kind: str, M: int, N: int, K: int) -> dict:
     """Interpreter: large tiles (its cost is per block operation). GPU: 128 x 64 x 32, narrowed
     for small channel counts. A tile_override wins."""
@@ -98,7 +113,7 @@ def conv3d_forward(x, w, bias=None, stride=1, padding=0, *, residual=None, relu=
     Do, Ho, Wo = _out_shape(x.shape, w.shape, stride, padding)
     y = torch.empty((Nb, Cout, Do, Ho, Wo), dtype=out_dtype or x.dtype, device=x.device,
                     memory_format=torch.channels_last_3d)
-    wk = w.to(x.dtype)
+    wk = w.to(x.dtype).permute(0, 2, 3, 4, 1).contiguous()  # [Cout, (kd, kh, kw, ci)]: K-contiguous
     M, K = Nb * Do * Ho * Wo, w[0].numel()
     t = _tiles("fwd", M, Cout, K)
     st = torch.empty((triton.cdiv(M, t["BM"]), 2, Cout), dtype=torch.float32, device=x.device) if stats else y
@@ -106,8 +121,8 @@ def conv3d_forward(x, w, bias=None, stride=1, padding=0, *, residual=None, relu=
     sc = in_scale.float().contiguous() if in_scale is not None else y
     sh = in_shift.float().contiguous() if in_shift is not None else y
     grid = (triton.cdiv(M, t["BM"]), triton.cdiv(Cout, t["BN"]))
-    _conv_fwd[grid](x, wk, y, bias if bias is not None else y, res, sc, sh, st,
-                    Nb, Cin, *x.shape[2:], Cout, Do, Ho, Wo, *x.stride(), *wk.stride(), *y.stride(), *res.stride(),
+    _launch(_conv_fwd, grid, x, wk, y, bias if bias is not None else y, res, sc, sh, st,
+                    Nb, Cin, *x.shape[2:], Cout, Do, Ho, Wo, *x.stride(), *y.stride(), *res.stride(),
                     *stride, *padding, *w.shape[2:], HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=relu,
                     STATS_ON=stats, PROLOGUE=in_scale is not None, PREC=_prec(x.dtype), **t)
     return (y, merge_moments(st, M, t["BM"])) if stats else y
@@ -138,7 +153,7 @@ def conv3d_dgrad(dy, w, x_shape, stride, padding, dtype, *, bn_bwd=None, residua
     Nb, Cin = x_shape[:2]
     Cout = w.shape[0]
     dx = torch.empty(x_shape, dtype=dtype, device=dy.device, memory_format=torch.channels_last_3d)
-    wk = w.to(dy.dtype)
+    wk = w.to(dy.dtype).permute(2, 3, 4, 0, 1).contiguous()  # [kd, kh, kw, Cout, Cin]: Cin-contiguous rows
     yb, al, be, ga = _bn_bwd_args(dy, bn_bwd, dx)
     res = _same_layout(dx, residual) if residual is not None else dx
     if relu_bn is not None:
@@ -151,8 +166,8 @@ def conv3d_dgrad(dy, w, x_shape, stride, padding, dtype, *, bn_bwd=None, residua
     K = Cout * math.prod(-(-k // s) for k, s in zip(w.shape[2:], stride))  # taps per class, at most
     t = _tiles("dgrad", M, Cin, K)
     grid = (triton.cdiv(M, t["BM"]), triton.cdiv(Cin, t["BN"]), classes)
-    _conv_dgrad[grid](dy, yb, wk, dx, al, be, ga, res, yin, sc, sh, mu, st,
-                      Nb, Cin, *x_shape[2:], Cout, *dy.shape[2:], *dy.stride(), *wk.stride(), *dx.stride(),
+    _launch(_conv_dgrad, grid, dy, yb, wk, dx, al, be, ga, res, yin, sc, sh, mu, st,
+                      Nb, Cin, *x_shape[2:], Cout, *dy.shape[2:], *dy.stride(), *dx.stride(),
                       *stride, *padding, *w.shape[2:], BN_BWD=bn_bwd is not None, HAS_RES=residual is not None,
                       RELU_BN=relu_bn is not None, PREC=_prec(dy.dtype), **t)
     return (dx, st) if relu_bn is not None else dx
@@ -171,15 +186,14 @@ def conv3d_wgrad(x, dy, w_shape, stride, padding, dtype, *, bn_bwd=None, in_scal
     P = dy[:, 0].numel()
     t = _tiles("wgrad", Cout, KF, P)
     tiles = triton.cdiv(Cout, t["BM"]) * triton.cdiv(KF, t["BN"])
-    want = 2 if INTERPRET else max(1, min(triton.cdiv(4 * torch.cuda.get_device_properties(dy.device).multi_processor_count,
-                                                      tiles), triton.cdiv(P, 512)))
+    want = 2 if INTERPRET else max(1, min(triton.cdiv(4 * _sm_count(dy.device), tiles), triton.cdiv(P, 512)))
     p_per = triton.cdiv(triton.cdiv(P, want), t["BK"]) * t["BK"]
     Q = triton.cdiv(P, p_per)
     part = torch.empty((Q, Cout, KF), dtype=torch.float32, device=dy.device)
     xk = x.to(dy.dtype)
     yb, al, be, ga = _bn_bwd_args(dy, bn_bwd, part)
     sc, sh = (in_scale, in_shift) if in_scale is not None else (part, part)
-    _conv_wgrad[(triton.cdiv(Cout, t["BM"]), triton.cdiv(KF, t["BN"]), Q)](
+    _launch(_conv_wgrad, (triton.cdiv(Cout, t["BM"]), triton.cdiv(KF, t["BN"]), Q),
         xk, dy, yb, part, al, be, ga, sc, sh, x.shape[0], Cin, *x.shape[2:], Cout, *dy.shape[2:], *xk.stride(),
         *dy.stride(), p_per, *stride, *padding, *w_shape[2:], BN_BWD=bn_bwd is not None,
         PROLOGUE=in_scale is not None, PREC=_prec(dy.dtype), **t)

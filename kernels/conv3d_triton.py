@@ -6,7 +6,11 @@ All three are one GEMM whose operand rows are gathered on the fly, never an im2c
   K = taps x Cout, where a tap contributes only if (i + pad - k) is a multiple of the stride;
 - wgrad: M = Cout, N = taps x Cin, K = output positions, split over programs.
 K is flattened as (tap, channel), so a 1-channel stem (K = 343 for 7^3) wastes no lanes on
-padding channels. Any strides are accepted; channels_last_3d inputs (channel stride 1) give
+padding channels. The weight comes in the GEMM's own layout, so its tile loads are contiguous,
+vectorised and pipelined (cp.async) like the activations': [Cout, taps x Cin] for the forward,
+[taps, Cout, Cin] for the dgrad (conv3d.py permutes it; the weights are small). In the torch
+layout [Cout, Cin, kd, kh, kw] every element of the tile was a scalar load, synchronous, the
+tensor cores waiting on it (seen in the sm_90 TTGIR: benchmarks/ptx_report.py). Any strides are accepted; channels_last_3d inputs (channel stride 1) give
 contiguous loads along K. The forward's optional prologue applies a per-input-channel affine
 map and ReLU while loading (the previous BatchNorm, never written out), and its epilogue adds
 bias, gathers per-channel batch statistics for the next BatchNorm (each row tile's sum and
@@ -59,7 +63,7 @@ def _in_tap(od, oh, ow, kd, kh, kw, Di, Hi, Wi, sxd, sxh, sxw, SD: tl.constexpr,
 @triton.jit
 def _conv_fwd(X, Wt, Y, BIAS, RES, SC_IN, SH_IN, STATS,
               Nb, Cin, Di, Hi, Wi, Cout, Do, Ho, Wo,
-              sxn, sxc, sxd, sxh, sxw, swo, swc, swd, swh, sww,
+              sxn, sxc, sxd, sxh, sxw,
               syn, syc, syd, syh, syw, srn, src, srd, srh, srw,
               SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PD, PH, PW,
               KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
@@ -86,8 +90,7 @@ def _conv_fwd(X, Wt, Y, BIAS, RES, SC_IN, SH_IN, STATS,
             sc = tl.load(SC_IN + ci, mask=kmask, other=0.0)
             sh = tl.load(SH_IN + ci, mask=kmask, other=0.0)
             a = tl.where(amask, tl.maximum(a.to(tl.float32) * sc[None, :] + sh[None, :], 0.0), 0.0).to(X.dtype.element_ty)
-        b = tl.load(Wt + co[None, :] * swo + ci[:, None] * swc + kd[:, None] * swd + kh[:, None] * swh + kw[:, None] * sww,
-                    mask=kmask[:, None] & comask[None, :], other=0.0)
+        b = tl.load(Wt + co[None, :] * K + k[:, None], mask=kmask[:, None] & comask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PREC)
     if HAS_BIAS:
         acc += tl.load(BIAS + co, mask=comask, other=0.0).to(tl.float32)[None, :]
@@ -121,7 +124,7 @@ def _bn_bwd_prologue(dz, y, ok, co, cmask, AL, BE, GA):
 @triton.jit
 def _conv_dgrad(DY, YB, Wt, DX, AL, BE, GA, RES, YIN, SC_IN, SH_IN, MU_IN, STATS,
                 Nb, Cin, Di, Hi, Wi, Cout, Do, Ho, Wo,
-                syn, syc, syd, syh, syw, swo, swc, swd, swh, sww, sxn, sxc, sxd, sxh, sxw,
+                syn, syc, syd, syh, syw, sxn, sxc, sxd, sxh, sxw,
                 SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PD, PH, PW,
                 KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                 BN_BWD: tl.constexpr, HAS_RES: tl.constexpr, RELU_BN: tl.constexpr,
@@ -174,8 +177,8 @@ def _conv_dgrad(DY, YB, Wt, DX, AL, BE, GA, RES, YIN, SC_IN, SH_IN, MU_IN, STATS
         if BN_BWD:
             yb = tl.load(YB + dy_off, mask=ok, other=0.0)
             a = _bn_bwd_prologue(a, yb, ok, co[None, :], kmask[None, :], AL, BE, GA).to(DY.dtype.element_ty)
-        b = tl.load(Wt + co[:, None] * swo + ci[None, :] * swc + kd[:, None] * swd + kh[:, None] * swh + kw[:, None] * sww,
-                    mask=kmask[:, None] & cimask[None, :], other=0.0)
+        row = ((kd * KH + kh) * KW + kw) * Cout + co  # in the [taps, Cout, Cin] weight: rows of Cin
+        b = tl.load(Wt + row[:, None] * Cin + ci[None, :], mask=kmask[:, None] & cimask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PREC)
     x_off = n[:, None] * sxn + ci[None, :] * sxc + i_d[:, None] * sxd + i_h[:, None] * sxh + i_w[:, None] * sxw
     valid = mmask[:, None] & cimask[None, :]

@@ -8,7 +8,9 @@
 - tower: the whole ResNet3d18 (k2s2, BN), training step (forward + backward) and inference,
   against cuDNN eager and, with bench.conv_compile, torch.compile(mode="max-autotune");
 - tiles (not a default part): each kernel of each layer under every tile of the sweep grid,
-  against cuDNN's same operation, to choose the tile defaults from measurements.
+  against cuDNN's same operation, to choose the tile defaults from measurements;
+- ptx (not a default part; any machine, no GPU): the block's kernels compiled for sm_90a, and
+  what the compiler made of them (kernels/compile_report.py).
 
 Batch bench.conv_batch, bf16 on GPU; CUDA events, median; the same run measures the bf16
 matmul and copy ceilings (METHOD.md), and each rate is reported against them. FLOPs are 2 M Cout
@@ -21,6 +23,7 @@ size (blocks and tower also at 1/8 of the channels).
 from __future__ import annotations
 
 import math
+import os
 
 from .record import markdown_table, write_result
 
@@ -332,6 +335,30 @@ def best_tiles(rows: list[dict]) -> list[dict]:
     return list(out.values())
 
 
+def _ptx_rows() -> list[dict]:
+    """Static facts of the block's four GEMM launches compiled for sm_90a (no GPU needed): each
+    3^3 layer of the seed tower at the default tile, and layer1 under every tile of the sweep.
+    What it shows: wgmma in use, operand tiles loaded by pipelined async copies (none by
+    synchronous loads), registers, spills and shared memory per tile."""
+    from kernels.compile_report import conv_block_launches, report
+    from kernels.conv3d import KINDS, TILE_GRID, tile_override
+
+    rows = []
+    for i, (name, cin, cout, sp, k, s, p) in enumerate(lay for lay in LAYERS if lay[4] == 3):
+        for tile in TILE_GRID if i == 0 else TILE_GRID[:1]:
+            overrides = [tile_override(kind, tile) for kind in KINDS]
+            for o in overrides:
+                o.__enter__()
+            try:
+                launches = conv_block_launches(cin, cout, sp, 8, stride=s)
+            finally:
+                for o in overrides:
+                    o.__exit__(None, None, None)
+            for variant, launch in launches.items():
+                rows.append({"layer": name, "variant": variant, "tile": _tile_name(tile), **report(*launch)})
+    return rows
+
+
 def run(cfg, progress: bool = True, argv=None) -> dict:
     import torch
 
@@ -342,9 +369,12 @@ def run(cfg, progress: bool = True, argv=None) -> dict:
     dtype = getattr(torch, cfg.bench.conv_dtype) if gpu else torch.float32
     batch = cfg.bench.conv_batch if gpu else 2
     parts = list(cfg.bench.conv_parts)
-    unknown = set(parts) - {"layers", "blocks", "tower", "tiles"}
+    unknown = set(parts) - {"layers", "blocks", "tower", "tiles", "ptx"}
     if unknown:
-        raise ValueError(f"bench.conv_parts: unknown {sorted(unknown)}; choose from layers, blocks, tower, tiles")
+        raise ValueError(f"bench.conv_parts: unknown {sorted(unknown)}; choose from layers, blocks, tower, tiles, ptx")
+    if "ptx" in parts and os.environ.get("TRITON_INTERPRET") == "1":
+        raise ValueError("bench.conv_parts=[ptx] compiles for sm_90a and needs the kernels compiled, not interpreted: "
+                         "run it without TRITON_INTERPRET=1")
     ceil = gpu_ceilings() if gpu else {}
     out = {"batch": batch, "dtype": str(dtype).split(".")[-1], "cudnn": torch.backends.cudnn.version(),
            "ceilings": ceil, "parts": parts}
@@ -368,6 +398,9 @@ def run(cfg, progress: bool = True, argv=None) -> dict:
     if "tiles" in parts:
         out["tiles"] = [show(r) for r in _tile_sweep(batch if gpu else 1, dtype, device, ceil, cfg.bench.conv_tile_budget_s)]
         out["best_tiles"] = best_tiles(out["tiles"])
+    if "ptx" in parts:
+        out["ptx_target"] = "sm_90a (H100), bf16, batch 8 at the 96x192x192 crop; compiled here, static facts, no timing"
+        out["ptx"] = [show(r) for r in _ptx_rows()]
     path = write_result(cfg.bench.results_dir, "conv", out, argv)
     if "rows" in out:
         cols = ["layer", "in", "cin", "cout", "rel_err_vs_torch"] + (
@@ -388,5 +421,8 @@ def run(cfg, progress: bool = True, argv=None) -> dict:
         print(markdown_table(out["best_tiles"] if gpu else out["tiles"],
                              ["layer", "kernel", "best_tile", "ms", "tflops", "speedup_vs_cudnn", "gain_vs_default"] if gpu
                              else ["layer", "kernel", "tile", "rel_err_vs_cudnn", "error"]))
+    if "ptx" in out:
+        print(markdown_table(out["ptx"], ["layer", "variant", "tile", "wgmma", "loop_async_loads", "loop_sync_tile_loads",
+                                          "registers", "spill_store_bytes", "shared_bytes"]))
     print(f"wrote {path}")
     return out

@@ -1,0 +1,130 @@
+"""What the compiler makes of a kernel for a GPU we do not have: Triton compiles for sm_90a on
+any machine (its wheel carries ptxas), so how each tile is loaded, whether the tensor cores are
+driven by wgmma, and the registers, spills and shared memory can be read without a device.
+
+    launches = capture(conv3d_forward, x_meta, w_meta, ...)   # meta tensors: no memory, no GPU
+    report(*launches[0])  -> {"wgmma": 8, "loop_async_loads": 6, "loop_sync_tile_loads": 0, ...}
+
+A synchronous 2-D load inside the GEMM loop means the tensor cores wait on scalar loads every
+step (the torch weight layout did this to the forward and dgrad); an async copy is pipelined
+over num_stages. Static facts, not speed: the speed is for the GPU benchmark to measure.
+Needs a process without TRITON_INTERPRET (the kernels must be JIT functions, not interpreted).
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from contextlib import contextmanager
+
+import torch
+
+from . import conv3d
+
+
+@contextmanager
+def _capturing():
+    conv3d._captured = []
+    try:
+        yield conv3d._captured
+    finally:
+        conv3d._captured = None
+
+
+def capture(fn, *args, **kw) -> list:
+    """Run `fn` (a conv3d entry point) with its kernel launches recorded, not executed:
+    [(kernel, grid, args, meta)]. Meta tensors keep shapes and strides at no cost."""
+    with _capturing() as launches:
+        fn(*args, **kw)
+    return list(launches)
+
+
+def _signature(kernel, args, meta):
+    """The specialisation Triton's JIT would make: tensors are 16-byte aligned pointers; ints
+    divisible by 16 carry that fact; ints equal to 1 and None become constants."""
+    from triton.compiler import ASTSource
+
+    names = list(kernel.arg_names)
+    sig, consts, attrs = {}, {}, {}
+    values = dict(zip(names, args), **{k: v for k, v in meta.items() if k in names})
+    for i, name in enumerate(names):
+        v = values[name]
+        if name in meta or v is None or (isinstance(v, int) and not isinstance(v, bool) and v == 1):
+            sig[name], consts[(i,)] = "constexpr", v
+        elif isinstance(v, torch.Tensor):
+            sig[name] = "*" + {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[v.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name] = "i32" if abs(v) < 2 ** 31 else "i64"
+            if v % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return ASTSource(kernel, sig, consts, attrs)
+
+
+def _loop_lines(ttgir: str) -> list[str]:
+    """The TTGIR lines inside scf.for bodies (the GEMM's K loop)."""
+    out, depth = [], 0
+    for line in ttgir.splitlines():
+        if depth == 0 and "scf.for" in line:
+            depth = line.count("{") - line.count("}")
+            continue
+        if depth > 0:
+            depth += line.count("{") - line.count("}")
+            out.append(line)
+    return out
+
+
+def report(kernel, grid, args, meta, arch: int = 90) -> dict:
+    """Compile for sm_<arch>a and read the TTGIR and ptxas's resource line."""
+    import triton
+    import triton.backends.nvidia as nv
+    from triton.backends.compiler import GPUTarget
+
+    opts = {k: meta[k] for k in ("num_warps", "num_stages") if k in meta}
+    kmeta = {k: v for k, v in meta.items() if k not in opts}
+    k = triton.compile(_signature(kernel, args, kmeta), target=GPUTarget("cuda", arch, 128), options=opts)
+    loop = _loop_lines(k.asm["ttgir"])
+    ptx = k.asm["ptx"]
+    out = {"kernel": kernel.__name__, **{n: meta[n] for n in ("BM", "BN", "BK", "num_warps", "num_stages") if n in meta},
+           "grid": list(grid), "wgmma": ptx.count("wgmma.mma_async"), "mma_sync": ptx.count("mma.sync"),
+           "loop_async_loads": sum("async_copy_global_to_local" in ln for ln in loop),
+           "loop_sync_tile_loads": sum(bool(re.search(r"tt\.load .*tensor<\d+x\d+x!tt\.ptr", ln)) for ln in loop),
+           "shared_bytes": k.metadata.shared}
+    ptxas = os.path.join(os.path.dirname(nv.__file__), "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        r = subprocess.run([ptxas, f"-arch=sm_{arch}a", "-v", src, "-o", os.path.join(d, "k.cubin")],
+                           capture_output=True, text=True)
+    regs = re.search(r"Used (\d+) registers", r.stderr)
+    spill = re.search(r"(\d+) bytes spill stores", r.stderr)
+    out.update(registers=int(regs.group(1)) if regs else None, spill_store_bytes=int(spill.group(1)) if spill else None)
+    return out
+
+
+def conv_block_launches(cin: int, cout: int, spatial, batch: int, stride: int = 1, dtype=torch.bfloat16) -> dict:
+    """The GEMM launches of one BasicBlock conv (3^3, padding 1) as the fused block makes them:
+    forward plain and with the BN-ReLU prologue + statistics; dgrad with the BN backward on dY
+    and the ReLU/BN-reduction epilogue; wgrad with the BN backward and the prologue on X."""
+    from .conv3d import conv3d_dgrad, conv3d_forward, conv3d_wgrad
+
+    def t(*shape, dt=dtype):
+        return torch.empty(shape, dtype=dt, device="meta").contiguous(memory_format=torch.channels_last_3d)
+
+    x = t(batch, cin, *spatial)
+    w = torch.empty(cout, cin, 3, 3, 3, dtype=dtype, device="meta")
+    s3, p3 = (stride,) * 3, (1,) * 3
+    with _capturing():
+        y = conv3d_forward(x, w, None, s3, p3)  # its shape and layout only
+    vin, vout = (torch.empty(c, device="meta") for c in (cin, cout))
+    return {
+        "fwd": capture(conv3d_forward, x, w, None, s3, p3)[0],
+        "fwd+bn_prologue+stats": capture(conv3d_forward, x, w, None, s3, p3, in_scale=vin, in_shift=vin,
+                                         stats=True)[0],
+        "dgrad+bn_bwd+relu_bn": capture(conv3d_dgrad, y, w, x.shape, s3, p3, dtype, bn_bwd=(y, vout, vout, vout),
+                                        relu_bn=(x, vin, vin, vin))[0],
+        "wgrad+bn_bwd+prologue": capture(conv3d_wgrad, x, y, w.shape, s3, p3, dtype, bn_bwd=(y, vout, vout, vout),
+                                         in_scale=vin, in_shift=vin)[0],
+    }
