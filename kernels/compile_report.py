@@ -20,24 +20,26 @@ from contextlib import contextmanager
 
 import torch
 
-from . import conv3d
-
 
 @contextmanager
 def _capturing():
-    conv3d._captured = []
+    """Every `kernel[grid](...)` launch is recorded, not run."""
+    from triton.runtime.jit import KernelInterface
+
+    launches, launch = [], KernelInterface.__getitem__
+    KernelInterface.__getitem__ = lambda kernel, grid: lambda *a, **kw: launches.append((kernel, grid, a, kw))
     try:
-        yield conv3d._captured
+        yield launches
     finally:
-        conv3d._captured = None
+        KernelInterface.__getitem__ = launch
 
 
 def capture(fn, *args, **kw) -> list:
-    """Run `fn` (a conv3d entry point) with its kernel launches recorded, not executed:
+    """Run `fn` (a kernel entry point) with its kernel launches recorded, not executed:
     [(kernel, grid, args, meta)]. Meta tensors keep shapes and strides at no cost."""
     with _capturing() as launches:
         fn(*args, **kw)
-    return list(launches)
+    return launches
 
 
 def _signature(kernel, args, meta):
@@ -53,7 +55,8 @@ def _signature(kernel, args, meta):
         if name in meta or v is None or (isinstance(v, int) and not isinstance(v, bool) and v == 1):
             sig[name], consts[(i,)] = "constexpr", v
         elif isinstance(v, torch.Tensor):
-            sig[name] = "*" + {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[v.dtype]
+            sig[name] = "*" + {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
+                               torch.int64: "i64"}[v.dtype]
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             sig[name] = "i32" if abs(v) < 2 ** 31 else "i64"
@@ -128,3 +131,15 @@ def conv_block_launches(cin: int, cout: int, spatial, batch: int, stride: int = 
         "wgrad+bn_bwd+prologue": capture(conv3d_wgrad, x, y, w.shape, s3, p3, dtype, bn_bwd=(y, vout, vout, vout),
                                          in_scale=vin, in_shift=vin)[0],
     }
+
+
+def loss_backward_launches(b: int, d: int, dtype=torch.bfloat16) -> dict:
+    """The contrastive loss's two backward passes (dI over row blocks, dT over column blocks) at
+    batch b, width d, with the GPU's default backward tile."""
+    from .contrastive_triton import pick_tiles, triton_backward
+
+    I = torch.empty(b, d, dtype=dtype, device="meta")
+    g = torch.empty(b, dtype=torch.int32, device="meta")
+    lse, s = torch.empty(b, device="meta"), torch.empty(1, device="meta")
+    rows, cols = capture(triton_backward, I, I, s, g, g, lse, lse, lse, 1.0 / b, tiles=pick_tiles(d, dtype, "bwd"))
+    return {"rows (dI)": rows, "cols (dT)": cols}

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import num_sms
 from .contrastive_ref import merge_column_stats
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -105,6 +106,22 @@ def _g_tile(S, rows, cols, rmask, cmask, LSE_R, LSE_C, NPOS, G_R, G_C):
 
 
 @triton.jit
+def _g_tile_t(St, rows, cols, rmask, cmask, LSE_R, LSE_C, NPOS, G_R, G_C):
+    """_g_tile transposed, from S^T [cols, rows]: G^T comes out in the layout of the dT dot's
+    left operand, so no register tile is transposed (on sm_90 that cost a shared-memory round
+    trip and spilled 544 bytes per thread in the column pass)."""
+    lr = tl.load(LSE_R + rows, mask=rmask, other=0.0)
+    lc = tl.load(LSE_C + cols, mask=cmask, other=0.0)
+    npos = tl.load(NPOS + rows, mask=rmask, other=1.0)
+    g_r = tl.load(G_R + rows, mask=rmask, other=-1)
+    g_c = tl.load(G_C + cols, mask=cmask, other=-2)
+    valid = cmask[:, None] & rmask[None, :]
+    p = 0.5 * (tl.exp(St - lr[None, :]) + tl.exp(St - lc[:, None]))
+    t = tl.where(g_c[:, None] == g_r[None, :], 1.0 / npos[None, :], 0.0)
+    return tl.where(valid, p - t, 0.0)
+
+
+@triton.jit
 def _bwd_rows(I, T, G_R, G_C, LSE_R, LSE_C, NPOS, DI, GS, scale_ptr, coef_ptr, B_R, B_C, D, sI, sT, sDI, CB_PER,
               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, FULL: tl.constexpr,
               PREC: tl.constexpr, GSCALE: tl.constexpr):
@@ -163,12 +180,12 @@ def _bwd_cols(I, T, G_R, G_C, LSE_R, LSE_C, NPOS, DT, scale_ptr, coef_ptr, B_R, 
         rows = rb * BM + tl.arange(0, BM)
         rmask = rows < B_R
         a = tl.load(I + rows[:, None] * sI + dd[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
-        if FULL:
-            S = tl.dot(a, tl.trans(t), input_precision=PREC) * s
+        if FULL:  # S^T = T I^T, computed as such
+            St = tl.dot(t, tl.trans(a), input_precision=PREC) * s
         else:
-            S = _s_tile(I, T, rows, cols, rmask, cmask, s, D, sI, sT, BM, BN, BK, PREC)
-        G = _g_tile(S, rows, cols, rmask, cmask, LSE_R, LSE_C, NPOS, G_R, G_C)
-        acc = tl.dot(tl.trans((G * GSCALE).to(a.dtype)), a, acc, input_precision=PREC)
+            St = _s_tile(T, I, cols, rows, cmask, rmask, s, D, sT, sI, BN, BM, BK, PREC)
+        Gt = _g_tile_t(St, rows, cols, rmask, cmask, LSE_R, LSE_C, NPOS, G_R, G_C)
+        acc = tl.dot((Gt * GSCALE).to(a.dtype), a, acc, input_precision=PREC)
     out = DT + q * B_C * sDT + cols[:, None] * sDT + dd[None, :]
     tl.store(out, (acc * (s * coef / GSCALE)).to(DT.dtype.element_ty), mask=cmask[:, None] & dmask[None, :])
 
@@ -356,10 +373,6 @@ def tiles_for(I, T, s, g_rows, g_cols, tf32: bool, which: str) -> dict:
     return autotune(I, T, s, g_rows, g_cols, tf32, which)
 
 
-def _num_sms(device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 PART_BYTES = 1 << 30  # the forward's [P, b_c] column partials stay under this at any b
 SPLIT_BYTES = 256 << 20  # fp32 gradient partials of a split backward stay under this
 
@@ -376,7 +389,7 @@ def _fwd_grid(n_rb: int, n_cb: int, b_c: int, device) -> tuple[int, int, int]:
     uses 2 x 2 so the merges are exercised in CI."""
     if INTERPRET:
         return (min(n_rb, 2), *_split(n_cb, 2))
-    sms = _num_sms(device)
+    sms = num_sms(device)
     P = max(1, min(n_rb, 2 * sms, PART_BYTES // (8 * b_c)))
     return (P, *_split(n_cb, triton.cdiv(4 * sms, P)))
 
@@ -385,7 +398,7 @@ def _bwd_split(n_blocks: int, n_other: int, n_dc: int, b_out: int, D: int, devic
     """Split the reduction loop of a backward pass when its grid alone would leave SMs idle."""
     if INTERPRET:
         return _split(n_other, 2)
-    want = min(triton.cdiv(4 * _num_sms(device), n_blocks * n_dc), max(1, SPLIT_BYTES // (4 * b_out * D)))
+    want = min(triton.cdiv(4 * num_sms(device), n_blocks * n_dc), max(1, SPLIT_BYTES // (4 * b_out * D)))
     return _split(n_other, want)
 
 

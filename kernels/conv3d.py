@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 
+from ._device import num_sms
 from .conv3d_ref import bn_affine, fold_bn, reference_conv3d, update_running_stats
 
 __all__ = ["conv3d_forward", "conv3d_triton", "conv_block_inference", "reference_conv3d", "bn_affine",
@@ -57,21 +58,6 @@ def tile_override(kind: str, tile: tuple):
         yield
     finally:
         _override.pop(kind, None)
-
-
-_captured: Optional[list] = None  # while compile_report.capture runs: launches recorded, not run
-
-
-def _launch(kernel, grid, *args, **meta):
-    if _captured is not None:
-        _captured.append((kernel, grid, args, meta))
-    else:
-        kernel[grid](*args, **meta)
-
-
-def _sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors; off the GPU (a compile report), the H100 SXM's 132."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
 def _tiles(kind: str, M: int, N: int, K: int) -> dict:
@@ -121,7 +107,7 @@ def conv3d_forward(x, w, bias=None, stride=1, padding=0, *, residual=None, relu=
     sc = in_scale.float().contiguous() if in_scale is not None else y
     sh = in_shift.float().contiguous() if in_shift is not None else y
     grid = (triton.cdiv(M, t["BM"]), triton.cdiv(Cout, t["BN"]))
-    _launch(_conv_fwd, grid, x, wk, y, bias if bias is not None else y, res, sc, sh, st,
+    _conv_fwd[grid](x, wk, y, bias if bias is not None else y, res, sc, sh, st,
                     Nb, Cin, *x.shape[2:], Cout, Do, Ho, Wo, *x.stride(), *y.stride(), *res.stride(),
                     *stride, *padding, *w.shape[2:], HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=relu,
                     STATS_ON=stats, PROLOGUE=in_scale is not None, PREC=_prec(x.dtype), **t)
@@ -166,7 +152,7 @@ def conv3d_dgrad(dy, w, x_shape, stride, padding, dtype, *, bn_bwd=None, residua
     K = Cout * math.prod(-(-k // s) for k, s in zip(w.shape[2:], stride))  # taps per class, at most
     t = _tiles("dgrad", M, Cin, K)
     grid = (triton.cdiv(M, t["BM"]), triton.cdiv(Cin, t["BN"]), classes)
-    _launch(_conv_dgrad, grid, dy, yb, wk, dx, al, be, ga, res, yin, sc, sh, mu, st,
+    _conv_dgrad[grid](dy, yb, wk, dx, al, be, ga, res, yin, sc, sh, mu, st,
                       Nb, Cin, *x_shape[2:], Cout, *dy.shape[2:], *dy.stride(), *dx.stride(),
                       *stride, *padding, *w.shape[2:], BN_BWD=bn_bwd is not None, HAS_RES=residual is not None,
                       RELU_BN=relu_bn is not None, PREC=_prec(dy.dtype), **t)
@@ -186,14 +172,14 @@ def conv3d_wgrad(x, dy, w_shape, stride, padding, dtype, *, bn_bwd=None, in_scal
     P = dy[:, 0].numel()
     t = _tiles("wgrad", Cout, KF, P)
     tiles = triton.cdiv(Cout, t["BM"]) * triton.cdiv(KF, t["BN"])
-    want = 2 if INTERPRET else max(1, min(triton.cdiv(4 * _sm_count(dy.device), tiles), triton.cdiv(P, 512)))
+    want = 2 if INTERPRET else max(1, min(triton.cdiv(4 * num_sms(dy.device), tiles), triton.cdiv(P, 512)))
     p_per = triton.cdiv(triton.cdiv(P, want), t["BK"]) * t["BK"]
     Q = triton.cdiv(P, p_per)
     part = torch.empty((Q, Cout, KF), dtype=torch.float32, device=dy.device)
     xk = x.to(dy.dtype)
     yb, al, be, ga = _bn_bwd_args(dy, bn_bwd, part)
     sc, sh = (in_scale, in_shift) if in_scale is not None else (part, part)
-    _launch(_conv_wgrad, (triton.cdiv(Cout, t["BM"]), triton.cdiv(KF, t["BN"]), Q),
+    _conv_wgrad[(triton.cdiv(Cout, t["BM"]), triton.cdiv(KF, t["BN"]), Q)](
         xk, dy, yb, part, al, be, ga, sc, sh, x.shape[0], Cin, *x.shape[2:], Cout, *dy.shape[2:], *xk.stride(),
         *dy.stride(), p_per, *stride, *padding, *w_shape[2:], BN_BWD=bn_bwd is not None,
         PROLOGUE=in_scale is not None, PREC=_prec(dy.dtype), **t)

@@ -52,11 +52,12 @@ def test_cpu_fp32_against_fp64(impl, b, d, grouped, scale):
 
 
 @pytest.mark.skipif("triton" not in CPU_IMPLS, reason="needs the Triton interpreter")
-@pytest.mark.parametrize("tiles,d,full", [("32,32,32,64,4,1,0", 300, False), ("32,32,64,64,4,1,1", 200, True)])
+@pytest.mark.parametrize("tiles,d,full", [("32,32,32,64,4,1,0", 300, False), ("32,32,64,64,4,1,1", 200, True),
+                                          ("64,32,32,64,4,1,0", 300, False), ("32,64,64,64,4,1,1", 200, True)])
 def test_tile_variants(monkeypatch, tiles, d, full):
     """Chunked d (BD=64 < d: S recomputed per chunk) and FULL (one d chunk, no K loop; fp32 rows
     up to 256 wide); 32-row tiles give 5 row and column blocks, so the strided programs and both
-    splits are exercised."""
+    splits are exercised. BM != BN: the column pass works on S^T, so a swapped tile side shows."""
     from kernels.contrastive_triton import pick_tiles
 
     monkeypatch.setenv("CTVLP_CLIP_TILES", tiles)
