@@ -90,34 +90,25 @@ def _fwd(I, T, G_R, G_C, M_R, L_R, POS, CMAX, CSUM, scale_ptr, B_R, B_C, D, sI, 
 
 
 @triton.jit
-def _g_tile(S, rows, cols, rmask, cmask, LSE_R, LSE_C, NPOS, G_R, G_C):
+def _g_tile(S, rows, cols, rmask, cmask, LSE_R, LSE_C, NPOS, G_R, G_C, TRANS: tl.constexpr = False):
     """dLoss/dS on one tile (sum reduction, before coef), both directions, from the stored row
     and column lse. Entries lie in [-1, 1]; coef (1/b for the mean) is applied after the dots,
-    so that fp16 operands do not underflow."""
+    so that fp16 operands do not underflow. TRANS: S is given as S^T [cols, rows] and G^T comes
+    out, in the layout of the dT dot's left operand, so no register tile is transposed (on sm_90
+    that cost a shared-memory round trip and spilled 544 bytes per thread in the column pass)."""
     lr = tl.load(LSE_R + rows, mask=rmask, other=0.0)
     lc = tl.load(LSE_C + cols, mask=cmask, other=0.0)
     npos = tl.load(NPOS + rows, mask=rmask, other=1.0)
     g_r = tl.load(G_R + rows, mask=rmask, other=-1)
     g_c = tl.load(G_C + cols, mask=cmask, other=-2)
-    valid = rmask[:, None] & cmask[None, :]
-    p = 0.5 * (tl.exp(S - lr[:, None]) + tl.exp(S - lc[None, :]))
-    t = tl.where(g_r[:, None] == g_c[None, :], 1.0 / npos[:, None], 0.0)
-    return tl.where(valid, p - t, 0.0)
-
-
-@triton.jit
-def _g_tile_t(St, rows, cols, rmask, cmask, LSE_R, LSE_C, NPOS, G_R, G_C):
-    """_g_tile transposed, from S^T [cols, rows]: G^T comes out in the layout of the dT dot's
-    left operand, so no register tile is transposed (on sm_90 that cost a shared-memory round
-    trip and spilled 544 bytes per thread in the column pass)."""
-    lr = tl.load(LSE_R + rows, mask=rmask, other=0.0)
-    lc = tl.load(LSE_C + cols, mask=cmask, other=0.0)
-    npos = tl.load(NPOS + rows, mask=rmask, other=1.0)
-    g_r = tl.load(G_R + rows, mask=rmask, other=-1)
-    g_c = tl.load(G_C + cols, mask=cmask, other=-2)
-    valid = cmask[:, None] & rmask[None, :]
-    p = 0.5 * (tl.exp(St - lr[None, :]) + tl.exp(St - lc[:, None]))
-    t = tl.where(g_c[:, None] == g_r[None, :], 1.0 / npos[None, :], 0.0)
+    if TRANS:
+        valid = cmask[:, None] & rmask[None, :]
+        p = 0.5 * (tl.exp(S - lr[None, :]) + tl.exp(S - lc[:, None]))
+        t = tl.where(g_c[:, None] == g_r[None, :], 1.0 / npos[None, :], 0.0)
+    else:
+        valid = rmask[:, None] & cmask[None, :]
+        p = 0.5 * (tl.exp(S - lr[:, None]) + tl.exp(S - lc[None, :]))
+        t = tl.where(g_r[:, None] == g_c[None, :], 1.0 / npos[:, None], 0.0)
     return tl.where(valid, p - t, 0.0)
 
 
@@ -184,7 +175,7 @@ def _bwd_cols(I, T, G_R, G_C, LSE_R, LSE_C, NPOS, DT, scale_ptr, coef_ptr, B_R, 
             St = tl.dot(t, tl.trans(a), input_precision=PREC) * s
         else:
             St = _s_tile(T, I, cols, rows, cmask, rmask, s, D, sT, sI, BN, BM, BK, PREC)
-        Gt = _g_tile_t(St, rows, cols, rmask, cmask, LSE_R, LSE_C, NPOS, G_R, G_C)
+        Gt = _g_tile(St, rows, cols, rmask, cmask, LSE_R, LSE_C, NPOS, G_R, G_C, TRANS=True)
         acc = tl.dot((Gt * GSCALE).to(a.dtype), a, acc, input_precision=PREC)
     out = DT + q * B_C * sDT + cols[:, None] * sDT + dd[None, :]
     tl.store(out, (acc * (s * coef / GSCALE)).to(DT.dtype.element_ty), mask=cmask[:, None] & dmask[None, :])
