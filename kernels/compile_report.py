@@ -113,10 +113,7 @@ def conv_block_launches(cin: int, cout: int, spatial, batch: int, stride: int = 
     and the ReLU/BN-reduction epilogue; wgrad with the BN backward and the prologue on X."""
     from .conv3d import conv3d_dgrad, conv3d_forward, conv3d_wgrad
 
-    def t(*shape, dt=dtype):
-        return torch.empty(shape, dtype=dt, device="meta").contiguous(memory_format=torch.channels_last_3d)
-
-    x = t(batch, cin, *spatial)
+    x = torch.empty(batch, cin, *spatial, dtype=dtype, device="meta").contiguous(memory_format=torch.channels_last_3d)
     w = torch.empty(cout, cin, 3, 3, 3, dtype=dtype, device="meta")
     s3, p3 = (stride,) * 3, (1,) * 3
     with _capturing():

@@ -48,16 +48,20 @@ _override: dict[str, tuple] = {}
 
 
 @contextmanager
-def tile_override(kind: str, tile: tuple):
-    """Run the `kind` kernel ("fwd", "dgrad" or "wgrad") with this (BM, BN, BK, num_warps,
-    num_stages) instead of _tiles' choice, whatever the shape: the tile sweep's handle."""
-    if kind not in KINDS:
-        raise ValueError(f"tile_override: kind must be one of {KINDS}, got {kind!r}")
-    _override[kind] = tuple(tile)
+def tile_override(tile: tuple, *kinds: str):
+    """Run the `kinds` kernels ("fwd", "dgrad", "wgrad"; all three if none is named) with this
+    (BM, BN, BK, num_warps, num_stages) instead of _tiles' choice, whatever the shape: the tile
+    sweep's handle."""
+    kinds = kinds or KINDS
+    bad = set(kinds) - set(KINDS)
+    if bad:
+        raise ValueError(f"tile_override: kind must be one of {KINDS}, got {sorted(bad)}")
+    _override.update(dict.fromkeys(kinds, tuple(tile)))
     try:
         yield
     finally:
-        _override.pop(kind, None)
+        for kind in kinds:
+            _override.pop(kind, None)
 
 
 def _tiles(kind: str, M: int, N: int, K: int) -> dict:
@@ -70,9 +74,7 @@ def _tiles(kind: str, M: int, N: int, K: int) -> dict:
     if INTERPRET:
         return dict(BM=64, BN=64, BK=64, num_warps=4, num_stages=1)
     bn = 64 if N >= 64 else max(16, 1 << (N - 1).bit_length())
-    bk = 32 if K >= 32 else 16
-    if kind == "wgrad":  # the reduction runs over output positions here
-        bk = 32
+    bk = 32 if kind == "wgrad" or K >= 32 else 16  # wgrad's reduction runs over output positions
     return dict(BM=128, BN=bn, BK=bk, num_warps=4, num_stages=3)
 
 

@@ -50,16 +50,13 @@ def bn_forward(moments: torch.Tensor, count: int, bn: nn.modules.batchnorm._Batc
         raise ValueError("the fused block needs affine BatchNorm (affine=True)")
     gamma, beta = bn.weight.detach().float(), bn.bias.detach().float()
     batch = bn.training or bn.running_mean is None
-    if batch:
-        if count < 2:
-            raise ValueError(f"BatchNorm in training mode needs more than 1 value per channel, got {count}")
-        scale, shift, mean, var = bn_affine(moments, gamma, beta, bn.eps)
-        if bn.training and bn.track_running_stats:
-            update_running_stats(bn, mean, var, count)
-    else:
-        mean, var = bn.running_mean.float(), bn.running_var.float()
-        scale = gamma / torch.sqrt(var + bn.eps)
-        shift = beta - mean * scale
+    if batch and count < 2:
+        raise ValueError(f"BatchNorm in training mode needs more than 1 value per channel, got {count}")
+    if not batch:
+        moments = torch.stack([bn.running_mean, bn.running_var]).float()
+    scale, shift, mean, var = bn_affine(moments, gamma, beta, bn.eps)
+    if batch and bn.training and bn.track_running_stats:
+        update_running_stats(bn, mean, var, count)
     return BNState(scale.contiguous(), shift.contiguous(), mean.contiguous(), torch.rsqrt(var + bn.eps), count, batch,
                    bn.weight.dtype)
 

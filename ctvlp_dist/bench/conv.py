@@ -299,7 +299,7 @@ def _tile_sweep(batch, dtype, device, ceil, budget_s: float) -> list[dict]:
                     row["skipped"] = "budget"
                     continue
                 try:
-                    with tile_override(kind, tile):
+                    with tile_override(tile, kind):
                         row["rel_err_vs_cudnn"] = _rel(ours[kind](), want)
                         if gpu:
                             ms = _cuda_ms(ours[kind])
@@ -340,17 +340,13 @@ def _ptx_rows() -> list[dict]:
     3^3 layer of the seed tower at the default tile, and layer1 under every tile of the sweep.
     What it shows: wgmma in use, operand tiles loaded by pipelined async copies (none by
     synchronous loads), registers, spills and shared memory per tile."""
-    from contextlib import ExitStack
-
     from kernels.compile_report import conv_block_launches, report
-    from kernels.conv3d import KINDS, TILE_GRID, tile_override
+    from kernels.conv3d import TILE_GRID, tile_override
 
     rows = []
     for i, (name, cin, cout, sp, k, s, p) in enumerate(lay for lay in LAYERS if lay[4] == 3):
         for tile in TILE_GRID if i == 0 else TILE_GRID[:1]:
-            with ExitStack() as stack:
-                for kind in KINDS:
-                    stack.enter_context(tile_override(kind, tile))
+            with tile_override(tile):
                 launches = conv_block_launches(cin, cout, sp, 8, stride=s)
             for variant, launch in launches.items():
                 rows.append({"layer": name, "variant": variant, "tile": _tile_name(tile), **report(*launch)})
