@@ -39,10 +39,10 @@ def _prec(dtype: torch.dtype) -> str:
 
 
 # Tile shapes (BM, BN, BK, num_warps, num_stages) that `ctvlp bench conv` part `tiles` times on
-# the GPU, kernel by kernel and layer by layer, to choose _tiles' defaults from measurements.
-# The first is today's default for wide layers; every one is tested for correctness.
+# the GPU, kernel by kernel and layer by layer; _tiles' GPU defaults are chosen from its record
+# (benchmarks/results/conv-gpu-20261123T052022.json). Every one is tested for correctness.
 TILE_GRID = [(128, 64, 32, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 4),
-             (128, 128, 32, 4, 4), (256, 128, 64, 8, 3)]
+             (128, 128, 32, 4, 4), (256, 128, 64, 8, 3), (64, 128, 64, 4, 4), (64, 256, 32, 8, 3)]
 KINDS = ("fwd", "dgrad", "wgrad")
 _override: dict[str, tuple] = {}
 
@@ -64,9 +64,18 @@ def tile_override(tile: tuple, *kinds: str):
             _override.pop(kind, None)
 
 
-def _tiles(kind: str, M: int, N: int, K: int) -> dict:
-    """Interpreter: large tiles (its cost is per block operation). GPU: 128 x 64 x 32, narrowed
-    for small channel counts. A tile_override wins."""
+def _tiles(kind: str, M: int, N: int, K: int, chan: int = 0) -> dict:
+    """The GEMM's tile: M x N output, K reduction, `chan` the channels reduced per tap (Cin in
+    the forward, Cout in the dgrad). A tile_override wins. Interpreter: large tiles (its cost is
+    per block operation). GPU: the fastest of the H100 sweep (bf16, seed tower, batch 8):
+    - 128+ output channels (fwd Cout, dgrad Cin): 256 x 128 x 64, 8 warps (1.3-1.7x over the
+      old 128 x 64 x 32 default);
+    - narrower: 128 x 64 with BK 64 in the forward; BK 32 in the dgrad unless each tap reduces
+      128+ channels (layer2's strided conv: 1.4x);
+    - wgrad (M = Cout, N = taps x Cin, K = positions): 128 x 128 x 64, 8 warps from N = 4096;
+      128 x 128 x 32, 4 warps, 4 stages from N = 1024 (1.7-1.9x), but 64 x 256 x 32, 8 warps
+      for 64 output channels (layer1: 1.1x more); else 128 x 64 x 64.
+    Small channel counts (the 1-channel stem) narrow BN and BK."""
     from .conv3d_triton import INTERPRET
 
     if kind in _override:
@@ -74,7 +83,21 @@ def _tiles(kind: str, M: int, N: int, K: int) -> dict:
     if INTERPRET:
         return dict(BM=64, BN=64, BK=64, num_warps=4, num_stages=1)
     bn = 64 if N >= 64 else max(16, 1 << (N - 1).bit_length())
-    bk = 32 if kind == "wgrad" or K >= 32 else 16  # wgrad's reduction runs over output positions
+    small_bk = 32 if K >= 32 else 16
+    if kind == "wgrad":
+        if M <= 64 and N >= 1024:  # 64 output channels: a 128-row tile would be half masked
+            return dict(BM=64, BN=256, BK=32, num_warps=8, num_stages=3)
+        if N >= 4096:
+            return dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
+        if N >= 1024:
+            return dict(BM=128, BN=128, BK=32, num_warps=4, num_stages=4)
+        return dict(BM=128, BN=bn, BK=64 if N >= 64 else 32, num_warps=4, num_stages=3)
+    if N >= 128:
+        return dict(BM=256, BN=128, BK=64, num_warps=8, num_stages=3)
+    if kind == "fwd":
+        bk = 64 if K >= 512 else small_bk
+    else:
+        bk = 64 if chan >= 128 and K > chan else small_bk
     return dict(BM=128, BN=bn, BK=bk, num_warps=4, num_stages=3)
 
 
@@ -103,7 +126,7 @@ def conv3d_forward(x, w, bias=None, stride=1, padding=0, *, residual=None, relu=
                     memory_format=torch.channels_last_3d)
     wk = w.to(x.dtype).permute(0, 2, 3, 4, 1).contiguous()  # [Cout, (kd, kh, kw, ci)]: K-contiguous
     M, K = Nb * Do * Ho * Wo, w[0].numel()
-    t = _tiles("fwd", M, Cout, K)
+    t = _tiles("fwd", M, Cout, K, chan=Cin)
     st = torch.empty((triton.cdiv(M, t["BM"]), 2, Cout), dtype=torch.float32, device=x.device) if stats else y
     res = residual if residual is not None else y
     sc = in_scale.float().contiguous() if in_scale is not None else y
@@ -152,7 +175,7 @@ def conv3d_dgrad(dy, w, x_shape, stride, padding, dtype, *, bn_bwd=None, residua
     classes = stride[0] * stride[1] * stride[2]  # parity classes of the input positions
     M = Nb * math.prod(-(-v // s) for v, s in zip(x_shape[2:], stride))
     K = Cout * math.prod(-(-k // s) for k, s in zip(w.shape[2:], stride))  # taps per class, at most
-    t = _tiles("dgrad", M, Cin, K)
+    t = _tiles("dgrad", M, Cin, K, chan=Cout)
     grid = (triton.cdiv(M, t["BM"]), triton.cdiv(Cin, t["BN"]), classes)
     _conv_dgrad[grid](dy, yb, wk, dx, al, be, ga, res, yin, sc, sh, mu, st,
                       Nb, Cin, *x_shape[2:], Cout, *dy.shape[2:], *dy.stride(), *dx.stride(),
