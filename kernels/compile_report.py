@@ -22,12 +22,20 @@ import torch
 
 
 @contextmanager
-def _capturing():
-    """Every `kernel[grid](...)` launch is recorded, not run."""
+def _capturing(execute: bool = False):
+    """Every `kernel[grid](...)` launch is recorded; run as well when `execute`."""
     from triton.runtime.jit import KernelInterface
 
     launches, launch = [], KernelInterface.__getitem__
-    KernelInterface.__getitem__ = lambda kernel, grid: lambda *a, **kw: launches.append((kernel, grid, a, kw))
+
+    def record(kernel, grid):
+        def go(*a, **kw):
+            launches.append((kernel, grid, a, kw))
+            if execute:
+                launch(kernel, grid)(*a, **kw)
+        return go
+
+    KernelInterface.__getitem__ = record
     try:
         yield launches
     finally:
@@ -38,6 +46,14 @@ def capture(fn, *args, **kw) -> list:
     """Run `fn` (a kernel entry point) with its kernel launches recorded, not executed:
     [(kernel, grid, args, meta)]. Meta tensors keep shapes and strides at no cost."""
     with _capturing() as launches:
+        fn(*args, **kw)
+    return launches
+
+
+def trace_launches(fn, *args, **kw) -> list:
+    """Run `fn` on real tensors and return its kernel launches as capture does, each replayable
+    alone: `kernel[grid](*args, **meta)` (the benchmark times a block's launches this way)."""
+    with _capturing(execute=True) as launches:
         fn(*args, **kw)
     return launches
 
@@ -107,10 +123,14 @@ def report(kernel, grid, args, meta, arch: int = 90) -> dict:
     return out
 
 
-def conv_block_launches(cin: int, cout: int, spatial, batch: int, stride: int = 1, dtype=torch.bfloat16) -> dict:
-    """The GEMM launches of one BasicBlock conv (3^3, padding 1) as the fused block makes them:
-    forward plain and with the BN-ReLU prologue + statistics; dgrad with the BN backward on dY
-    and the ReLU/BN-reduction epilogue; wgrad with the BN backward and the prologue on X."""
+def conv_block_launches(cin: int, cout: int, spatial, batch: int, stride: int = 1, dtype=torch.bfloat16,
+                        prologues: str | None = None) -> dict:
+    """The GEMM launches of one BasicBlock conv (3^3, padding 1) as the fused block makes them
+    (conv3d_block.PROLOGUES unless `prologues` is given). "pass": forward with statistics, dgrad
+    with the ReLU/BN-reduction epilogue, dgrad adding a residual, plain wgrad. "kernel": forward
+    plain and with the BN-ReLU prologue + statistics; dgrad with the BN backward on dY and the
+    ReLU/BN-reduction epilogue; wgrad with the BN backward and the prologue on X."""
+    from . import conv3d_block
     from .conv3d import conv3d_dgrad, conv3d_forward, conv3d_wgrad
 
     x = torch.empty(batch, cin, *spatial, dtype=dtype, device="meta").contiguous(memory_format=torch.channels_last_3d)
@@ -119,6 +139,13 @@ def conv_block_launches(cin: int, cout: int, spatial, batch: int, stride: int = 
     with _capturing():
         y = conv3d_forward(x, w, None, s3, p3)  # its shape and layout only
     vin, vout = (torch.empty(c, device="meta") for c in (cin, cout))
+    if (prologues or conv3d_block.PROLOGUES) == "pass":
+        return {
+            "fwd+stats": capture(conv3d_forward, x, w, None, s3, p3, stats=True)[0],
+            "dgrad+relu_bn": capture(conv3d_dgrad, y, w, x.shape, s3, p3, dtype, relu_bn=(x, vin, vin, vin))[0],
+            "dgrad+residual": capture(conv3d_dgrad, y, w, x.shape, s3, p3, dtype, residual=x)[0],
+            "wgrad": capture(conv3d_wgrad, x, y, w.shape, s3, p3, dtype)[0],
+        }
     return {
         "fwd": capture(conv3d_forward, x, w, None, s3, p3)[0],
         "fwd+bn_prologue+stats": capture(conv3d_forward, x, w, None, s3, p3, in_scale=vin, in_shift=vin,

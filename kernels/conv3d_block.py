@@ -8,15 +8,25 @@ without autograd folds them into the weights (conv_block_inference).
 
 What is written to memory per block: the raw convolution outputs y1, y2 (, yd) and the block
 output; torch also keeps BN1's and BN2's outputs, the ReLU and the sum. The passes:
-  forward   conv1 (+ batch stats), [convd (+ stats)], conv2 (prologue BN1 + ReLU; + stats),
+  forward   conv1 (+ batch stats), [convd (+ stats)], BN1 + ReLU, conv2 (+ stats),
             bn_act (BN2 + shortcut + ReLU)
-  backward  bn_act_bwd (ReLU mask; BN2's [and BNd's] reductions),
-            conv2 wgrad (BN2 backward on dY; BN1 + ReLU recomputed on X),
-            conv2 dgrad (BN2 backward on dY; ReLU mask and BN1's reductions in the epilogue),
-            conv1 wgrad, [convd wgrad, dgrad], conv1 dgrad (+ the shortcut's gradient)
+  backward  bn_act_bwd (ReLU mask; BN2's [and BNd's] reductions), dY2 (BN2 backward),
+            BN1 + ReLU recomputed, conv2 wgrad, conv2 dgrad (ReLU mask and BN1's reductions in
+            the epilogue), dY1 (BN1 backward), conv1 wgrad, [dYd, convd wgrad, dgrad],
+            conv1 dgrad (+ the shortcut's gradient)
 A BatchNorm's backward is, per channel, dY = alpha dZ + beta Y + gamma once its two batch
-reductions are known, so it is applied while the next kernel loads dZ: never a separate pass.
-"""
+reductions are known.
+
+Where the BatchNorm maps (BN1 + ReLU on conv2's input, each BN backward on dY) are applied is a
+switch, PROLOGUES:
+  "pass"    (default) one elementwise pass writes the mapped tensor to a transient buffer, which
+            the plain GEMMs read: dY once for both its dgrad and wgrad; BN1 + ReLU once in the
+            forward and once more in the backward (recomputed, never kept for the backward);
+  "kernel"  the GEMMs map each operand tile as they load it: no transient buffers.
+On an H100 a mapped operand costs the GEMM 2-2.8x (sm_90a TTGIR: the tile is read from shared
+memory into registers, mapped, and fed to wgmma from registers, at the 255-register limit), while
+the pass costs ~0.5 ms at layer1's size: "pass" made layer1.0's training step 1.9x faster
+(benchmarks/results/conv-gpu-20261123T053658.json against ...T054423.json)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,7 +38,9 @@ from .conv3d import (bn_act_backward, bn_act_forward, conv3d_dgrad, conv3d_forwa
                      conv_block_inference)
 from .conv3d_ref import bn_affine, update_running_stats
 
-__all__ = ["fused_basic_block", "fused_conv_bn_relu", "bn_backward_coefs"]
+__all__ = ["fused_basic_block", "fused_conv_bn_relu", "bn_backward_coefs", "PROLOGUES"]
+
+PROLOGUES = "pass"  # or "kernel": see the module docstring
 
 
 @dataclass
@@ -75,6 +87,24 @@ def bn_backward_coefs(st: BNState, sum_dz: torch.Tensor, sum_dz_yc: torch.Tensor
     return (st.scale, beta.contiguous(), gamma.contiguous()), *grads
 
 
+def _bn_relu_input(y: torch.Tensor, st: BNState) -> tuple:
+    """conv3d_forward/wgrad's input for x = ReLU(BN(y)): (x, None, None) mapped by a pass, or
+    (y, scale, shift) for the kernel's prologue."""
+    if PROLOGUES == "pass":
+        return bn_act_forward(y, st.scale, st.shift), None, None
+    return y, st.scale, st.shift
+
+
+def _bn_bwd_input(dz: torch.Tensor, y: torch.Tensor, coefs) -> tuple:
+    """conv3d_dgrad/wgrad's gradient input for dY = alpha dZ + beta Y + gamma: (dY, None) formed
+    by a pass, or (dZ, bn_bwd) for the kernel to form on load."""
+    if PROLOGUES == "pass":
+        alpha, beta, gamma = coefs
+        return bn_act_forward(dz, alpha, gamma, residual=y, res_scale=beta, res_shift=torch.zeros_like(beta),
+                              relu=False), None
+    return dz, (y, *coefs)
+
+
 def _count(y: torch.Tensor) -> int:
     return y.numel() // y.shape[1]
 
@@ -99,10 +129,9 @@ class _ConvBNReLUFn(torch.autograd.Function):
         c, n = ctx.conv, ctx.bn
         dz, red = bn_act_backward(dout, out, y, n.mean)
         coefs, dg, db = bn_backward_coefs(n, red[0], red[1])
-        dx = conv3d_dgrad(dz, w, x.shape, c.stride, c.padding, x.dtype, bn_bwd=(y, *coefs)) \
-            if ctx.needs_input_grad[0] else None
-        dw = conv3d_wgrad(x, dz, w.shape, c.stride, c.padding, w.dtype, bn_bwd=(y, *coefs)) \
-            if ctx.needs_input_grad[1] else None
+        dz, bb = _bn_bwd_input(dz, y, coefs)
+        dx = conv3d_dgrad(dz, w, x.shape, c.stride, c.padding, x.dtype, bn_bwd=bb) if ctx.needs_input_grad[0] else None
+        dw = conv3d_wgrad(x, dz, w.shape, c.stride, c.padding, w.dtype, bn_bwd=bb) if ctx.needs_input_grad[1] else None
         return dx, dw, dg, db, None, None
 
 
@@ -119,7 +148,9 @@ class _BasicBlockFn(torch.autograd.Function):
         c1, c2 = blk.conv1, blk.conv2
         y1, st = conv3d_forward(x, w1, None, c1.stride, c1.padding, stats=True)
         n1 = bn_forward(st, _count(y1), blk.bn1)
-        y2, st = conv3d_forward(y1, w2, None, c2.stride, c2.padding, in_scale=n1.scale, in_shift=n1.shift, stats=True)
+        a1, sc, sh = _bn_relu_input(y1, n1)
+        y2, st = conv3d_forward(a1, w2, None, c2.stride, c2.padding, in_scale=sc, in_shift=sh, stats=True)
+        del a1  # not kept: the backward recomputes it
         n2 = bn_forward(st, _count(y2), blk.bn2)
         yd, nd = None, None
         if blk.down is not None:
@@ -141,21 +172,29 @@ class _BasicBlockFn(torch.autograd.Function):
         need = ctx.needs_input_grad
         dz, red = bn_act_backward(dout, out, y2, n2.mean, residual=yd, res_mean=nd.mean if nd else None)
         k2, dg2, db2 = bn_backward_coefs(n2, red[0], red[1])
-        dw2 = conv3d_wgrad(y1, dz, w2.shape, c2.stride, c2.padding, w2.dtype, bn_bwd=(y2, *k2),
-                           in_scale=n1.scale, in_shift=n1.shift) if need[4] else None
-        dz1, red1 = conv3d_dgrad(dz, w2, y1.shape, c2.stride, c2.padding, y1.dtype, bn_bwd=(y2, *k2),
+        dy2, bb2 = _bn_bwd_input(dz, y2, k2)
+        if need[4]:
+            a1, sc, sh = _bn_relu_input(y1, n1)
+            dw2 = conv3d_wgrad(a1, dy2, w2.shape, c2.stride, c2.padding, w2.dtype, bn_bwd=bb2, in_scale=sc, in_shift=sh)
+            del a1
+        else:
+            dw2 = None
+        dz1, red1 = conv3d_dgrad(dy2, w2, y1.shape, c2.stride, c2.padding, y1.dtype, bn_bwd=bb2,
                                  relu_bn=(y1, n1.scale, n1.shift, n1.mean))
+        del dy2
         k1, dg1, db1 = bn_backward_coefs(n1, red1[0], red1[1])
-        dw1 = conv3d_wgrad(x, dz1, w1.shape, c1.stride, c1.padding, w1.dtype, bn_bwd=(y1, *k1)) if need[1] else None
+        dy1, bb1 = _bn_bwd_input(dz1, y1, k1)
+        dw1 = conv3d_wgrad(x, dy1, w1.shape, c1.stride, c1.padding, w1.dtype, bn_bwd=bb1) if need[1] else None
         dwd = dgd = dbd = None
         shortcut = dz
         if nd is not None:
             cd = blk.down[0]
             kd, dgd, dbd = bn_backward_coefs(nd, red[0], red[2])
-            dwd = conv3d_wgrad(x, dz, wd.shape, cd.stride, cd.padding, wd.dtype, bn_bwd=(yd, *kd)) if need[7] else None
-            shortcut = conv3d_dgrad(dz, wd, x.shape, cd.stride, cd.padding, x.dtype, bn_bwd=(yd, *kd)) \
+            dyd, bbd = _bn_bwd_input(dz, yd, kd)
+            dwd = conv3d_wgrad(x, dyd, wd.shape, cd.stride, cd.padding, wd.dtype, bn_bwd=bbd) if need[7] else None
+            shortcut = conv3d_dgrad(dyd, wd, x.shape, cd.stride, cd.padding, x.dtype, bn_bwd=bbd) \
                 if need[0] else None
-        dx = conv3d_dgrad(dz1, w1, x.shape, c1.stride, c1.padding, x.dtype, bn_bwd=(y1, *k1), residual=shortcut) \
+        dx = conv3d_dgrad(dy1, w1, x.shape, c1.stride, c1.padding, x.dtype, bn_bwd=bb1, residual=shortcut) \
             if need[0] else None
         return dx, dw1, dg1, db1, dw2, dg2, db2, dwd, dgd, dbd, None
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kernels import conv3d_block
 from kernels.conv3d_block import BNState, bn_backward_coefs, fused_basic_block, fused_conv_bn_relu
 
 CUDA = torch.cuda.is_available()
@@ -81,9 +82,15 @@ def _block(cin, cout, stride):
 BLOCKS = [(6, 6, 1, (5, 6, 7)), (5, 7, 2, (7, 6, 5)), (3, 5, 1, (4, 5, 3))]
 
 
+# where the BatchNorm maps are applied: by elementwise passes (the default) or in the GEMMs' loads
+PROLOGUES = ["pass", "kernel"]
+
+
 @pytest.mark.parametrize("case", BLOCKS, ids=lambda c: f"c{c[0]}-{c[1]}s{c[2]}")
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_training_block_matches_torch(case, dtype):
+@pytest.mark.parametrize("prologues", PROLOGUES)
+def test_training_block_matches_torch(case, dtype, prologues, monkeypatch):
+    monkeypatch.setattr(conv3d_block, "PROLOGUES", prologues)
     cin, cout, s, sp = case
     ref, dut = _pair(_block(cin, cout, s), dtype)
     x = torch.randn(2, cin, *sp, device=DEV, dtype=torch.float64)
@@ -112,7 +119,9 @@ def test_inference_block_folds_bn(case):
 # (kernel, stride, padding): the standard 7^3 stem and the lite k4s4 stem
 @pytest.mark.parametrize("stem", [(7, 2, 3), (4, 4, 0)], ids=["k7s2p3", "k4s4"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_stem_conv_bn_relu_matches_torch(stem, dtype):
+@pytest.mark.parametrize("prologues", PROLOGUES)
+def test_stem_conv_bn_relu_matches_torch(stem, dtype, prologues, monkeypatch):
+    monkeypatch.setattr(conv3d_block, "PROLOGUES", prologues)
     k, s, p = stem
     make = lambda: torch.nn.Sequential(torch.nn.Conv3d(1, 6, k, s, p, bias=False), torch.nn.BatchNorm3d(6),  # noqa: E731
                                        torch.nn.ReLU())
