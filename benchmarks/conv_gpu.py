@@ -3,6 +3,7 @@
     python3 benchmarks/conv_gpu.py OUTDIR [--phases pytest,layers,blocks,tower]   # first call
     python3 benchmarks/conv_gpu.py OUTDIR --phases compile                        # second call
     python3 benchmarks/conv_gpu.py OUTDIR --phases tiles                          # third call
+    python3 benchmarks/conv_gpu.py OUTDIR --phases layers,blocks,tower,launches   # after a tile change
 
 Phases, each under a share of one wall-clock budget (gpu_call.py):
 - pytest: kernels/test_conv3d.py and test_conv3d_block.py on CUDA (bf16 included, which the
@@ -11,6 +12,8 @@ Phases, each under a share of one wall-clock budget (gpu_call.py):
 - compile: the tower again with torch.compile(mode="max-autotune"). Its autotuning takes minutes
   for the training graph and again for inference, so it is not a default phase: give it a
   device call of its own;
+- launches: every kernel launch of one fused block's training step (layer1.0, layer2.0,
+  layer4.1), timed alone and with its fusion flags off, then under each sweep tile;
 - tiles: each kernel (forward, dgrad, wgrad) of each layer under every tile of the sweep grid
   (kernels.conv3d.TILE_GRID) against cuDNN's same operation; best_tiles in the record says which
   tile to make the default. Compiling ~50 variants takes minutes: a call of its own.
@@ -40,6 +43,8 @@ bench = [sys.executable, "-m", "ctvlp_dist", "bench", "conv", "--quiet", f"bench
 for part, cap in (("layers", 100), ("blocks", 120), ("tower", 150)):  # Triton compiles on first use
     if part in phases:
         sh(bench + [f"bench.conv_parts=[{part}]", "bench.conv_compile=false"], f"{part}.log", cap)
+if "launches" in phases:
+    sh(bench + ["bench.conv_parts=[launches]", "bench.conv_tile_budget_s=230"], "launches.log", 330)
 if "compile" in phases:
     sh(bench + ["bench.conv_parts=[tower]", "bench.conv_compile=true"], "compile.log", 550)
 if "tiles" in phases:

@@ -102,7 +102,31 @@ def test_bench_conv_tower_and_tiles_on_cpu_check_agreement(tmp_path):
     assert 0 < row["saved_MB_triton"] < 0.9 * row["saved_MB_torch"]  # the fused blocks keep fewer activations
     assert "| tower | impl |" in r.stdout
     bad = run("bench", "conv", "bench.conv_parts=[towr]")
-    assert bad.returncode != 0 and "choose from layers, blocks, tower, tiles" in bad.stderr
+    assert bad.returncode != 0 and "choose from layers, blocks, tower, tiles, launches" in bad.stderr
+
+
+@pytest.mark.slow
+def test_bench_conv_launches_lists_the_block_step_kernel_by_kernel(tmp_path):
+    """`bench conv` part launches on CPU (interpreter; timings meaningless): one fused identity
+    block's training step as its kernel launches, in order. With the BatchNorm maps applied by
+    passes (the default), the GEMMs carry only epilogues: statistics, the ReLU/BN reductions,
+    the residual. Each GEMM is replayed with its fusion flags off too, and swept over a tile."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([CTVLP, "bench", "conv", "--quiet", "bench.conv_parts=[launches]",
+                        f"bench.results_dir={tmp_path}"], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr
+    (res,) = tmp_path.glob("conv-cpu-*.json")
+    rec = json.loads(res.read_text())
+    got = [(row["kernel"], row.get("fused")) for row in rec["launches"]]
+    assert got == [("_conv_fwd", "STATS_ON"), ("_bn_act_fwd", "RELU"),  # conv1, BN1 + ReLU (transient)
+                   ("_conv_fwd", "STATS_ON"), ("_bn_act_fwd", "HAS_RES+RELU"),  # conv2, BN2 + x + ReLU
+                   ("_bn_act_bwd", "-"), ("_bn_act_fwd", "HAS_RES+RES_BN"),  # ReLU backward, dY2 = BN2 backward
+                   ("_bn_act_fwd", "RELU"), ("_conv_wgrad", "-"), ("_conv_dgrad", "RELU_BN"),  # BN1 + ReLU again
+                   ("_bn_act_fwd", "HAS_RES+RES_BN"), ("_conv_wgrad", "-"), ("_conv_dgrad", "HAS_RES"),
+                   ("(whole step)", None)]
+    assert all(row["plain_ms"] > 0 for row in rec["launches"] if row["kernel"].startswith("_conv"))
+    assert {row["layer"] for row in rec["launch_tiles"]} == {f"layer1.0 #{i}" for i in (0, 2, 7, 8, 10, 11)}
+    assert "| block | i | kernel |" in r.stdout
 
 
 def test_best_tiles_picks_the_fastest_and_its_gain_over_the_default():
@@ -110,10 +134,10 @@ def test_best_tiles_picks_the_fastest_and_its_gain_over_the_default():
     from kernels.conv3d import TILE_GRID
 
     d, a, b = (_tile_name(t) for t in TILE_GRID[:3])
-    rows = [{"layer": "L", "kernel": "fwd", "tile": d, "ms": 4.0, "tflops": 1.0, "speedup_vs_cudnn": 0.2},
+    rows = [{"layer": "L", "kernel": "fwd", "tile": d, "ms": 4.0, "tflops": 1.0, "speedup_vs_cudnn": 0.2, "default": True},
             {"layer": "L", "kernel": "fwd", "tile": a, "ms": 1.0, "tflops": 4.0, "speedup_vs_cudnn": 0.8},
             {"layer": "L", "kernel": "fwd", "tile": b, "error": "OutOfResources"},
-            {"layer": "L", "kernel": "wgrad", "tile": d, "skipped": "budget"},
+            {"layer": "L", "kernel": "wgrad", "tile": d, "skipped": "budget", "default": True},
             {"layer": "L", "kernel": "wgrad", "tile": b, "ms": 2.0, "tflops": 2.0, "speedup_vs_cudnn": 0.5}]
     fwd, wgrad = best_tiles(rows)
     assert (fwd["best_tile"], fwd["ms"], fwd["gain_vs_default"]) == (a, 1.0, 4.0)

@@ -9,6 +9,8 @@
   against cuDNN eager and, with bench.conv_compile, torch.compile(mode="max-autotune");
 - tiles (not a default part): each kernel of each layer under every tile of the sweep grid,
   against cuDNN's same operation, to choose the tile defaults from measurements;
+- launches (not a default part): every kernel launch of one fused block's training step, timed
+  alone and with its fusion flags off: where a block's time goes beyond its GEMMs;
 - ptx (not a default part; any machine, no GPU): the block's kernels compiled for sm_90a, and
   what the compiler made of them (kernels/compile_report.py).
 
@@ -268,6 +270,7 @@ def _tile_sweep(batch, dtype, device, ceil, budget_s: float) -> list[dict]:
     import torch
     import torch.nn.functional as F
 
+    from kernels.compile_report import capture
     from kernels.conv3d import KINDS, TILE_GRID, conv3d_dgrad, conv3d_forward, conv3d_wgrad, tile_override
 
     gpu = device == "cuda"
@@ -292,8 +295,9 @@ def _tile_sweep(batch, dtype, device, ceil, budget_s: float) -> list[dict]:
         for kind in KINDS:
             want = cudnn[kind]()
             base = _cuda_ms(cudnn[kind]) if gpu else None
-            for tile in TILE_GRID:
-                row = {"layer": name, "kernel": kind, "tile": _tile_name(tile)}
+            default = _meta_tile(capture(ours[kind])[0][3])  # what _tiles picks for this shape
+            for tile in TILE_GRID + ([default] if gpu and default not in TILE_GRID else []):
+                row = {"layer": name, "kernel": kind, "tile": _tile_name(tile), "default": tile == default}
                 rows.append(row)
                 if time.time() > stop:
                     row["skipped"] = "budget"
@@ -315,24 +319,121 @@ def _tile_name(tile) -> str:
     return "x".join(map(str, tile[:3])) + f" w{tile[3]} s{tile[4]}"
 
 
-def best_tiles(rows: list[dict]) -> list[dict]:
-    """Per (layer, kernel): the fastest tile, and its gain over the default (TILE_GRID's first)."""
-    from kernels.conv3d import TILE_GRID
+def _meta_tile(meta: dict) -> tuple:
+    """A launch's (BM, BN, BK, num_warps, num_stages)."""
+    return tuple(meta[k] for k in ("BM", "BN", "BK", "num_warps", "num_stages"))
 
+
+def best_tiles(rows: list[dict]) -> list[dict]:
+    """Per (layer, kernel): the fastest tile, and its gain over the default (the row marked
+    `default`: the tile _tiles picks for that shape)."""
     out = {}
     for r in rows:
         if "ms" not in r:
             continue
         b = out.setdefault((r["layer"], r["kernel"]), {"layer": r["layer"], "kernel": r["kernel"], "default_ms": None,
                                                        "ms": float("inf")})
-        if r["tile"] == _tile_name(TILE_GRID[0]):
+        if r.get("default"):
             b["default_ms"] = r["ms"]
         if r["ms"] < b["ms"]:
-            b.update(best_tile=r["tile"], ms=r["ms"], tflops=r["tflops"], speedup_vs_cudnn=r["speedup_vs_cudnn"])
+            b.update(best_tile=r["tile"], ms=r["ms"], tflops=r.get("tflops"), speedup_vs_cudnn=r.get("speedup_vs_cudnn"))
     for b in out.values():
         if b["default_ms"]:
             b["gain_vs_default"] = round(b["default_ms"] / b["ms"], 3)
     return list(out.values())
+
+
+LAUNCH_BLOCKS = ("layer1.0", "layer2.0", "layer4.1")
+_GEMMS = ("_conv_fwd", "_conv_dgrad", "_conv_wgrad")
+
+
+def _time_ms(fn, gpu: bool) -> float:
+    """CUDA events on the GPU; one wall-clock run on CPU (the interpreter: no speed figure)."""
+    import time
+
+    if gpu:
+        return _cuda_ms(fn, reps=5)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _launches(batch, dtype, device, budget_s: float) -> tuple[list[dict], list[dict]]:
+    """Every kernel launch of one fused training step of a block (forward + backward), in order,
+    replayed alone and timed; each GEMM also with its fusion flags off (the plain convolution at
+    the same tile). Says what each fused prologue/epilogue costs, and how much of the step is
+    spent outside the kernels (torch glue: merging statistics, weight permutes, partial sums).
+    Then the step again under each tile of TILE_GRID (budget_s; CPU: the first tile), timing its
+    GEMM launches: the fused variants' best tiles, which need not be the plain kernels'."""
+    import time
+
+    import torch
+
+    from kernels.compile_report import trace_launches
+    from kernels.conv3d import TILE_GRID, tile_override
+
+    from ..models.resnet3d import BasicBlock3d
+
+    gpu = device == "cuda"
+    stop = time.time() + budget_s
+    rows, sweep = [], []
+    for name, cin, cout, stride, sp in (b for b in BLOCKS if b[0] in LAUNCH_BLOCKS[:None if gpu else 1]):
+        if not gpu:
+            cin, cout, sp = max(1, cin // 8), max(1, cout // 8), tuple(max(2, v // 8) for v in sp)
+        blk = BasicBlock3d(cin, cout, stride, "bn", 1, "triton").to(device, dtype).train()
+        x = torch.randn(batch, cin, *sp, device=device, dtype=dtype).contiguous(
+            memory_format=torch.channels_last_3d).requires_grad_()
+        g = torch.randn_like(blk(x))
+        step = _train_step(blk, x, g)
+        step()  # compiles
+        launches = trace_launches(step)
+        step_ms = _time_ms(step, gpu)
+        total = 0.0
+        for i, (kernel, grid, args, meta) in enumerate(launches):
+            ms = _time_ms(lambda: kernel[grid](*args, **meta), gpu)
+            total += ms
+            row = {"block": name, "i": i, **_launch_name(kernel, meta), "grid": "x".join(map(str, grid)),
+                   "ms": round(ms, 3)}
+            if kernel.__name__ in _GEMMS:
+                plain = {k: False if isinstance(val, bool) else val for k, val in meta.items()}
+                row["plain_ms"] = round(_time_ms(lambda: kernel[grid](*args, **plain), gpu), 3)
+                row["fusion_cost"] = round(ms / row["plain_ms"], 2) if row["plain_ms"] else None
+                if gpu:
+                    row["tflops"] = round(_gemm_flops(kernel, args, meta) / ms / 1e9, 1)
+            rows.append(row)
+        rows.append({"block": name, "i": len(launches), "kernel": "(whole step)", "ms": round(step_ms, 3),
+                     "launches_ms": round(total, 3), "outside_kernels_ms": round(step_ms - total, 3)})
+        default = {i: row["tile"] for i, row in enumerate(rows[-len(launches) - 1:-1])}
+        for tile in TILE_GRID if gpu else TILE_GRID[:1]:
+            if time.time() > stop:
+                sweep.append({"block": name, "tile": _tile_name(tile), "skipped": "budget"})
+                continue
+            try:
+                with tile_override(tile):
+                    step()  # compiles this tile's variants
+                    traced = trace_launches(step)
+                for i, (kernel, grid, args, meta) in enumerate(traced):
+                    if kernel.__name__ in _GEMMS:
+                        ms = _time_ms(lambda: kernel[grid](*args, **meta), gpu)
+                        n = _launch_name(kernel, meta)
+                        sweep.append({"layer": f"{name} #{i}", "kernel": f"{n['kernel']} {n['fused']}",
+                                      "tile": n["tile"], "default": n["tile"] == default[i], "ms": round(ms, 3),
+                                      "tflops": round(_gemm_flops(kernel, args, meta) / ms / 1e9, 1) if gpu else None})
+            except Exception as e:  # a tile that does not compile (shared memory) is a finding
+                sweep.append({"block": name, "tile": _tile_name(tile), "error": f"{type(e).__name__}: {str(e)[:200]}"})
+    return rows, sweep
+
+
+def _launch_name(kernel, meta) -> dict:
+    flags = [k for k, v in meta.items() if v is True]
+    return {"kernel": kernel.__name__, "fused": "+".join(flags) or "-",
+            "tile": _tile_name(_meta_tile(meta)) if "BM" in meta else ""}
+
+
+def _gemm_flops(kernel, args, meta) -> int:
+    """2 M N K of a conv GEMM launch (forward, dgrad and wgrad of one convolution are equal)."""
+    v = dict(zip(kernel.arg_names, args), **meta)
+    return 2 * math.prod(v[k] for k in ("Nb", "Do", "Ho", "Wo", "Cout", "Cin", "KD", "KH", "KW"))
 
 
 def _ptx_rows() -> list[dict]:
@@ -363,9 +464,10 @@ def run(cfg, progress: bool = True, argv=None) -> dict:
     dtype = getattr(torch, cfg.bench.conv_dtype) if gpu else torch.float32
     batch = cfg.bench.conv_batch if gpu else 2
     parts = list(cfg.bench.conv_parts)
-    unknown = set(parts) - {"layers", "blocks", "tower", "tiles", "ptx"}
+    unknown = set(parts) - {"layers", "blocks", "tower", "tiles", "launches", "ptx"}
     if unknown:
-        raise ValueError(f"bench.conv_parts: unknown {sorted(unknown)}; choose from layers, blocks, tower, tiles, ptx")
+        raise ValueError(f"bench.conv_parts: unknown {sorted(unknown)}; "
+                         "choose from layers, blocks, tower, tiles, launches, ptx")
     if "ptx" in parts and os.environ.get("TRITON_INTERPRET") == "1":
         raise ValueError("bench.conv_parts=[ptx] compiles for sm_90a and needs the kernels compiled, not interpreted: "
                          "run it without TRITON_INTERPRET=1")
@@ -392,6 +494,9 @@ def run(cfg, progress: bool = True, argv=None) -> dict:
     if "tiles" in parts:
         out["tiles"] = [show(r) for r in _tile_sweep(batch if gpu else 1, dtype, device, ceil, cfg.bench.conv_tile_budget_s)]
         out["best_tiles"] = best_tiles(out["tiles"])
+    if "launches" in parts:
+        out["launches"], out["launch_tiles"] = _launches(batch, dtype, device, cfg.bench.conv_tile_budget_s)
+        out["launch_best_tiles"] = best_tiles(out["launch_tiles"])
     if "ptx" in parts:
         out["ptx_target"] = "sm_90a (H100), bf16, batch 8 at the 96x192x192 crop; compiled here, static facts, no timing"
         out["ptx"] = [show(r) for r in _ptx_rows()]
@@ -415,6 +520,11 @@ def run(cfg, progress: bool = True, argv=None) -> dict:
         print(markdown_table(out["best_tiles"] if gpu else out["tiles"],
                              ["layer", "kernel", "best_tile", "ms", "tflops", "speedup_vs_cudnn", "gain_vs_default"] if gpu
                              else ["layer", "kernel", "tile", "rel_err_vs_cudnn", "error"]))
+    if "launches" in out:
+        print(markdown_table(out["launches"], ["block", "i", "kernel", "fused", "tile", "grid", "ms", "plain_ms",
+                                               "fusion_cost", "tflops", "launches_ms", "outside_kernels_ms"]))
+        print(markdown_table(out["launch_best_tiles"], ["layer", "kernel", "best_tile", "ms", "tflops", "default_ms",
+                                                        "gain_vs_default"]))
     if "ptx" in out:
         print(markdown_table(out["ptx"], ["layer", "variant", "tile", "wgmma", "loop_async_loads", "loop_sync_tile_loads",
                                           "registers", "spill_store_bytes", "shared_bytes"]))
