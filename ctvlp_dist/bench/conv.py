@@ -53,7 +53,7 @@ def _top_kernel(fn) -> str:
     return max(ev, key=lambda e: e.device_time_total).key[:80] if ev else "?"
 
 
-def _layer(name, cin, cout, sp, k, s, p, batch, dtype, device, scale=1):
+def _layer(name, cin, cout, sp, k, s, p, batch, dtype, device, scale=1, ceil=None):
     import torch
     import torch.nn.functional as F
 
@@ -88,6 +88,12 @@ def _layer(name, cin, cout, sp, k, s, p, batch, dtype, device, scale=1):
     row["triton_fwd_tflops"] = round(fl / t["triton_fwd_ms"] / 1e9, 1)
     row["cudnn_fwd_tflops"] = round(fl / t["cudnn_fwd_ms"] / 1e9, 1)
     row["min_MB"] = round(bytes_min / 2 ** 20, 1)
+    row["triton_fwd_GBps"] = round(bytes_min / t["triton_fwd_ms"] / 1e6, 1)
+    if ceil:  # the forward's lower bound: its FLOPs at the matmul ceiling or its bytes at the copy one
+        bound = max(fl / ceil["bf16_matmul_tflops"] / 1e9, bytes_min / ceil["copy_GBps"] / 1e6)
+        row["roofline_fwd_ms"] = round(bound, 3)
+        row["triton_frac_of_roofline"] = round(bound / t["triton_fwd_ms"], 3)
+        row["cudnn_frac_of_roofline"] = round(bound / t["cudnn_fwd_ms"], 3)
     row["fwd_speedup_vs_cudnn"] = round(t["cudnn_fwd_ms"] / t["triton_fwd_ms"], 3)
     row["fwdbwd_speedup_vs_cudnn"] = round(t["cudnn_fwdbwd_ms"] / t["triton_fwdbwd_ms"], 3)
     row["cudnn_kernel"] = _top_kernel(lambda: F.conv3d(x, w, None, s, p))
@@ -481,8 +487,8 @@ def run(cfg, progress: bool = True, argv=None) -> dict:
         return r
 
     if "layers" in parts:
-        out["rows"] = [show(_layer(*layer, batch=batch if gpu else 1, dtype=dtype, device=device, scale=1 if gpu else 8))
-                       for layer in LAYERS]
+        out["rows"] = [show(_layer(*layer, batch=batch if gpu else 1, dtype=dtype, device=device, scale=1 if gpu else 8,
+                                   ceil=ceil)) for layer in LAYERS]
         if gpu:
             out["layers_sum_excl_7_stem"] = {
                 k: sum(r[k] for r in out["rows"] if not r["layer"].startswith("stem 7"))
@@ -503,7 +509,8 @@ def run(cfg, progress: bool = True, argv=None) -> dict:
     path = write_result(cfg.bench.results_dir, "conv", out, argv)
     if "rows" in out:
         cols = ["layer", "in", "cin", "cout", "rel_err_vs_torch"] + (
-            ["triton_fwd_ms", "cudnn_fwd_ms", "triton_fwd_tflops", "cudnn_fwd_tflops", "fwd_speedup_vs_cudnn",
+            ["triton_fwd_ms", "cudnn_fwd_ms", "triton_fwd_tflops", "cudnn_fwd_tflops", "triton_fwd_GBps",
+             "triton_frac_of_roofline", "cudnn_frac_of_roofline", "fwd_speedup_vs_cudnn",
              "triton_fwdbwd_ms", "cudnn_fwdbwd_ms", "fwdbwd_speedup_vs_cudnn", "cudnn_kernel"] if gpu else [])
         print(markdown_table(out["rows"], cols))
     if "blocks" in out:
