@@ -82,6 +82,16 @@ def test_bench_loader_writes_result(tmp_path):
     assert "| dataset | pass |" in r.stdout
 
 
+def _bench_conv_cpu(tmp_path, parts: str):
+    """`ctvlp bench conv` with these parts in the Triton interpreter: (the process, its record)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([CTVLP, "bench", "conv", "--quiet", f"bench.conv_parts=[{parts}]",
+                        f"bench.results_dir={tmp_path}"], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr
+    (res,) = tmp_path.glob("conv-cpu-*.json")
+    return r, json.loads(res.read_text())
+
+
 @pytest.mark.slow
 def test_bench_conv_tower_and_tiles_on_cpu_check_agreement(tmp_path):
     """On CPU, `bench conv` runs the Triton kernels in the interpreter and records only whether
@@ -89,12 +99,7 @@ def test_bench_conv_tower_and_tiles_on_cpu_check_agreement(tmp_path):
     kernel of layer1 under every tile of the sweep."""
     from kernels.conv3d import TILE_GRID
 
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([CTVLP, "bench", "conv", "--quiet", "bench.conv_parts=[tower,tiles]",
-                        f"bench.results_dir={tmp_path}"], capture_output=True, text=True, timeout=600, env=env)
-    assert r.returncode == 0, r.stderr
-    (res,) = tmp_path.glob("conv-cpu-*.json")
-    rec = json.loads(res.read_text())
+    r, rec = _bench_conv_cpu(tmp_path, "tower,tiles")
     assert len(rec["tiles"]) == 3 * len(TILE_GRID)
     assert all(t["rel_err_vs_cudnn"] < 1e-5 for t in rec["tiles"]), rec["tiles"]
     (row,) = rec["tower"]
@@ -111,12 +116,7 @@ def test_bench_conv_launches_lists_the_block_step_kernel_by_kernel(tmp_path):
     block's training step as its kernel launches, in order. With the BatchNorm maps applied by
     passes (the default), the GEMMs carry only epilogues: statistics, the ReLU/BN reductions,
     the residual. Each GEMM is replayed with its fusion flags off too, and swept over a tile."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([CTVLP, "bench", "conv", "--quiet", "bench.conv_parts=[launches]",
-                        f"bench.results_dir={tmp_path}"], capture_output=True, text=True, timeout=600, env=env)
-    assert r.returncode == 0, r.stderr
-    (res,) = tmp_path.glob("conv-cpu-*.json")
-    rec = json.loads(res.read_text())
+    r, rec = _bench_conv_cpu(tmp_path, "launches")
     got = [(row["kernel"], row.get("fused")) for row in rec["launches"]]
     assert got == [("_conv_fwd", "STATS_ON"), ("_bn_act_fwd", "RELU"),  # conv1, BN1 + ReLU (transient)
                    ("_conv_fwd", "STATS_ON"), ("_bn_act_fwd", "HAS_RES+RELU"),  # conv2, BN2 + x + ReLU
