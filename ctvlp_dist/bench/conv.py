@@ -6,7 +6,9 @@
 - blocks: each residual block in training mode (conv, BN, ReLU, shortcut), the fused Triton
   block (kernels/conv3d_block.py) against the torch block on cuDNN;
 - tower: the whole ResNet3d18 (k2s2, BN), training step (forward + backward) and inference,
-  against cuDNN eager and, with bench.conv_compile, torch.compile(mode="max-autotune");
+  against cuDNN eager and, with bench.conv_compile, torch.compile(mode="max-autotune"; it replays
+  CUDA graphs itself); inference also replayed as a CUDA graph (embedding extraction without
+  per-launch CPU cost), still against cuDNN eager;
 - tiles (not a default part): each kernel of each layer under every tile of the sweep grid,
   against cuDNN's same operation, to choose the tile defaults from measurements;
 - launches (not a default part): every kernel launch of one fused block's training step, timed
@@ -188,6 +190,23 @@ def _block(name, cin, cout, stride, sp, batch, dtype, device, ceil):
     return row
 
 
+def _cuda_graph(fn):
+    """fn captured once as a CUDA graph (after warm-up runs on a side stream, which compile the
+    Triton kernels and let cuDNN choose its algorithms); returns its replay."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def _tower(batch, dtype, device, ceil, compile_too: bool) -> list[dict]:
     """The whole tower: a training step (BN batch statistics, forward + backward of all
     parameters and the input) and inference (eval, no autograd: BN folded on the Triton side)."""
@@ -231,8 +250,11 @@ def _tower(batch, dtype, device, ceil, compile_too: bool) -> list[dict]:
     xg = x.clone().requires_grad_()
     g = torch.randn(batch, ref.out_dim, device=device, dtype=dtype)
     rows = []
-    for mode, fl in (("train fwd+bwd", train_fl), ("inference", train_fl / 3)):
+    modes = (("train fwd+bwd", train_fl), ("inference", train_fl / 3), ("inference, CUDA graph", train_fl / 3))
+    for mode, fl in modes:
         for name, m in models.items():
+            if mode.endswith("graph") and name.startswith("torch.compile"):
+                continue  # max-autotune already replays CUDA graphs
             row = {"tower": mode, "impl": name, **base}
             try:
                 if mode == "train fwd+bwd":
@@ -244,6 +266,8 @@ def _tower(batch, dtype, device, ceil, compile_too: bool) -> list[dict]:
                     def fn(m=m):
                         with torch.no_grad():
                             m(x)
+                    if mode.endswith("graph"):  # embedding extraction without per-launch CPU cost
+                        fn = _cuda_graph(fn)
                 t0 = time.time()
                 fn()  # the first call compiles (torch.compile: autotunes); timed apart
                 torch.cuda.synchronize()
@@ -254,7 +278,8 @@ def _tower(batch, dtype, device, ceil, compile_too: bool) -> list[dict]:
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
             rows.append(row)
-        cud = next((r["ms"] for r in rows if r["tower"] == mode and r["impl"] == "cudnn eager" and "ms" in r), None)
+        cud = next((r["ms"] for r in rows if r["tower"] == mode.split(",")[0] and r["impl"] == "cudnn eager"
+                    and "ms" in r), None)  # the baseline is cuDNN eager, without a graph
         for r in rows:
             if r["tower"] == mode and "ms" in r and cud:
                 r["speedup_vs_cudnn"] = round(cud / r["ms"], 3)
