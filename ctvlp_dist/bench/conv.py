@@ -109,6 +109,11 @@ BLOCKS = [("layer1.0", 64, 64, 1, (48, 96, 96)), ("layer2.0", 64, 128, 2, (48, 9
           ("layer4.1", 512, 512, 1, (6, 12, 12))]
 
 
+def _eighth(cin: int, cout: int, sp, floor: int = 2):
+    """CPU (interpreter) size: 1/8 of the channels and of each spatial size."""
+    return max(1, cin // 8), max(1, cout // 8), tuple(max(floor, v // 8) for v in sp)
+
+
 def _twins(make, device, dtype):
     """The same module twice, conv_impl torch and triton, with one state."""
     ref, tri = make("torch").to(device, dtype), make("triton").to(device, dtype)
@@ -168,7 +173,7 @@ def _block(name, cin, cout, stride, sp, batch, dtype, device, ceil):
 
     gpu = device == "cuda"
     if not gpu:
-        cin, cout, sp = max(1, cin // 8), max(1, cout // 8), tuple(max(2, v // 8) for v in sp)
+        cin, cout, sp = _eighth(cin, cout, sp)
     ref, tri = _twins(lambda impl: BasicBlock3d(cin, cout, stride, "bn", 1, impl), device, dtype)
     x = torch.randn(batch, cin, *sp, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last_3d)
     row = {"block": name, "in": "x".join(map(str, sp)), "cin": cin, "cout": cout, **_agree(ref, tri, x)}
@@ -250,10 +255,12 @@ def _tower(batch, dtype, device, ceil, compile_too: bool) -> list[dict]:
     xg = x.clone().requires_grad_()
     g = torch.randn(batch, ref.out_dim, device=device, dtype=dtype)
     rows = []
-    modes = (("train fwd+bwd", train_fl), ("inference", train_fl / 3), ("inference, CUDA graph", train_fl / 3))
-    for mode, fl in modes:
+    # (mode, FLOPs, replayed as a CUDA graph, the cuDNN-eager mode it is compared with)
+    modes = (("train fwd+bwd", train_fl, False, "train fwd+bwd"), ("inference", train_fl / 3, False, "inference"),
+             ("inference, CUDA graph", train_fl / 3, True, "inference"))
+    for mode, fl, graph, base_mode in modes:
         for name, m in models.items():
-            if mode.endswith("graph") and name.startswith("torch.compile"):
+            if graph and name.startswith("torch.compile"):
                 continue  # max-autotune already replays CUDA graphs
             row = {"tower": mode, "impl": name, **base}
             try:
@@ -266,7 +273,7 @@ def _tower(batch, dtype, device, ceil, compile_too: bool) -> list[dict]:
                     def fn(m=m):
                         with torch.no_grad():
                             m(x)
-                    if mode.endswith("graph"):  # embedding extraction without per-launch CPU cost
+                    if graph:  # embedding extraction without per-launch CPU cost
                         fn = _cuda_graph(fn)
                 t0 = time.time()
                 fn()  # the first call compiles (torch.compile: autotunes); timed apart
@@ -278,8 +285,7 @@ def _tower(batch, dtype, device, ceil, compile_too: bool) -> list[dict]:
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
             rows.append(row)
-        cud = next((r["ms"] for r in rows if r["tower"] == mode.split(",")[0] and r["impl"] == "cudnn eager"
-                    and "ms" in r), None)  # the baseline is cuDNN eager, without a graph
+        cud = next((r["ms"] for r in rows if r["tower"] == base_mode and r["impl"] == "cudnn eager" and "ms" in r), None)
         for r in rows:
             if r["tower"] == mode and "ms" in r and cud:
                 r["speedup_vs_cudnn"] = round(cud / r["ms"], 3)
@@ -310,7 +316,7 @@ def _tile_sweep(batch, dtype, device, ceil, budget_s: float) -> list[dict]:
     rows = []
     for name, cin, cout, sp, k, s, p in layers:
         if not gpu:
-            cin, cout, sp = max(1, cin // 8), max(1, cout // 8), tuple(max(k, v // 8) for v in sp)
+            cin, cout, sp = _eighth(cin, cout, sp, floor=k)
         x = torch.randn(batch, cin, *sp, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last_3d)
         w = (torch.randn(cout, cin, k, k, k, device=device) / (cin * k ** 3) ** 0.5).to(dtype)
         y = F.conv3d(x, w, None, s, p)
@@ -410,7 +416,7 @@ def _launches(batch, dtype, device, budget_s: float) -> tuple[list[dict], list[d
     rows, sweep = [], []
     for name, cin, cout, stride, sp in (b for b in BLOCKS if b[0] in LAUNCH_BLOCKS[:None if gpu else 1]):
         if not gpu:
-            cin, cout, sp = max(1, cin // 8), max(1, cout // 8), tuple(max(2, v // 8) for v in sp)
+            cin, cout, sp = _eighth(cin, cout, sp)
         blk = BasicBlock3d(cin, cout, stride, "bn", 1, "triton").to(device, dtype).train()
         x = torch.randn(batch, cin, *sp, device=device, dtype=dtype).contiguous(
             memory_format=torch.channels_last_3d).requires_grad_()
