@@ -1,13 +1,18 @@
 """One device call for the contrastive-loss kernels: correctness, tile sweep, benchmark.
 
-    python3 benchmarks/loss_gpu.py OUTDIR [--phases pytest,sweep,bench,fused,big] [--tiles FWD --bwd-tiles BWD]
+    python3 benchmarks/loss_gpu.py OUTDIR [--phases pytest,sweep,bench,fused,big,panel] [--tiles FWD --bwd-tiles BWD]
 
 Phases, each under a share of one wall-clock budget (gpu_call.py):
 - pytest: the CUDA tests in kernels/test_contrastive.py (bf16/fp16/fp32 vs fp64), fixed tiles;
 - sweep: forward and backward tile configs, each pass alone, at b=16384, d=512, bf16;
 - bench: `ctvlp bench loss` with the best tiles: dense, chunked and Triton, b = 1k..64k;
 - fused: the atomics backward at b = 16k and 64k (Triton only);
-- big: Triton alone at b = 262144 and 1048576 (peak memory at 1M is a goal of issue 6).
+- big: Triton alone at b = 262144 and 1048576 (peak memory at 1M is a goal of issue 6);
+- panel: the panel backward (contrastive_panel.py): its tiles and GEMM backend (Triton or
+  cuBLAS) swept at b = 16384 against the two-pass backward in the same process, its panel height
+  at b = 65536, then `bench loss` with triton-two_pass and triton-panel side by side, on random
+  and on mixed (trained-like, scale 100) inputs. The 2026-11-22 tiles need no new sweep:
+  `--phases panel --tiles 64,128,64,128,4,3 --bwd-tiles 64,64,64,512,8,2,1`.
 Records go to OUTDIR (copy them to benchmarks/results/). Run it with the device tool as
 `mkdir -p $OUT/loss && python3 benchmarks/loss_gpu.py $OUT/loss 2>&1 | tee $OUT/loss/run.log`.
 """
@@ -20,7 +25,7 @@ from gpu_call import Budget, gpu_env, print_device
 
 ap = argparse.ArgumentParser()
 ap.add_argument("out")
-ap.add_argument("--phases", default="pytest,sweep,bench,fused,big")
+ap.add_argument("--phases", default="pytest,sweep,bench,fused,big")  # panel: on request
 ap.add_argument("--tiles", default=None, help="forward tiles BM,BN,BK,BD,warps,stages (skips the sweep)")
 ap.add_argument("--bwd-tiles", default=None, help="backward tiles BM,BN,BK,BD,warps,stages[,full]")
 args = ap.parse_args()
@@ -100,3 +105,64 @@ if "fused" in phases:
     env["CTVLP_CLIP_BACKWARD"] = "fused"  # the atomics variant, Triton only
     sh(base + ["bench.loss_sizes=[16384,65536]", "bench.loss_methods=[triton]"], "fused.log", 120)
     env.pop("CTVLP_CLIP_BACKWARD")
+
+panel_code = r'''
+import json, os, sys, torch
+sys.path.insert(0, os.getcwd())
+from ctvlp_dist.bench.loss import _inputs, _cuda_time
+from kernels import contrastive_panel as cp, contrastive_triton as ct
+b, d = int(sys.argv[3]), 512
+I, T, s = _inputs(b, d, torch.bfloat16, "cuda")
+I, T, s1 = I.detach(), T.detach(), s.detach().reshape(1)
+g = torch.arange(b, device="cuda", dtype=torch.int32)
+n_rows = torch.ones(b, device="cuda")
+lse_r, cmax, csum, _ = ct.triton_forward(I, T, s1, g, g, True)
+lse_c = ct.merge_column_stats(cmax, csum)
+ref = ct.triton_backward(I, T, s1, g, g, lse_r, lse_c, n_rows, 1.0 / b, True)
+flops = 6 * b * b * d  # counted: S once + the dI and dT GEMMs
+res = [{"variant": "two_pass", "ms": round(_cuda_time(lambda: ct.triton_backward(I, T, s1, g, g, lse_r, lse_c, n_rows,
+                                                                                 1.0 / b, True), reps=5, warmup=1) * 1e3, 3)}]
+for cfg in sys.argv[1].split("|"):
+    tiles, _, rows = cfg.partition("@")
+    os.environ["CTVLP_CLIP_PANEL_TILES"] = tiles
+    os.environ["CTVLP_CLIP_PANEL_ROWS"] = rows or "0"
+    for mm in sys.argv[2].split(","):
+        fn = lambda: cp.panel_backward(I, T, s1, g, g, lse_r, lse_c, n_rows, 1.0 / b, True, mm=mm)
+        r = {"variant": "panel", "tiles": tiles, "panel_rows": cp.panel_rows(b, b, 2, int(tiles.split(",")[0])), "mm": mm}
+        try:
+            out = fn()
+            r["max_rel_diff_vs_two_pass"] = max(float((a.float() - c.float()).norm() / c.float().norm()) for a, c in zip(out, ref))
+            r["ms"] = round(_cuda_time(fn, reps=5, warmup=1) * 1e3, 3)
+        except Exception as e:
+            r["error"] = f"{type(e).__name__}: {str(e)[:160]}"
+        res.append(r)
+        print(json.dumps(r), flush=True)
+for r in res:
+    if "ms" in r:
+        r["tflops_counted_6b2d"] = round(flops / r["ms"] / 1e9, 1)
+        r["speedup_vs_two_pass"] = round(res[0]["ms"] / r["ms"], 3)
+print("PANEL", json.dumps(res))
+'''
+PANEL = ["128,64,64,8,3;128,128,64,8,3", "128,128,64,8,3;128,128,64,8,3", "128,64,64,8,4;128,256,64,8,3",
+         "64,128,64,4,3;128,128,64,8,4", "128,64,32,8,4;128,128,64,8,3", "128,128,64,8,3;128,256,64,8,3"]
+if "panel" in phases:
+    found = {}
+    for b, cfgs, mms, cap in ((16384, PANEL, "triton,torch", 200), (65536, None, None, 120)):
+        if cfgs is None:  # the panel height at 65,536, with the best tiles and backend at 16,384
+            ok = [x for x in found.get(16384, []) if "ms" in x and x["variant"] == "panel"]
+            best = min(ok, key=lambda x: x["ms"]) if ok else {"tiles": PANEL[0], "mm": "triton"}
+            cfgs, mms = [best["tiles"] + f"@{r}" for r in (2048, 4096, 8192)], best["mm"]
+        r = sh([sys.executable, "-c", panel_code, "|".join(cfgs), mms, str(b)], f"panel_{b}.log", cap)
+        if r and "PANEL" in r.stdout:
+            found[b] = json.loads([x for x in r.stdout.splitlines() if x.startswith("PANEL")][-1][6:])
+    (out / "panel.json").write_text(json.dumps({"d": 512, "dtype": "bfloat16", "runs": found}, indent=1))
+    ok = [x for x in found.get(65536, []) + found.get(16384, []) if "ms" in x and x["variant"] == "panel"]
+    if ok:  # the largest gain over the two-pass backward timed in the same process
+        best = max(ok, key=lambda x: x["speedup_vs_two_pass"])
+        env.update(CTVLP_CLIP_PANEL_TILES=best["tiles"], CTVLP_CLIP_PANEL_MM=best["mm"])
+        if best in found.get(65536, []):
+            env["CTVLP_CLIP_PANEL_ROWS"] = str(best["panel_rows"])
+    methods = "bench.loss_methods=[dense,triton-two_pass,triton-panel]"
+    sh(base + ["bench.loss_sizes=[1024,4096,16384,65536]", methods], "panel_bench.log", 200)
+    sh(base + ["bench.loss_sizes=[16384,65536]", "bench.loss_methods=[triton-two_pass,triton-panel]",
+               "bench.loss_inputs=mixed"], "panel_mixed.log", 120)

@@ -167,3 +167,14 @@ def loss_backward_launches(b: int, d: int, dtype=torch.bfloat16) -> dict:
     lse, s = torch.empty(b, device="meta"), torch.empty(1, device="meta")
     rows, cols = capture(triton_backward, I, I, s, g, g, lse, lse, lse, 1.0 / b, tiles=pick_tiles(d, dtype, "bwd"))
     return {"rows (dI)": rows, "cols (dT)": cols}
+
+
+def loss_panel_launches(b: int, d: int, dtype=torch.bfloat16) -> dict:
+    """The panel backward's three kernels (G tile, dI GEMM, dT GEMM) for the first panel."""
+    from .contrastive_panel import panel_backward
+
+    I = torch.empty(b, d, dtype=dtype, device="meta")
+    g = torch.empty(b, dtype=torch.int32, device="meta")
+    lse, s = torch.empty(b, device="meta"), torch.empty(1, device="meta")
+    grad, di, dt = capture(panel_backward, I, I, s, g, g, lse, lse, lse, 1.0 / b, mm="triton")[:3]
+    return {"G tile": grad, "dI = G T": di, "dT += G^T I": dt}

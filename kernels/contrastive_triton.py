@@ -90,24 +90,59 @@ def _fwd(I, T, G_R, G_C, M_R, L_R, POS, CMAX, CSUM, scale_ptr, B_R, B_C, D, sI, 
 
 
 @triton.jit
-def _g_tile(S, rows, cols, rmask, cmask, LSE_R, LSE_C, NPOS, G_R, G_C, TRANS: tl.constexpr = False):
+def _two_exp(S, lr, lc, TRANS: tl.constexpr):
+    if TRANS:
+        return 0.5 * (tl.exp(S - lr[None, :]) + tl.exp(S - lc[:, None]))
+    return 0.5 * (tl.exp(S - lr[:, None]) + tl.exp(S - lc[None, :]))
+
+
+@triton.jit
+def _half_softmax_sum(S, lr, lc, rmask, cmask, TRANS: tl.constexpr, FACTOR: tl.constexpr, SPAN: tl.constexpr = 50.0):
+    """(exp(S - lr) + exp(S - lc)) / 2, the two directions' softmax. FACTOR: one exponential per
+    element where the tile's lse values lie within SPAN of each other: exp(S - lc) = exp(S - lr)
+    exp(lr - hi) exp(hi - lc), one factor per row and one per column (hi: the tile's largest lse).
+    The exponentials run on the SFU at 1/256 of the tensor cores' FLOP rate, so at d = 512 two per
+    element cost half as much as the S dot itself. Within SPAN no factor over- or underflows
+    and a p lost to underflow in the product is below e^(SPAN - 87); a tile with an outlier row
+    or column takes the two exponentials as the formula reads."""
+    if FACTOR:
+        hi = tl.maximum(tl.max(tl.where(rmask, lr, -float("inf")), 0), tl.max(tl.where(cmask, lc, -float("inf")), 0))
+        lo = tl.minimum(tl.min(tl.where(rmask, lr, float("inf")), 0), tl.min(tl.where(cmask, lc, float("inf")), 0))
+        if hi - lo <= SPAN:
+            u = 0.5 * tl.exp(lr - hi)
+            v = tl.exp(hi - lc)
+            if TRANS:
+                p = tl.exp(S - lr[None, :]) * (0.5 + u[None, :] * v[:, None])
+            else:
+                p = tl.exp(S - lr[:, None]) * (0.5 + u[:, None] * v[None, :])
+        else:
+            p = _two_exp(S, lr, lc, TRANS)
+    else:
+        p = _two_exp(S, lr, lc, TRANS)
+    return p
+
+
+@triton.jit
+def _g_tile(S, rows, cols, rmask, cmask, LSE_R, LSE_C, NPOS, G_R, G_C, TRANS: tl.constexpr = False,
+            FACTOR: tl.constexpr = False):
     """dLoss/dS on one tile (sum reduction, before coef), both directions, from the stored row
     and column lse. Entries lie in [-1, 1]; coef (1/b for the mean) is applied after the dots,
     so that fp16 operands do not underflow. TRANS: S is given as S^T [cols, rows] and G^T comes
     out, in the layout of the dT dot's left operand, so no register tile is transposed (on sm_90
-    that cost a shared-memory round trip and spilled 544 bytes per thread in the column pass)."""
+    that cost a shared-memory round trip and spilled 544 bytes per thread in the column pass).
+    FACTOR: one exponential per element where the tile allows (_half_softmax_sum); the two-pass
+    kernels keep two, since the second branch pushes their d-wide accumulators into spills."""
     lr = tl.load(LSE_R + rows, mask=rmask, other=0.0)
     lc = tl.load(LSE_C + cols, mask=cmask, other=0.0)
     npos = tl.load(NPOS + rows, mask=rmask, other=1.0)
     g_r = tl.load(G_R + rows, mask=rmask, other=-1)
     g_c = tl.load(G_C + cols, mask=cmask, other=-2)
+    p = _half_softmax_sum(S, lr, lc, rmask, cmask, TRANS, FACTOR)
     if TRANS:
         valid = cmask[:, None] & rmask[None, :]
-        p = 0.5 * (tl.exp(S - lr[None, :]) + tl.exp(S - lc[:, None]))
         t = tl.where(g_c[:, None] == g_r[None, :], 1.0 / npos[None, :], 0.0)
     else:
         valid = rmask[:, None] & cmask[None, :]
-        p = 0.5 * (tl.exp(S - lr[:, None]) + tl.exp(S - lc[None, :]))
         t = tl.where(g_r[:, None] == g_c[None, :], 1.0 / npos[:, None], 0.0)
     return tl.where(valid, p - t, 0.0)
 
@@ -436,15 +471,21 @@ def triton_backward(I, T, s, g_rows, g_cols, lse_r, lse_c, n_rows, coef, tf32: b
 
     variant "two_pass" (default): dI over row blocks and dT over column blocks, S recomputed once
     per direction, no atomics, deterministic. "fused": S recomputed once, dI and dT by atomics.
+    "panel" (contrastive_panel.py): S recomputed once, G through bounded row panels, dI and dT
+    by GEMMs with large tiles, deterministic.
     When a pass has too few blocks to fill the chip, its reduction loop is split and the fp32
     partials are summed (still deterministic)."""
     b_r, D = I.shape
     b_c = T.shape[0]
+    if variant == "panel":
+        from .contrastive_panel import panel_backward
+
+        return panel_backward(I, T, s, g_rows, g_cols, lse_r, lse_c, n_rows, coef, tf32, grad_dtype)
+    if variant not in ("two_pass", "fused"):
+        raise ValueError(f"backward variant must be two_pass, fused or panel, got {variant!r}")
     t = tiles or tiles_for(I, T, s, g_rows, g_cols, tf32, "bwd")
     if variant == "fused":
         return _backward_fused(I, T, s, g_rows, g_cols, lse_r, lse_c, n_rows, coef, tf32, grad_dtype, t)
-    if variant != "two_pass":
-        raise ValueError(f"backward variant must be two_pass or fused, got {variant!r}")
     coef_t = torch.as_tensor(coef, dtype=torch.float32, device=I.device).reshape(1)
     common = dict(BM=t["BM"], BN=t["BN"], BK=t["BK"], BD=t["BD"], FULL=t["FULL"], PREC=_prec(I.dtype, tf32),
                   GSCALE=_gscale(I.dtype), num_warps=t["num_warps"], num_stages=t["num_stages"])

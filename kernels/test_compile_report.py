@@ -53,3 +53,16 @@ def test_contrastive_backward_passes_compile_without_transposed_register_tiles()
         assert row["wgmma"] > 0 and row["mma_sync"] == 0 and row["loop_sync_tile_loads"] == 0, (name, row)
     assert rows["cols (dT)"]["spill_store_bytes"] == 0, rows["cols (dT)"]
     assert rows["rows (dI)"]["spill_store_bytes"] <= 64, rows["rows (dI)"]  # measured: 36
+
+
+def test_contrastive_panel_backward_compiles_to_two_programs_per_sm():
+    """The panel backward's kernels at b = 65,536, d = 512, bf16, default tiles: wgmma, async
+    operand tiles, no spills, and registers and shared memory that let two programs share an SM
+    (64K registers and 228 KB per SM), so one program's exponentials overlap the other's MMA."""
+    rows = _reports("loss_panel_launches(65536, 512)")
+    assert set(rows) == {"G tile", "dI = G T", "dT += G^T I"}
+    for name, row in rows.items():
+        assert row["wgmma"] > 0 and row["mma_sync"] == 0 and row["loop_sync_tile_loads"] == 0, (name, row)
+        assert row["spill_store_bytes"] == 0, (name, row)
+        assert row["registers"] * 32 * row["num_warps"] * 2 <= 65536, (name, row)
+        assert row["shared_bytes"] * 2 <= 228 * 1024, (name, row)

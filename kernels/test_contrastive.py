@@ -5,8 +5,11 @@ import os
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from kernels.contrastive import blockwise_clip_loss, reference_clip_loss
+from kernels.contrastive_triton import _half_softmax_sum
 
 CUDA = torch.cuda.is_available()
 CPU_IMPLS = ["torch"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
@@ -14,9 +17,12 @@ CPU_IMPLS = ["torch"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1"
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 
 
-def _case(b, d, dtype, grouped, scale, device, normalise=True):
+def _case(b, d, dtype, grouped, scale, device, normalise=True, matched=0):
+    """`matched` leading pairs are near-copies (cosine ~0.99), as a trained model's are: at scale
+    100 their lse sit ~80 above the others', the wide-span case of the one-exponential softmax."""
     I = torch.randn(b, d, dtype=torch.float64, device=device)
     T = torch.randn(b, d, dtype=torch.float64, device=device)
+    T[:matched] = I[:matched] + 0.1 * T[:matched] / d ** 0.5
     if normalise:
         I, T = I / I.norm(dim=1, keepdim=True), T / T.norm(dim=1, keepdim=True)
     g = torch.randint(0, max(2, b // 8), (b,), device=device) if grouped else None
@@ -24,8 +30,8 @@ def _case(b, d, dtype, grouped, scale, device, normalise=True):
     return I, T, s, g
 
 
-def _check(impl, b, d, dtype, grouped, scale, device="cpu", tol=None, tf32=False):
-    I, T, s, g = _case(b, d, dtype, grouped, scale, device)
+def _check(impl, b, d, dtype, grouped, scale, device="cpu", tol=None, tf32=False, matched=0, backward=None):
+    I, T, s, g = _case(b, d, dtype, grouped, scale, device, matched=matched)
     # the reference sees exactly the rounded inputs the kernel sees
     I, T = I.to(dtype).double(), T.to(dtype).double()
     Ir, Tr, sr = (x.clone().requires_grad_() for x in (I, T, s))
@@ -34,7 +40,7 @@ def _check(impl, b, d, dtype, grouped, scale, device="cpu", tol=None, tf32=False
     sdt = torch.float64 if dtype == torch.float64 else torch.float32
     Ik, Tk = I.to(dtype).requires_grad_(), T.to(dtype).requires_grad_()
     sk = s.to(sdt).requires_grad_()
-    out = blockwise_clip_loss(Ik, Tk, sk, group_ids=g, impl=impl, tf32=tf32)
+    out = blockwise_clip_loss(Ik, Tk, sk, group_ids=g, impl=impl, tf32=tf32, backward=backward)
     out.backward()
     tol = tol or TOL[dtype]
     for name, a, r in [("loss", out, ref), ("dI", Ik.grad, Ir.grad), ("dT", Tk.grad, Tr.grad), ("dscale", sk.grad, sr.grad)]:
@@ -72,9 +78,61 @@ def test_fused_backward_variant(monkeypatch, b, d, grouped):
     _check("triton", b, d, torch.float32, grouped, 30.0)
 
 
+@pytest.mark.skipif("triton" not in CPU_IMPLS, reason="needs the Triton interpreter")
+@pytest.mark.parametrize("b,d,grouped,scale,rows,mm", [(130, 300, True, 20.0, 64, "triton"), (100, 40, False, 100.0, 0, "triton"),
+                                                       (130, 300, False, 1.0, 32, "torch")])
+def test_panel_backward_variant(monkeypatch, b, d, grouped, scale, rows, mm):
+    """G through row panels: 64 or 32 rows give 3 and 5 panels (dT accumulated across them), 0
+    one panel; the dI GEMM splits K in the interpreter; mm=torch does both GEMMs by torch.mm."""
+    monkeypatch.setenv("CTVLP_CLIP_BACKWARD", "panel")
+    monkeypatch.setenv("CTVLP_CLIP_PANEL_ROWS", str(rows))
+    monkeypatch.setenv("CTVLP_CLIP_PANEL_MM", mm)
+    _check("triton", b, d, torch.float32, grouped, scale)
+
+
+@pytest.mark.parametrize("impl,backward", [("torch", None)] + [("triton", v) for v in ("two_pass", "panel")
+                                                                 if "triton" in CPU_IMPLS])
+def test_matched_pairs_at_scale_100(impl, backward):
+    """A trained model's batch: 20 matched pairs among unmatched ones, scale 100; tiles mixing
+    both take the two-exponential branch, the others the factored one. The variant is chosen by
+    the `backward` argument here (by CTVLP_CLIP_BACKWARD elsewhere)."""
+    _check(impl, 130, 64, torch.float32, False, 100.0, matched=20, backward=backward)
+
+
+@pytest.mark.skipif("triton" not in CPU_IMPLS, reason="needs the Triton interpreter")
+def test_backward_variants_agree_on_rectangular_blocks():
+    """The distributed path's shape: a rank's b_r rows against all b_c columns, dT in fp32. The
+    three variants must give the same gradients (two_pass is checked against fp64 above)."""
+    from kernels.contrastive_ref import merge_column_stats
+    from kernels.contrastive_triton import triton_backward, triton_forward
+
+    b_r, b_c, d = 45, 130, 72
+    I, T = torch.randn(b_r, d), torch.randn(b_c, d)
+    I, T = I / I.norm(dim=1, keepdim=True), T / T.norm(dim=1, keepdim=True)
+    s = torch.tensor([30.0])
+    g_c = torch.randint(0, 20, (b_c,), dtype=torch.int32)
+    g_r = g_c[40:40 + b_r].contiguous()
+    lse_r, cmax, csum, _ = triton_forward(I, T, s, g_r, g_c, False)
+    lse_c = merge_column_stats(cmax, csum)
+    n_rows = (g_r[:, None] == g_c[None, :]).sum(1).float()
+    out = {v: triton_backward(I, T, s, g_r, g_c, lse_r, lse_c, n_rows, 1.0 / b_c, False, grad_dtype=torch.float32,
+                              variant=v) for v in ("two_pass", "fused", "panel")}
+    for v in ("fused", "panel"):
+        for a, r in zip(out[v], out["two_pass"]):
+            assert a.dtype == r.dtype and torch.allclose(a, r, rtol=1e-4, atol=1e-6), v
+
+
 @pytest.mark.parametrize("impl", CPU_IMPLS)
 def test_cpu_fp16(impl):
     _check(impl, 97, 64, torch.float16, True, 14.3)
+
+
+@pytest.mark.skipif("triton" not in CPU_IMPLS, reason="needs the Triton interpreter")
+def test_panel_backward_fp16(monkeypatch):
+    """fp16 G is stored scaled by 2^12 in the panel (its p ~ 1/b entries are subnormal otherwise)."""
+    monkeypatch.setenv("CTVLP_CLIP_BACKWARD", "panel")
+    monkeypatch.setenv("CTVLP_CLIP_PANEL_ROWS", "64")
+    _check("triton", 97, 64, torch.float16, True, 14.3)
 
 
 def test_chunked_fp64_is_exact():
@@ -119,7 +177,7 @@ def test_chunked_path_never_allocates_b_by_b(monkeypatch):
 @pytest.mark.parametrize("b,d", [(1000, 40), (4097, 128), (2049, 300), (3000, 512)])
 @pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("scale", [1.0, 100.0])
-@pytest.mark.parametrize("backward", ["two_pass", "fused"])
+@pytest.mark.parametrize("backward", ["two_pass", "fused", "panel"])
 def test_cuda_triton_against_fp64(dtype, b, d, grouped, scale, backward, monkeypatch):
     """fp32 goes through tf32 (10-bit mantissa, ~3e-4 per logit); the gradient's p - t cancels
     much of p, which multiplies that relative error, hence 2e-3 on the gradients."""
@@ -154,3 +212,52 @@ def test_autotuner_picks_a_compiling_candidate_and_caches_it():
     ref = torch.logsumexp(s * I.double() @ T.double().T, 1)
     assert torch.allclose(lse_r.double(), ref, atol=1e-5)
     ct._TUNED.clear()
+
+
+@triton.jit
+def _softmax_pair_kernel(S, LR, LC, OUT, M, N, BM: tl.constexpr, BN: tl.constexpr, TRANS: tl.constexpr,
+                         SPAN: tl.constexpr):
+    r = tl.arange(0, BM)
+    c = tl.arange(0, BN)
+    rmask, cmask = r < M, c < N
+    lr = tl.load(LR + r, mask=rmask, other=0.0)
+    lc = tl.load(LC + c, mask=cmask, other=0.0)
+    if TRANS:
+        off, m2 = c[:, None] * M + r[None, :], cmask[:, None] & rmask[None, :]
+    else:
+        off, m2 = r[:, None] * N + c[None, :], rmask[:, None] & cmask[None, :]
+    p = _half_softmax_sum(tl.load(S + off, mask=m2, other=0.0), lr, lc, rmask, cmask, TRANS, True, SPAN)
+    tl.store(OUT + off, p, mask=m2)
+
+
+def _softmax_pair_case(M, N, wide: bool):
+    """A tile of S (fp32 values) with its row and column lse. `wide` lifts a 3 x 3 block by 100,
+    as three matched pairs do at logit scale 100: their rows' and columns' lse sit 100 above the
+    rest, and exp(S - lr) of a lifted row underflows (even without flushing subnormals, as the
+    interpreter does not) where exp(S - lc) does not."""
+    S = torch.randn(M, N, dtype=torch.float64) * 4
+    if wide:
+        S[:3, :3] += 100.0
+    lr = torch.logsumexp(S, 1) + torch.rand(M, dtype=torch.float64)  # + the other tiles' share
+    lc = torch.logsumexp(S, 0) + torch.rand(N, dtype=torch.float64)
+    S, lr, lc = (x.float().double() for x in (S, lr, lc))  # the kernel's inputs, exactly
+    ref = 0.5 * (torch.exp(S - lr[:, None]) + torch.exp(S - lc[None, :]))
+    return S, lr, lc, ref
+
+
+@pytest.mark.skipif("triton" not in CPU_IMPLS, reason="needs the Triton interpreter")
+@pytest.mark.parametrize("trans", [False, True])
+def test_one_exponential_softmax_pair_and_its_guard(trans):
+    """exp(S - lc) as exp(S - lr) times a row and a column factor: exact within the span guard;
+    a tile whose lse spread exceeds it takes two exponentials. Forcing the factored form on the
+    wide tile (span 1e30) loses the underflowed entries, which shows that the guard matters and
+    that the wide case really took the other branch."""
+    M, N = 29, 21
+    for wide, span, ok in ((False, 50.0, True), (True, 50.0, True), (True, 1e30, False)):
+        S, lr, lc, ref = _softmax_pair_case(M, N, wide)
+        s32 = (S.T if trans else S).float().contiguous()
+        out = torch.zeros_like(s32)
+        _softmax_pair_kernel[(1,)](s32, lr.float(), lc.float(), out, M, N, BM=32, BN=32, TRANS=trans, SPAN=span)
+        got = (out.T if trans else out).double()
+        close = bool(torch.isfinite(got).all()) and torch.allclose(got, ref, rtol=1e-5, atol=1e-30)
+        assert close is ok, (wide, span, (got - ref).abs().max())

@@ -142,3 +142,24 @@ def test_best_tiles_picks_the_fastest_and_its_gain_over_the_default():
     fwd, wgrad = best_tiles(rows)
     assert (fwd["best_tile"], fwd["ms"], fwd["gain_vs_default"]) == (a, 1.0, 4.0)
     assert wgrad["best_tile"] == b and "gain_vs_default" not in wgrad  # the default was never timed
+
+
+def test_bench_loss_on_cpu_records_methods_and_inputs(tmp_path):
+    """`ctvlp bench loss` on CPU: the torch methods (Triton methods need a GPU and are skipped),
+    on the "mixed" inputs, whose pairs' cosines spread over [0, 0.9] at scale 100."""
+    from ctvlp_dist.bench.loss import _inputs
+
+    r = run("bench", "loss", "--quiet", "bench.loss_sizes=[300]", "bench.loss_methods=[dense,chunked,triton-panel]",
+            "bench.loss_inputs=mixed", f"bench.results_dir={tmp_path}")
+    assert r.returncode == 0, r.stderr
+    (res,) = tmp_path.glob("loss-cpu-*.json")
+    rec = json.loads(res.read_text())
+    assert rec["inputs"] == "mixed" and [row["method"] for row in rec["rows"]] == ["dense", "chunked"]
+    assert all(row["status"] == "ok" and row["ms"] > 0 for row in rec["rows"])
+    import torch
+
+    I, T, s = _inputs(2000, 64, torch.float32, "cpu", kind="mixed")
+    cos = (I * T).sum(1)
+    assert float(s) == 100.0 and 0 <= float(cos.min()) < 0.05 and 0.85 < float(cos.max()) <= 0.9 + 1e-6
+    with pytest.raises(ValueError, match="random or mixed"):
+        _inputs(4, 4, torch.float32, "cpu", kind="trained")

@@ -1,7 +1,11 @@
 """`ctvlp bench loss`: forward+backward time and peak extra memory of the contrastive loss.
 
 Methods: dense torch (b x b logits, autograd), the chunked torch path, the Triton kernels
-(GPU only). FLOPs counted as 8 b^2 d (forward S, backward: recompute S once, dI and dT);
+(GPU only; "triton-panel", "triton-two_pass", "triton-fused" name a backward variant, so that
+they compare in one run). Inputs (bench.loss_inputs): "random" unit vectors at scale 1/0.07, as
+at initialisation; "mixed" pairs whose cosine is spread over [0, 0.9] at scale 100, as in a
+trained batch with sure and unsure pairs side by side (the one-exponential softmax's hard
+case: tiles whose lse spread exceeds its guard take two exponentials). FLOPs counted as 8 b^2 d (forward S, backward: recompute S once, dI and dT);
 our backward recomputes S once per direction, so the kernels execute 10 b^2 d: the table
 reports rates on the 8 b^2 d count, against a bf16 matmul measured in the same run.
 Memory is the peak allocated beyond the inputs (GPU: torch.cuda.max_memory_allocated; CPU:
@@ -10,6 +14,7 @@ peak RSS of a fresh subprocess per measurement, minus the same process's RSS bef
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -17,16 +22,23 @@ import time
 from .record import markdown_table, write_result
 
 
-def _inputs(b, d, dtype, device, seed=0):
+def _inputs(b, d, dtype, device, seed=0, kind="random"):
     import torch
 
     g = torch.Generator(device=device).manual_seed(seed)
     I = torch.randn(b, d, device=device, dtype=torch.float32, generator=g)
     T = torch.randn(b, d, device=device, dtype=torch.float32, generator=g)
-    I = (I / I.norm(dim=1, keepdim=True)).to(dtype).requires_grad_()
-    T = (T / T.norm(dim=1, keepdim=True)).to(dtype).requires_grad_()
-    s = torch.tensor(1 / 0.07, device=device, requires_grad=True)
-    return I, T, s
+    I, T = I / I.norm(dim=1, keepdim=True), T / T.norm(dim=1, keepdim=True)
+    scale = 1 / 0.07
+    if kind == "mixed":  # cos(I_i, T_i) = c_i, uniform in [0, 0.9]
+        c = 0.9 * torch.rand(b, 1, device=device, generator=g)
+        T = T - (T * I).sum(1, keepdim=True) * I
+        T = c * I + (1 - c ** 2).sqrt() * T / T.norm(dim=1, keepdim=True)
+        scale = 100.0
+    elif kind != "random":
+        raise ValueError(f"bench.loss_inputs must be random or mixed, got {kind!r}")
+    s = torch.tensor(scale, device=device, requires_grad=True)
+    return I.to(dtype).requires_grad_(), T.to(dtype).requires_grad_(), s
 
 
 def _step(method, I, T, s):
@@ -34,8 +46,10 @@ def _step(method, I, T, s):
 
     if method == "dense":
         loss = reference_clip_loss(I, T, s)
-    else:
-        loss = blockwise_clip_loss(I, T, s, impl="torch" if method == "chunked" else "triton")
+    elif method == "chunked":
+        loss = blockwise_clip_loss(I, T, s, impl="torch")
+    else:  # triton or triton-<backward variant>
+        loss = blockwise_clip_loss(I, T, s, impl="triton", backward=method.partition("-")[2] or None)
     loss.backward()
     return loss
 
@@ -70,10 +84,10 @@ def _cuda_time(fn, reps=5, warmup=2) -> float:
     return ts[len(ts) // 2]
 
 
-def _measure_gpu(method, b, d, dtype) -> dict:
+def _measure_gpu(method, b, d, dtype, kind) -> dict:
     import torch
 
-    I, T, s = _inputs(b, d, dtype, "cuda")
+    I, T, s = _inputs(b, d, dtype, "cuda", kind=kind)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -92,14 +106,14 @@ def _measure_gpu(method, b, d, dtype) -> dict:
     return {"method": method, "b": b, "status": "ok", "ms": round(t * 1e3, 3), "peak_extra_MB": round(peak / 2 ** 20, 1)}
 
 
-def _cpu_child(method, b, d) -> None:
+def _cpu_child(method, b, d, kind="random") -> None:
     """Runs in a fresh process: prints time and peak extra RSS of one forward+backward."""
     import resource
 
     import torch
 
     torch.set_num_threads(2)
-    I, T, s = _inputs(b, d, torch.float32, "cpu")
+    I, T, s = _inputs(b, d, torch.float32, "cpu", kind=kind)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     _step(method, I, T, s)
@@ -108,8 +122,9 @@ def _cpu_child(method, b, d) -> None:
     print(json.dumps({"ms": round(dt * 1e3, 1), "peak_extra_MB": round((peak - before) / 1024, 1)}))
 
 
-def _measure_cpu(method, b, d) -> dict:
-    r = subprocess.run([sys.executable, "-c", f"from ctvlp_dist.bench.loss import _cpu_child; _cpu_child({method!r}, {b}, {d})"],
+def _measure_cpu(method, b, d, kind) -> dict:
+    r = subprocess.run([sys.executable, "-c",
+                        f"from ctvlp_dist.bench.loss import _cpu_child; _cpu_child({method!r}, {b}, {d}, {kind!r})"],
                        capture_output=True, text=True, timeout=1800)
     if r.returncode != 0:
         return {"method": method, "b": b, "status": "failed: " + (r.stderr.strip().splitlines() or ["?"])[-1][:120]}
@@ -127,9 +142,10 @@ def run(cfg, progress: bool = True, argv=None) -> dict:
     rows = []
     for b in bc.loss_sizes:
         for m in bc.loss_methods:
-            if m == "triton" and not gpu:
+            if m.startswith("triton") and not gpu:
                 continue
-            r = _measure_gpu(m, b, d, dtype) if gpu else _measure_cpu(m, b, d)
+            kind = bc.loss_inputs
+            r = _measure_gpu(m, b, d, dtype, kind) if gpu else _measure_cpu(m, b, d, kind)
             if r["status"] == "ok":
                 flops = 8 * b * b * d
                 r["tflops_8b2d"] = round(flops / (r["ms"] / 1e3) / 1e12, 2)
@@ -143,7 +159,9 @@ def run(cfg, progress: bool = True, argv=None) -> dict:
         if r["status"] == "ok" and r["b"] in dense and r["method"] != "dense":
             r["speedup_vs_dense"] = round(dense[r["b"]]["ms"] / r["ms"], 3)
             r["memory_vs_dense"] = round(r["peak_extra_MB"] / max(dense[r["b"]]["peak_extra_MB"], 1e-9), 4)
-    payload = {"d": d, "dtype": str(dtype).replace("torch.", ""), "flops_counted": "8*b^2*d", "ceilings": ceil, "rows": rows}
+    payload = {"d": d, "dtype": str(dtype).replace("torch.", ""), "inputs": bc.loss_inputs, "flops_counted": "8*b^2*d",
+               "kernel_env": {k: v for k, v in os.environ.items() if k.startswith("CTVLP_CLIP_")}, "ceilings": ceil,
+               "rows": rows}
     path = write_result(bc.results_dir, "loss", payload, argv)
     cols = ["method", "b", "status", "ms", "peak_extra_MB", "tflops_8b2d", "frac_of_bf16_matmul", "speedup_vs_dense",
             "memory_vs_dense"]

@@ -105,7 +105,8 @@ class BenchConfig:
     loss_sizes: tuple[int, ...] = (1024, 4096, 16384)  # bench loss: batch sizes b
     loss_dim: int = 512
     loss_dtype: str = "bfloat16"  # GPU; CPU runs float32
-    loss_methods: tuple[str, ...] = ("dense", "chunked", "triton")
+    loss_methods: tuple[str, ...] = ("dense", "chunked", "triton")  # also triton-panel, triton-two_pass, triton-fused
+    loss_inputs: str = "random"  # bench loss: random (initialisation) or mixed (trained pairs, scale 100)
     conv_batch: int = 8  # bench conv (GPU): scans per layer call
     conv_dtype: str = "bfloat16"  # bench conv (GPU); CPU checks agreement in float32
     # bench conv: single convs, BN blocks, whole tower; "tiles" (the tile sweep) on request
