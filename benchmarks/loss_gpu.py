@@ -11,8 +11,9 @@ Phases, each under a share of one wall-clock budget (gpu_call.py):
 - panel: the panel backward (contrastive_panel.py): its tiles and GEMM backend (Triton or
   cuBLAS) swept at b = 16384 against the two-pass backward in the same process, its panel height
   at b = 65536, then `bench loss` with triton-two_pass and triton-panel side by side, on random
-  and on mixed (trained-like, scale 100) inputs. The 2026-11-22 tiles need no new sweep:
-  `--phases panel --tiles 64,128,64,128,4,3 --bwd-tiles 64,64,64,512,8,2,1`.
+  and on mixed (trained-like, scale 100) inputs. `--phases sweep,panel` also times the forward's
+  FACTOR tiles (flag 1) and benches with the fastest forward; with the 2026-11-22 tiles and no
+  sweep: `--phases panel --tiles 64,128,64,128,4,3 --bwd-tiles 64,64,64,512,8,2,1`.
 Records go to OUTDIR (copy them to benchmarks/results/). Run it with the device tool as
 `mkdir -p $OUT/loss && python3 benchmarks/loss_gpu.py $OUT/loss 2>&1 | tee $OUT/loss/run.log`.
 """
@@ -45,6 +46,8 @@ if "pytest" in phases:
     sh(pt + ["cuda"], "pytest_cuda.log", 200)
     env["CTVLP_CLIP_BWD_TILES"] = "64,64,64,128,8,3"
     sh(pt + ["cuda and dtype2"], "pytest_cuda_chunked.log", 100)
+    env.update(CTVLP_CLIP_TILES="64,128,64,128,4,3,1", CTVLP_CLIP_BWD_TILES="64,64,64,512,8,2,1")  # forward FACTOR
+    sh(pt + ["cuda and not fused"], "pytest_cuda_factor.log", 160)
 
 sweep_code = r'''
 import json, os, sys, torch
@@ -78,7 +81,8 @@ for which, cfgs in (("fwd", sys.argv[1]), ("bwd", sys.argv[2])):
 print("SWEEP", json.dumps(res))
 '''
 FWD = ["128,128,64,128,8,3", "128,64,64,128,8,3", "64,64,64,128,4,3", "128,128,32,128,8,4", "64,128,64,128,4,3",
-       "128,128,64,128,8,4", "128,64,64,128,4,3", "256,64,64,128,8,3"]
+       "128,128,64,128,8,4", "128,64,64,128,4,3", "256,64,64,128,8,3", "64,128,64,128,4,3,1", "128,128,32,128,8,4,1",
+       "128,64,64,128,8,3,1"]
 BWD = ["64,64,64,512,8,3", "128,64,64,256,8,3", "64,64,64,512,8,2,1", "64,32,64,512,8,3,1", "128,64,64,512,8,2,1",
        "64,64,64,512,4,2,1", "128,32,64,512,8,2,1", "128,128,64,128,8,3", "64,128,64,512,8,2,1"]
 bwd_tiles = args.bwd_tiles or "64,64,64,512,8,3"

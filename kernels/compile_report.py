@@ -67,6 +67,9 @@ def _signature(kernel, args, meta):
     sig, consts, attrs = {}, {}, {}
     values = dict(zip(names, args), **{k: v for k, v in meta.items() if k in names})
     for i, name in enumerate(names):
+        if name not in values:  # a constexpr left at its default
+            meta = {**meta, name: kernel.params[i].default}
+            values[name] = meta[name]
         v = values[name]
         if name in meta or v is None or (isinstance(v, int) and not isinstance(v, bool) and v == 1):
             sig[name], consts[(i,)] = "constexpr", v

@@ -41,9 +41,14 @@ def _s_tile(I, T, rows, cols, rmask, cmask, s, D, sI, sT, BM: tl.constexpr, BN: 
 
 @triton.jit
 def _fwd(I, T, G_R, G_C, M_R, L_R, POS, CMAX, CSUM, scale_ptr, B_R, B_C, D, sI, sT, CB_PER,
-         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, FACTOR: tl.constexpr = False,
+         SPAN: tl.constexpr = 50.0):
     """Program (p, q) owns row blocks p, p + P, ... against column blocks [q CB_PER, (q+1) CB_PER).
-    Row partials (max, sum, pos) go to slot q of [Q, b_r], column partials to slot p of [P, b_c]."""
+    Row partials (max, sum, pos) go to slot q of [Q, b_r], column partials to slot p of [P, b_c].
+    FACTOR: the column sums reuse the rows' exponentials, sum_i exp(S - ref) = sum_i exp(S - m_i)
+    exp(m_i - ref) with ref the tile's largest row max, when every column's tile max lies within
+    SPAN of ref (so no column sum underflows); else, or without FACTOR, one more exponential per
+    element relative to each column's own tile max. The merge takes either reference."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     q = tl.program_id(1)
@@ -61,27 +66,44 @@ def _fwd(I, T, G_R, G_C, M_R, L_R, POS, CMAX, CSUM, scale_ptr, B_R, B_C, D, sI, 
         for cb in range(cb_lo, cb_hi):
             cols = cb * BN + tl.arange(0, BN)
             cmask = cols < B_C
+            if FACTOR:  # issued before the S loop, which hides their latency
+                g_c = tl.load(G_C + cols, mask=cmask, other=-2)
+                seen = cmask & (rb != pid)  # a program's first row block initialises its slot
+                p_max = tl.load(CMAX + pid * B_C + cols, mask=seen, other=-float("inf"))
+                p_sum = tl.load(CSUM + pid * B_C + cols, mask=seen, other=0.0)
             S = _s_tile(I, T, rows, cols, rmask, cmask, s, D, sI, sT, BM, BN, BK, PREC)
             valid = rmask[:, None] & cmask[None, :]
             S = tl.where(valid, S, -float("inf"))
             # rows: online log-sum-exp
             m_new = tl.maximum(m_i, tl.max(S, 1))
             m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-            l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(S - m_safe[:, None]), 1)
+            e = tl.exp(S - m_safe[:, None])
+            l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(e, 1)
             m_i = m_new
+            if not FACTOR:
+                g_c = tl.load(G_C + cols, mask=cmask, other=-2)
             # positives, computed in-tile from the group ids (never a b x b target matrix)
-            g_c = tl.load(G_C + cols, mask=cmask, other=-2)
             pos += tl.sum(tl.where(valid & (g_r[:, None] == g_c[None, :]), S, 0.0), 1)
-            # columns: merge this tile into the program's own partial slot
+            # columns: this tile's (reference, sum of exp(S - reference)) per column
             t_max = tl.max(S, 0)
-            t_safe = tl.where(t_max == -float("inf"), 0.0, t_max)
-            t_sum = tl.sum(tl.exp(S - t_safe[None, :]), 0)
-            seen = cmask & (rb != pid)  # a program's first row block initialises its slot
-            p_max = tl.load(CMAX + pid * B_C + cols, mask=seen, other=-float("inf"))
-            p_sum = tl.load(CSUM + pid * B_C + cols, mask=seen, other=0.0)
-            n_max = tl.maximum(p_max, t_max)
+            if FACTOR:
+                ref = tl.max(tl.where(rmask, m_safe, -float("inf")), 0)
+                if ref - tl.min(tl.where(cmask, t_max, float("inf")), 0) <= SPAN:
+                    t_sum = tl.sum(e * tl.where(rmask, tl.exp(m_safe - ref), 0.0)[:, None], 0)
+                    t_ref = tl.where(cmask, ref, -float("inf"))
+                else:
+                    t_sum = tl.sum(tl.exp(S - tl.where(t_max == -float("inf"), 0.0, t_max)[None, :]), 0)
+                    t_ref = t_max
+            else:
+                t_sum = tl.sum(tl.exp(S - tl.where(t_max == -float("inf"), 0.0, t_max)[None, :]), 0)
+                t_ref = t_max
+                seen = cmask & (rb != pid)  # a program's first row block initialises its slot
+                p_max = tl.load(CMAX + pid * B_C + cols, mask=seen, other=-float("inf"))
+                p_sum = tl.load(CSUM + pid * B_C + cols, mask=seen, other=0.0)
+            # merge into the program's own partial slot
+            n_max = tl.maximum(p_max, t_ref)
             n_safe = tl.where(n_max == -float("inf"), 0.0, n_max)
-            p_sum = p_sum * tl.exp(p_max - n_safe) + t_sum * tl.exp(t_max - n_safe)
+            p_sum = p_sum * tl.exp(p_max - n_safe) + t_sum * tl.exp(t_ref - n_safe)
             tl.store(CMAX + pid * B_C + cols, n_max, mask=cmask)
             tl.store(CSUM + pid * B_C + cols, p_sum, mask=cmask)
         tl.store(M_R + q * B_R + rows, m_i, mask=rmask)
@@ -295,12 +317,14 @@ FULL_ROW_BYTES = 1024  # FULL keeps whole [BM, pow2(d)] operand tiles in shared 
 
 
 def _as_tiles(c, d: int, itemsize: int = 2) -> dict:
-    """(BM, BN, BK, BD, warps, stages[, full]) -> launch dict. full=1 (backward only) makes the
-    d chunk the whole of d, so S needs no K loop and each tile of I and T is loaded once; wider
-    rows than FULL_ROW_BYTES fall back to d chunks of BD."""
-    full = len(c) > 6 and bool(c[6]) and _pow2(d) * itemsize <= FULL_ROW_BYTES
-    return dict(BM=c[0], BN=c[1], BK=c[2], BD=_pow2(d) if full else min(c[3], _pow2(d)), FULL=full, num_warps=c[4],
-                num_stages=c[5])
+    """(BM, BN, BK, BD, warps, stages[, flag]) -> launch dict. The flag switches each pass's
+    option. Backward, FULL: the d chunk is the whole of d, so S needs no K loop and each tile of
+    I and T is loaded once (rows wider than FULL_ROW_BYTES fall back to d chunks of BD). Forward,
+    FACTOR: the column sums reuse the rows' exponentials where the tile allows (_fwd)."""
+    flag = len(c) > 6 and bool(c[6])
+    full = flag and _pow2(d) * itemsize <= FULL_ROW_BYTES
+    return dict(BM=c[0], BN=c[1], BK=c[2], BD=_pow2(d) if full else min(c[3], _pow2(d)), FULL=full, FACTOR=flag,
+                num_warps=c[4], num_stages=c[5])
 
 
 def _env_tiles(name: str):
@@ -310,7 +334,7 @@ def _env_tiles(name: str):
 
 def pick_tiles(d: int, dtype: torch.dtype, which: str = "fwd") -> dict:
     """Fixed tiles: large in the interpreter (its cost is per operation); on GPU sized so that
-    the output-d chunk stays in registers. `CTVLP_CLIP_TILES=BM,BN,BK,BD,warps,stages[,full]`
+    the output-d chunk stays in registers. `CTVLP_CLIP_TILES=BM,BN,BK,BD,warps,stages[,flag]`
     sets both passes, `CTVLP_CLIP_BWD_TILES` the backward alone."""
     env = (_env_tiles("CTVLP_CLIP_BWD_TILES") if which == "bwd" else None) or _env_tiles("CTVLP_CLIP_TILES")
     if env:
@@ -323,10 +347,11 @@ def pick_tiles(d: int, dtype: torch.dtype, which: str = "fwd") -> dict:
     return _as_tiles((64, 64, 64, 512, 8, 2, 1) if big else (64, 64, 32, 128, 8, 3), d, dtype.itemsize)
 
 
-# Candidate tiles (BM, BN, BK, BD, warps, stages[, full]) for the autotuner on GPU, per pass.
-# The 2026-11-22 H100 sweep (bf16, d=512, benchmarks/README.md) ranked the first of each fastest.
+# Candidate tiles (BM, BN, BK, BD, warps, stages[, flag]) for the autotuner on GPU, per pass.
+# The 2026-11-22 H100 sweep (bf16, d=512, benchmarks/README.md) ranked the first of each fastest;
+# the FACTOR forms (flag 1) came later and are unmeasured: the tuner times them on the real rows.
 FWD_CANDIDATES = [(64, 128, 64, 128, 4, 3), (128, 128, 32, 128, 8, 4), (64, 64, 64, 128, 4, 3), (128, 64, 64, 128, 4, 3),
-                  (128, 128, 64, 128, 8, 3)]
+                  (128, 128, 64, 128, 8, 3), (64, 128, 64, 128, 4, 3, 1), (128, 128, 32, 128, 8, 4, 1)]
 BWD_CANDIDATES = [(64, 64, 64, 512, 8, 2, 1), (64, 64, 64, 512, 8, 3), (64, 32, 64, 512, 8, 3, 1), (128, 64, 64, 256, 8, 3),
                   (64, 64, 32, 128, 8, 3)]
 _TUNED: dict = {}
@@ -439,7 +464,8 @@ def _launch_forward(I, T, s, g_rows, g_cols, tf32, tiles):
     m_r, l_r, pos = (torch.empty((Q, b_r), **f32) for _ in range(3))
     cmax, csum = torch.empty((P, b_c), **f32), torch.empty((P, b_c), **f32)  # the kernel initialises them
     _fwd[(P, Q)](I, T, g_rows, g_cols, m_r, l_r, pos, cmax, csum, s, b_r, b_c, D, I.stride(0), T.stride(0), cb_per,
-                 BM=t["BM"], BN=t["BN"], BK=t["BK"], PREC=_prec(I.dtype, tf32), num_warps=t["num_warps"],
+                 BM=t["BM"], BN=t["BN"], BK=t["BK"], PREC=_prec(I.dtype, tf32), FACTOR=t.get("FACTOR", False),
+                 num_warps=t["num_warps"],
                  num_stages=t["num_stages"])
     return m_r, l_r, pos, cmax, csum
 

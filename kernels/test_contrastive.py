@@ -63,7 +63,8 @@ def test_cpu_fp32_against_fp64(impl, b, d, grouped, scale):
 def test_tile_variants(monkeypatch, tiles, d, full):
     """Chunked d (BD=64 < d: S recomputed per chunk) and FULL (one d chunk, no K loop; fp32 rows
     up to 256 wide); 32-row tiles give 5 row and column blocks, so the strided programs and both
-    splits are exercised. BM != BN: the column pass works on S^T, so a swapped tile side shows."""
+    splits are exercised. BM != BN: the column pass works on S^T, so a swapped tile side shows.
+    The flag also turns on the forward's FACTOR column sums."""
     from kernels.contrastive_triton import pick_tiles
 
     monkeypatch.setenv("CTVLP_CLIP_TILES", tiles)
@@ -97,6 +98,15 @@ def test_matched_pairs_at_scale_100(impl, backward):
     both take the two-exponential branch, the others the factored one. The variant is chosen by
     the `backward` argument here (by CTVLP_CLIP_BACKWARD elsewhere)."""
     _check(impl, 130, 64, torch.float32, False, 100.0, matched=20, backward=backward)
+
+
+@pytest.mark.skipif("triton" not in CPU_IMPLS, reason="needs the Triton interpreter")
+@pytest.mark.parametrize("matched", [0, 20])
+def test_forward_factored_column_sums(monkeypatch, matched):
+    """The forward's FACTOR column sums: random pairs keep every tile within the span guard;
+    matched pairs at scale 100 put tiles outside it, which then take their own exponentials."""
+    monkeypatch.setenv("CTVLP_CLIP_TILES", "32,32,64,64,4,1,1")
+    _check("triton", 130, 64, torch.float32, True, 100.0, matched=matched)
 
 
 @pytest.mark.skipif("triton" not in CPU_IMPLS, reason="needs the Triton interpreter")
