@@ -348,10 +348,11 @@ def pick_tiles(d: int, dtype: torch.dtype, which: str = "fwd") -> dict:
 
 
 # Candidate tiles (BM, BN, BK, BD, warps, stages[, flag]) for the autotuner on GPU, per pass.
-# The 2026-11-22 H100 sweep (bf16, d=512, benchmarks/README.md) ranked the first of each fastest;
-# the FACTOR forms (flag 1) came later and are unmeasured: the tuner times them on the real rows.
+# The 2026-11-22 H100 sweep (bf16, d=512, benchmarks/README.md) ranked the first of each fastest.
+# The forward's FACTOR tiles (flag 1) join these once a GPU run has timed and tested them
+# (benchmarks/loss_gpu.py sweeps them); until then the GPU default runs only measured code.
 FWD_CANDIDATES = [(64, 128, 64, 128, 4, 3), (128, 128, 32, 128, 8, 4), (64, 64, 64, 128, 4, 3), (128, 64, 64, 128, 4, 3),
-                  (128, 128, 64, 128, 8, 3), (64, 128, 64, 128, 4, 3, 1), (128, 128, 32, 128, 8, 4, 1)]
+                  (128, 128, 64, 128, 8, 3)]
 BWD_CANDIDATES = [(64, 64, 64, 512, 8, 2, 1), (64, 64, 64, 512, 8, 3), (64, 32, 64, 512, 8, 3, 1), (128, 64, 64, 256, 8, 3),
                   (64, 64, 32, 128, 8, 3)]
 _TUNED: dict = {}
