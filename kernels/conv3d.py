@@ -25,7 +25,7 @@ from ._device import num_sms
 from .conv3d_ref import bn_affine, fold_bn, reference_conv3d, update_running_stats
 
 __all__ = ["conv3d_forward", "conv3d_triton", "conv_block_inference", "reference_conv3d", "bn_affine",
-           "update_running_stats", "fold_bn", "tile_override", "TILE_GRID"]
+           "update_running_stats", "fold_bn", "tile_override", "k_loop", "TILE_GRID"]
 
 
 def _triple(v) -> tuple[int, int, int]:
@@ -45,6 +45,24 @@ TILE_GRID = [(128, 64, 32, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (64
              (128, 128, 32, 4, 4), (256, 128, 64, 8, 3), (64, 128, 64, 4, 4), (64, 256, 32, 8, 3)]
 KINDS = ("fwd", "dgrad", "wgrad")
 _override: dict[str, tuple] = {}
+# The forward's K loop: "flat" (measured default) decodes (tap, channel) per element; "tap" (for
+# Cin a multiple of BK) takes each step's tap as scalars (_conv_fwd's TAP). A per-tap nested loop
+# was slower on 2026-11-22, when synchronous weight loads were the bottleneck; this one keeps a
+# single pipelined loop, and waits for a GPU run (bench conv tower's "tap loop" rows).
+K_LOOP = "flat"
+
+
+@contextmanager
+def k_loop(mode: str):
+    """Run the forward convolutions with this K loop ("flat" or "tap") inside the block."""
+    global K_LOOP
+    if mode not in ("flat", "tap"):
+        raise ValueError(f"conv3d.K_LOOP must be flat or tap, got {mode!r}")
+    old, K_LOOP = K_LOOP, mode
+    try:
+        yield
+    finally:
+        K_LOOP = old
 
 
 @contextmanager
@@ -119,6 +137,8 @@ def conv3d_forward(x, w, bias=None, stride=1, padding=0, *, residual=None, relu=
     stride, padding = _triple(stride), _triple(padding)
     Nb, Cin = x.shape[:2]
     Cout = w.shape[0]
+    if K_LOOP not in ("flat", "tap"):
+        raise ValueError(f"conv3d.K_LOOP must be flat or tap, got {K_LOOP!r}")
     if w.shape[1] != Cin:
         raise ValueError(f"weight expects {w.shape[1]} input channels, input has {Cin}")
     Do, Ho, Wo = _out_shape(x.shape, w.shape, stride, padding)
@@ -135,7 +155,8 @@ def conv3d_forward(x, w, bias=None, stride=1, padding=0, *, residual=None, relu=
     _conv_fwd[grid](x, wk, y, bias if bias is not None else y, res, sc, sh, st,
                     Nb, Cin, *x.shape[2:], Cout, Do, Ho, Wo, *x.stride(), *y.stride(), *res.stride(),
                     *stride, *padding, *w.shape[2:], HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=relu,
-                    STATS_ON=stats, PROLOGUE=in_scale is not None, PREC=_prec(x.dtype), **t)
+                    STATS_ON=stats, PROLOGUE=in_scale is not None, PREC=_prec(x.dtype),
+                    TAP=K_LOOP == "tap" and Cin % t["BK"] == 0, **t)
     return (y, merge_moments(st, M, t["BM"])) if stats else y
 
 

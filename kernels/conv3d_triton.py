@@ -61,6 +61,15 @@ def _in_tap(od, oh, ow, kd, kh, kw, Di, Hi, Wi, sxd, sxh, sxw, SD: tl.constexpr,
 
 
 @triton.jit
+def _bn_relu_prologue(a, amask, SC_IN, SH_IN, ci, kmask):
+    """The previous BatchNorm + ReLU applied to an input tile as it is loaded (channels ci along
+    axis 1); zero padding stays zero."""
+    sc = tl.load(SC_IN + ci, mask=kmask, other=0.0)
+    sh = tl.load(SH_IN + ci, mask=kmask, other=0.0)
+    return tl.where(amask, tl.maximum(a.to(tl.float32) * sc[None, :] + sh[None, :], 0.0), 0.0).to(a.dtype)
+
+
+@triton.jit
 def _conv_fwd(X, Wt, Y, BIAS, RES, SC_IN, SH_IN, STATS,
               Nb, Cin, Di, Hi, Wi, Cout, Do, Ho, Wo,
               sxn, sxc, sxd, sxh, sxw,
@@ -68,7 +77,11 @@ def _conv_fwd(X, Wt, Y, BIAS, RES, SC_IN, SH_IN, STATS,
               SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PD, PH, PW,
               KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
               HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, STATS_ON: tl.constexpr,
-              PROLOGUE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+              PROLOGUE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+              TAP: tl.constexpr = False):
+    """TAP (Cin a multiple of BK): each K step lies within one tap, so the tap's coordinates are
+    scalars and the A tile's address and padding mask are a row vector plus a channel range,
+    instead of a (row, k) grid of divisions and compares (one flat loop still, pipelined)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     M = Nb * Do * Ho * Wo
@@ -79,19 +92,50 @@ def _conv_fwd(X, Wt, Y, BIAS, RES, SC_IN, SH_IN, STATS,
     co = pid_n * BN + tl.arange(0, BN)
     comask = co < Cout
     acc = tl.zeros((BM, BN), tl.float32)
-    for k0 in range(0, K, BK):
-        k = k0 + tl.arange(0, BK)
-        kmask = k < K
-        kd, kh, kw, ci = _split_k(k, Cin, KH, KW)
-        sp, inb = _in_tap(od, oh, ow, kd, kh, kw, Di, Hi, Wi, sxd, sxh, sxw, SD, SH, SW, PD, PH, PW)
-        amask = inb & mmask[:, None] & kmask[None, :]
-        a = tl.load(X + n[:, None] * sxn + ci[None, :] * sxc + sp, mask=amask, other=0.0)
-        if PROLOGUE:  # previous BatchNorm + ReLU on the fly; zero padding stays zero
-            sc = tl.load(SC_IN + ci, mask=kmask, other=0.0)
-            sh = tl.load(SH_IN + ci, mask=kmask, other=0.0)
-            a = tl.where(amask, tl.maximum(a.to(tl.float32) * sc[None, :] + sh[None, :], 0.0), 0.0).to(X.dtype.element_ty)
-        b = tl.load(Wt + co[None, :] * K + k[:, None], mask=kmask[:, None] & comask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PREC)
+    if TAP:
+        # the rows' corner voxel (tap 0) is loop-invariant; the tap (kd, kh, kw) and channel chunk
+        # c0 advance by counters, with no division in the loop
+        d0 = od * SD - PD
+        h0 = oh * SH - PH
+        w0 = ow * SW - PW
+        row0 = X + n * sxn + d0 * sxd + h0 * sxh + w0 * sxw
+        c0 = pid_m * 0
+        kd = c0
+        kh = c0
+        kw = c0
+        for k0 in range(0, K, BK):
+            # unsigned compares: a negative coordinate wraps above the bound
+            rin = (mmask & ((d0 + kd).to(tl.uint32, bitcast=True) < Di) & ((h0 + kh).to(tl.uint32, bitcast=True) < Hi)
+                   & ((w0 + kw).to(tl.uint32, bitcast=True) < Wi))
+            ci = c0 + tl.arange(0, BK)
+            a = tl.load((row0 + (kd * sxd + kh * sxh + kw * sxw))[:, None] + ci[None, :] * sxc, mask=rin[:, None],
+                        other=0.0)
+            if PROLOGUE:
+                a = _bn_relu_prologue(a, rin[:, None], SC_IN, SH_IN, ci, ci < Cin)
+            b = tl.load(Wt + co[None, :] * K + (k0 + tl.arange(0, BK))[:, None], mask=comask[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PREC)
+            c0 += BK
+            nxt = c0 == Cin
+            c0 = tl.where(nxt, 0, c0)
+            kw = tl.where(nxt, kw + 1, kw)
+            nxt = kw == KW
+            kw = tl.where(nxt, 0, kw)
+            kh = tl.where(nxt, kh + 1, kh)
+            nxt = kh == KH
+            kh = tl.where(nxt, 0, kh)
+            kd = tl.where(nxt, kd + 1, kd)
+    else:
+        for k0 in range(0, K, BK):
+            k = k0 + tl.arange(0, BK)
+            kmask = k < K
+            kd, kh, kw, ci = _split_k(k, Cin, KH, KW)
+            sp, inb = _in_tap(od, oh, ow, kd, kh, kw, Di, Hi, Wi, sxd, sxh, sxw, SD, SH, SW, PD, PH, PW)
+            amask = inb & mmask[:, None] & kmask[None, :]
+            a = tl.load(X + n[:, None] * sxn + ci[None, :] * sxc + sp, mask=amask, other=0.0)
+            if PROLOGUE:
+                a = _bn_relu_prologue(a, amask, SC_IN, SH_IN, ci, kmask)
+            b = tl.load(Wt + co[None, :] * K + k[:, None], mask=kmask[:, None] & comask[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PREC)
     if HAS_BIAS:
         acc += tl.load(BIAS + co, mask=comask, other=0.0).to(tl.float32)[None, :]
     valid = mmask[:, None] & comask[None, :]

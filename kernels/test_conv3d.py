@@ -79,6 +79,42 @@ def test_backward_against_fp64(case):
         assert _err(a, r) < TOL[torch.float32], (name, _err(a, r))
 
 
+# channel counts that are multiples of the K tile (BK 32 here): the per-tap K loop applies
+TAP_CASES = [(32, 9, (3, 4, 5), 3, 2, 1), (64, 5, (4, 3, 5), 3, 1, 1), (32, 7, (3, 5, 4), 1, 2, 0),
+             (32, 4, (3, 5, 6), (1, 3, 2), 1, (0, 1, 1))]  # a non-cubic kernel: kd, kh, kw decoded apart
+
+
+@pytest.mark.parametrize("case", TAP_CASES, ids=lambda c: f"c{c[0]}-{c[1]}_k{c[3]}s{c[4]}p{c[5]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_forward_tap_loop(case, dtype, monkeypatch):
+    """conv3d.K_LOOP = "tap": the tap's coordinates as scalars per K step. Same epilogue (bias,
+    stats, residual, ReLU) and prologue (BN-ReLU) as the flat loop, against fp64; the launch
+    really takes the TAP path (and the flat loop where Cin is no multiple of BK)."""
+    from kernels import conv3d
+    from kernels.compile_report import capture
+
+    monkeypatch.setattr(conv3d, "K_LOOP", "tap")
+    cin, cout, sp, k, s, p = case
+    k = k if isinstance(k, tuple) else (k,) * 3
+    x = _x(2, cin, sp, dtype)
+    w = (torch.randn(cout, cin, *k, device=DEV) / (cin * k[0] * k[1] * k[2]) ** 0.5).to(dtype)
+    b = torch.randn(cout, device=DEV)
+    scale, shift = torch.rand(cin, device=DEV) + 0.5, torch.randn(cin, device=DEV) + 0.5
+    with tile_override((64, 64, 32, 4, 1), "fwd"):
+        meta = capture(conv3d_forward, x.to("meta"), w.to("meta"), None, s, p)[0][3]
+        odd = capture(conv3d_forward, x[:, :cin - 1].to("meta"), w[:, :cin - 1].to("meta"), None, s, p)[0][3]
+        assert meta["TAP"] and not odd["TAP"]
+        ref, ref_st = reference_conv3d(x.double(), w.double(), b.double(), s, p, in_scale=scale.double(),
+                                       in_shift=shift.double())
+        res = torch.randn_like(ref).to(dtype)
+        y, st = conv3d_forward(x, w, b, s, p, residual=res, relu=True, stats=True, in_scale=scale, in_shift=shift)
+    assert _err(y, torch.relu(ref + res.double())) < TOL[dtype]
+    assert _err(st, ref_st) < TOL[dtype] * 10
+    monkeypatch.setattr(conv3d, "K_LOOP", "tapp")
+    with pytest.raises(ValueError, match="flat or tap"):
+        conv3d_forward(x, w, b, s, p)
+
+
 @pytest.mark.parametrize("tile", TILE_GRID, ids=lambda t: "x".join(map(str, t)))
 def test_every_swept_tile_is_correct(tile):
     """The benchmark's tile sweep may crown any of these as a default: each must be right for each
@@ -141,9 +177,13 @@ def test_bn_statistics_when_the_mean_dwarfs_the_std():
     assert ((st[1].double() - ref[1]).abs() / ref[1]).max() < 1e-4, (st[1], ref[1])
 
 
-def test_inference_block_with_folded_bn():
-    x = _x(2, 6, (5, 6, 7), torch.float32)
-    w = torch.randn(6, 6, 3, 3, 3, device=DEV) / 13
+@pytest.mark.parametrize("c,k_loop", [(6, "flat"), (64, "tap")])
+def test_inference_block_with_folded_bn(c, k_loop, monkeypatch):
+    from kernels import conv3d
+
+    monkeypatch.setattr(conv3d, "K_LOOP", k_loop)
+    x = _x(2, c, (5, 6, 7), torch.float32)
+    w = torch.randn(6, c, 3, 3, 3, device=DEV) / (c * 27) ** 0.5
     bn = torch.nn.BatchNorm3d(6).to(DEV).eval()
     bn.running_mean.normal_()
     bn.running_var.uniform_(0.5, 2.0)
@@ -157,8 +197,12 @@ def test_inference_block_with_folded_bn():
 
 
 @pytest.mark.skipif(not CUDA, reason="the interpreter gets bf16 dots wrong; runs on the lent GPU")
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"c{c[0]}-{c[1]}_k{c[3]}s{c[4]}p{c[5]}")
-def test_cuda_bf16(case):
+@pytest.mark.parametrize("case", CASES + TAP_CASES[:3], ids=lambda c: f"c{c[0]}-{c[1]}_k{c[3]}s{c[4]}p{c[5]}")
+@pytest.mark.parametrize("k_loop", ["flat", "tap"])
+def test_cuda_bf16(case, k_loop, monkeypatch):
+    from kernels import conv3d
+
+    monkeypatch.setattr(conv3d, "K_LOOP", k_loop)
     cin, cout, sp, k, s, p = case
     x = _x(2, cin, sp, torch.bfloat16).requires_grad_()
     w = (torch.randn(cout, cin, k, k, k, device=DEV) / (cin * k ** 3) ** 0.5).bfloat16().requires_grad_()

@@ -104,6 +104,7 @@ def test_bench_conv_tower_and_tiles_on_cpu_check_agreement(tmp_path):
     assert all(t["rel_err_vs_cudnn"] < 1e-5 for t in rec["tiles"]), rec["tiles"]
     (row,) = rec["tower"]
     assert row["rel_err_y"] < 1e-4 and row["rel_err_dx"] < 1e-4 and row["rel_err_inference"] < 1e-4
+    assert row["rel_err_inference_tap_loop"] < 1e-4
     assert 0 < row["saved_MB_triton"] < 0.9 * row["saved_MB_torch"]  # the fused blocks keep fewer activations
     assert "| tower | impl |" in r.stdout
     bad = run("bench", "conv", "bench.conv_parts=[towr]")

@@ -8,7 +8,8 @@
 - tower: the whole ResNet3d18 (k2s2, BN), training step (forward + backward) and inference,
   against cuDNN eager and, with bench.conv_compile, torch.compile(mode="max-autotune"; it replays
   CUDA graphs itself); inference also replayed as a CUDA graph (embedding extraction without
-  per-launch CPU cost), still against cuDNN eager;
+  per-launch CPU cost), still against cuDNN eager; our tower runs twice, with the forward's
+  flat K loop and its tap loop (conv3d.K_LOOP), so that one run compares them;
 - tiles (not a default part): each kernel of each layer under every tile of the sweep grid,
   against cuDNN's same operation, to choose the tile defaults from measurements;
 - launches (not a default part): every kernel launch of one fused block's training step, timed
@@ -221,6 +222,8 @@ def _tower(batch, dtype, device, ceil, compile_too: bool) -> list[dict]:
 
     import torch
 
+    from kernels.conv3d import k_loop
+
     from ..models.flops import image_tower_train_flops
     from ..models.resnet3d import ResNet3d18
 
@@ -235,6 +238,8 @@ def _tower(batch, dtype, device, ceil, compile_too: bool) -> list[dict]:
     with torch.no_grad():
         ref.eval(), tri.eval()
         agree["rel_err_inference"] = _rel(tri(x), ref(x))
+        with k_loop("tap"):
+            agree["rel_err_inference_tap_loop"] = _rel(tri(x), ref(x))
         ref.train(), tri.train()
     base = {"in": "x".join(map(str, crop)), "width": width, "batch": batch, **agree}
     xs = x.clone().requires_grad_()
@@ -242,7 +247,7 @@ def _tower(batch, dtype, device, ceil, compile_too: bool) -> list[dict]:
     if not gpu:
         return [{"tower": "train+inference agreement", **base}]
     train_fl = image_tower_train_flops(SimpleNamespace(stem="k2s2", norm="bn", gn_groups=32, width=width), crop) * batch
-    models = {"cudnn eager": ref, "triton fused": tri}
+    models = {"cudnn eager": ref, "triton fused": tri, "triton fused, tap K loop": tri}
     compile_s = {}
     if compile_too:
         comp = copy.deepcopy(ref)
@@ -263,15 +268,20 @@ def _tower(batch, dtype, device, ceil, compile_too: bool) -> list[dict]:
             if graph and name.startswith("torch.compile"):
                 continue  # max-autotune already replays CUDA graphs
             row = {"tower": mode, "impl": name, **base}
+            loop = "tap" if name.endswith("tap K loop") else "flat"  # the forward's K loop (conv3d.K_LOOP)
             try:
                 if mode == "train fwd+bwd":
                     m.train()
-                    fn = _train_step(m, xg, g)
+                    step = _train_step(m, xg, g)
+
+                    def fn(step=step, loop=loop):
+                        with k_loop(loop):
+                            step()
                 else:
                     m.eval()
 
-                    def fn(m=m):
-                        with torch.no_grad():
+                    def fn(m=m, loop=loop):
+                        with torch.no_grad(), k_loop(loop):
                             m(x)
                     if graph:  # embedding extraction without per-launch CPU cost
                         fn = _cuda_graph(fn)
