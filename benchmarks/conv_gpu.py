@@ -10,7 +10,8 @@ Phases, each under a share of one wall-clock budget (gpu_call.py):
 - pytest: kernels/test_conv3d.py and test_conv3d_block.py on CUDA (bf16 included, which the
   interpreter cannot check). Compiling every tested variant takes minutes (on 2026-11-23 the
   block tests alone took 290 s for 36 of 37), so it is not a default phase: a call of its own;
-- layers, blocks, tower: `ctvlp bench conv` with that part alone (cuDNN eager is the baseline);
+- layers, blocks, tower: `ctvlp bench conv` with that part alone (cuDNN eager is the baseline;
+  the tower also with the forward's tap K loop, and inference replayed as a CUDA graph);
 - compile: the tower again with torch.compile(mode="max-autotune"). Its autotuning takes minutes
   for the training graph and again for inference, so it is not a default phase: give it a
   device call of its own;
@@ -38,11 +39,12 @@ sh = Budget(out, gpu_env()).sh
 phases = args.phases.split(",")
 print_device()
 
-if "pytest" in phases:
-    sh([sys.executable, "-m", "pytest", "-q", "kernels/test_conv3d.py", "kernels/test_conv3d_block.py",
-        "-p", "no:cacheprovider"], "pytest_cuda.log", 540)
+if "pytest" in phases:  # the kernels first (flat and tap K loops, bf16), then the fused blocks
+    sh([sys.executable, "-m", "pytest", "-q", "kernels/test_conv3d.py", "-p", "no:cacheprovider"], "pytest_conv.log", 200)
+    sh([sys.executable, "-m", "pytest", "-q", "kernels/test_conv3d_block.py", "-p", "no:cacheprovider"],
+       "pytest_block.log", 340)
 bench = [sys.executable, "-m", "ctvlp_dist", "bench", "conv", "--quiet", f"bench.results_dir={out}"]
-for part, cap in (("layers", 100), ("blocks", 120), ("tower", 150)):  # Triton compiles on first use
+for part, cap in (("layers", 100), ("blocks", 120), ("tower", 240)):  # Triton compiles on first use
     if part in phases:
         sh(bench + [f"bench.conv_parts=[{part}]", "bench.conv_compile=false"], f"{part}.log", cap)
 if "launches" in phases:
