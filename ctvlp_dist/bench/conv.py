@@ -158,6 +158,19 @@ def saved_mb(m, x) -> float:
     return float(f"{sum(seen.values()) / 2 ** 20:.3g}")
 
 
+def peak_mb(fn) -> float:
+    """MB allocated at the peak of one call of fn beyond what was allocated before it (GPU): the
+    fused block's transient buffers (BN maps formed by passes) show here, not in saved_mb."""
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return round((torch.cuda.max_memory_allocated() - base) / 2 ** 20, 1)
+
+
 def _train_step(m, x, g):
     def run():
         m.zero_grad(set_to_none=True)
@@ -187,6 +200,7 @@ def _block(name, cin, cout, stride, sp, batch, dtype, device, ceil):
     t = {"triton_fwdbwd_ms": _cuda_ms(_train_step(tri, xg, g), reps=5),
          "cudnn_fwdbwd_ms": _cuda_ms(_train_step(ref, xg, g), reps=5)}
     row.update({k: round(v, 3) for k, v in t.items()})
+    row.update(peak_MB_triton=peak_mb(_train_step(tri, xg, g)), peak_MB_torch=peak_mb(_train_step(ref, xg, g)))
     row["fwdbwd_speedup_vs_cudnn"] = round(t["cudnn_fwdbwd_ms"] / t["triton_fwdbwd_ms"], 3)
     m_out = batch * math.prod(-(-v // stride) for v in sp)  # output positions of every conv in the block
     fl = 3 * 2 * m_out * cout * (27 * cin + 27 * cout + (cin if tri.down is not None else 0))
