@@ -45,8 +45,8 @@ TILE_GRID = [(128, 64, 32, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (64
              (128, 128, 32, 4, 4), (256, 128, 64, 8, 3), (64, 128, 64, 4, 4), (64, 256, 32, 8, 3)]
 KINDS = ("fwd", "dgrad", "wgrad")
 _override: dict[str, tuple] = {}
-# The forward's K loop: "flat" (measured default) decodes (tap, channel) per element; "tap" (for
-# Cin a multiple of BK) takes each step's tap as scalars (_conv_fwd's TAP). A per-tap nested loop
+# The K loop of the forward and the dgrad: "flat" (measured default) decodes (tap, channel) per
+# element; "tap" (for reduced channels a multiple of BK) takes each step's tap as scalars (TAP). A per-tap nested loop
 # was slower on 2026-11-22, when synchronous weight loads were the bottleneck; this one keeps a
 # single pipelined loop, and waits for a GPU run (bench conv tower's "tap loop" rows).
 K_LOOP = "flat"
@@ -54,7 +54,7 @@ K_LOOP = "flat"
 
 @contextmanager
 def k_loop(mode: str):
-    """Run the forward convolutions with this K loop ("flat" or "tap") inside the block."""
+    """Run the forward and dgrad convolutions with this K loop ("flat" or "tap") inside the block."""
     global K_LOOP
     if mode not in ("flat", "tap"):
         raise ValueError(f"conv3d.K_LOOP must be flat or tap, got {mode!r}")
@@ -201,7 +201,8 @@ def conv3d_dgrad(dy, w, x_shape, stride, padding, dtype, *, bn_bwd=None, residua
     _conv_dgrad[grid](dy, yb, wk, dx, al, be, ga, res, yin, sc, sh, mu, st,
                       Nb, Cin, *x_shape[2:], Cout, *dy.shape[2:], *dy.stride(), *dx.stride(),
                       *stride, *padding, *w.shape[2:], BN_BWD=bn_bwd is not None, HAS_RES=residual is not None,
-                      RELU_BN=relu_bn is not None, PREC=_prec(dy.dtype), **t)
+                      RELU_BN=relu_bn is not None, PREC=_prec(dy.dtype), TAP=K_LOOP == "tap" and Cout % t["BK"] == 0,
+                      **t)
     return (dx, st) if relu_bn is not None else dx
 
 

@@ -172,7 +172,7 @@ def _conv_dgrad(DY, YB, Wt, DX, AL, BE, GA, RES, YIN, SC_IN, SH_IN, MU_IN, STATS
                 SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PD, PH, PW,
                 KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                 BN_BWD: tl.constexpr, HAS_RES: tl.constexpr, RELU_BN: tl.constexpr,
-                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, TAP: tl.constexpr = False):
     """dX[n, ci, i] = sum over taps k and co of dY[n, co, (i + p - k) / s] W[co, ci, k].
 
     Strided convolutions are split by the parity class of the input position (i mod s, the
@@ -183,7 +183,9 @@ def _conv_dgrad(DY, YB, Wt, DX, AL, BE, GA, RES, YIN, SC_IN, SH_IN, MU_IN, STATS
     Fused, each optional: dY formed from (dZ, Y) by the BatchNorm backward while loading (BN_BWD);
     + RES (another gradient of the same input); then the backward of the previous BatchNorm's ReLU,
     dX *= [YIN * scale + shift > 0], with that BatchNorm's two reductions (sum dX, sum dX (YIN -
-    mean)) accumulated per channel (RELU_BN). RES and YIN have DX's layout; YB has DY's."""
+    mean)) accumulated per channel (RELU_BN). RES and YIN have DX's layout; YB has DY's.
+    TAP (Cout a multiple of BK): as in the forward, the class's tap advances by counters and each
+    K step's dY rows are a hoisted base plus a scalar offset."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     cls = tl.program_id(2)
@@ -202,28 +204,61 @@ def _conv_dgrad(DY, YB, Wt, DX, AL, BE, GA, RES, YIN, SC_IN, SH_IN, MU_IN, STATS
     ci = pid_n * BN + tl.arange(0, BN)
     cimask = ci < Cin
     acc = tl.zeros((BM, BN), tl.float32)
-    for k0 in range(0, K, BK):
-        k = k0 + tl.arange(0, BK)
-        kmask = k < K
-        co = k % Cout
-        tap = k // Cout
-        tw = tap % ntw
-        th = (tap // ntw) % nth
-        td = tap // (ntw * nth)
-        kd, kh, kw = kd0 + SD * td, kh0 + SH * th, kw0 + SW * tw
-        odd = jd[:, None] + cd - td[None, :]
-        ohh = jh[:, None] + ch - th[None, :]
-        oww = jw[:, None] + cw - tw[None, :]
-        ok = (odd >= 0) & (ohh >= 0) & (oww >= 0) & (odd < Do) & (ohh < Ho) & (oww < Wo)
-        ok = ok & mmask[:, None] & kmask[None, :]
-        dy_off = n[:, None] * syn + co[None, :] * syc + odd * syd + ohh * syh + oww * syw
-        a = tl.load(DY + dy_off, mask=ok, other=0.0)
-        if BN_BWD:
-            yb = tl.load(YB + dy_off, mask=ok, other=0.0)
-            a = _bn_bwd_prologue(a, yb, ok, co[None, :], kmask[None, :], AL, BE, GA).to(DY.dtype.element_ty)
-        row = ((kd * KH + kh) * KW + kw) * Cout + co  # in the [taps, Cout, Cin] weight: rows of Cin
-        b = tl.load(Wt + row[:, None] * Cin + ci[None, :], mask=kmask[:, None] & cimask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PREC)
+    if TAP:
+        # output coordinates at the class's tap 0, hoisted; (td, th, tw) and the channel chunk c0
+        # advance by counters
+        o_d, o_h, o_w = jd + cd, jh + ch, jw + cw
+        base = n * syn + o_d * syd + o_h * syh + o_w * syw
+        c0 = pid_m * 0
+        td = c0
+        th = c0
+        tw = c0
+        for k0 in range(0, K, BK):
+            co = c0 + tl.arange(0, BK)
+            kmask = co < Cout  # all true
+            ok = (mmask & ((o_d - td).to(tl.uint32, bitcast=True) < Do) & ((o_h - th).to(tl.uint32, bitcast=True) < Ho)
+                  & ((o_w - tw).to(tl.uint32, bitcast=True) < Wo))[:, None]
+            dy_off = (base - (td * syd + th * syh + tw * syw))[:, None] + co[None, :] * syc
+            a = tl.load(DY + dy_off, mask=ok, other=0.0)
+            if BN_BWD:
+                yb = tl.load(YB + dy_off, mask=ok, other=0.0)
+                a = _bn_bwd_prologue(a, yb, ok, co[None, :], kmask[None, :], AL, BE, GA).to(DY.dtype.element_ty)
+            row = (((kd0 + SD * td) * KH + kh0 + SH * th) * KW + kw0 + SW * tw) * Cout + co
+            b = tl.load(Wt + row[:, None] * Cin + ci[None, :], mask=cimask[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PREC)
+            c0 += BK
+            nxt = c0 == Cout
+            c0 = tl.where(nxt, 0, c0)
+            tw = tl.where(nxt, tw + 1, tw)
+            nxt = tw == ntw
+            tw = tl.where(nxt, 0, tw)
+            th = tl.where(nxt, th + 1, th)
+            nxt = th == nth
+            th = tl.where(nxt, 0, th)
+            td = tl.where(nxt, td + 1, td)
+    else:
+        for k0 in range(0, K, BK):
+            k = k0 + tl.arange(0, BK)
+            kmask = k < K
+            co = k % Cout
+            tap = k // Cout
+            tw = tap % ntw
+            th = (tap // ntw) % nth
+            td = tap // (ntw * nth)
+            kd, kh, kw = kd0 + SD * td, kh0 + SH * th, kw0 + SW * tw
+            odd = jd[:, None] + cd - td[None, :]
+            ohh = jh[:, None] + ch - th[None, :]
+            oww = jw[:, None] + cw - tw[None, :]
+            ok = (odd >= 0) & (ohh >= 0) & (oww >= 0) & (odd < Do) & (ohh < Ho) & (oww < Wo)
+            ok = ok & mmask[:, None] & kmask[None, :]
+            dy_off = n[:, None] * syn + co[None, :] * syc + odd * syd + ohh * syh + oww * syw
+            a = tl.load(DY + dy_off, mask=ok, other=0.0)
+            if BN_BWD:
+                yb = tl.load(YB + dy_off, mask=ok, other=0.0)
+                a = _bn_bwd_prologue(a, yb, ok, co[None, :], kmask[None, :], AL, BE, GA).to(DY.dtype.element_ty)
+            row = ((kd * KH + kh) * KW + kw) * Cout + co  # in the [taps, Cout, Cin] weight: rows of Cin
+            b = tl.load(Wt + row[:, None] * Cin + ci[None, :], mask=kmask[:, None] & cimask[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PREC)
     x_off = n[:, None] * sxn + ci[None, :] * sxc + i_d[:, None] * sxd + i_h[:, None] * sxh + i_w[:, None] * sxw
     valid = mmask[:, None] & cimask[None, :]
     if HAS_RES:
