@@ -97,8 +97,36 @@ def _loop_lines(ttgir: str) -> list[str]:
     return out
 
 
+def _sass_loop(cubin: bytes, tool_dir: str) -> dict:
+    """The main loop in the machine code (nvdisasm): the longest block that ends in a backward
+    branch and issues tensor-core MMAs. Its instruction count per iteration against its MMAs says
+    whether a K step is bound by issuing address arithmetic rather than by the tensor cores."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        sass = subprocess.run([os.path.join(tool_dir, "nvdisasm"), "-c", path], capture_output=True, text=True).stdout
+    labels, ins = {}, []
+    for line in sass.splitlines():
+        lab = re.match(r"\s*\.(L_x_\d+):", line)
+        if lab:
+            labels[lab.group(1)] = len(ins)
+        op = re.search(r"/\*[0-9a-f]{4,}\*/\s+([^;]*);", line)
+        if op:
+            ins.append(op.group(1).strip())
+    best = []
+    for i, text in enumerate(ins):
+        br = re.search(r"BRA\s+(?:`\()?\.?(L_x_\d+)", text)
+        if br and labels.get(br.group(1), i + 1) < i:
+            body = ins[labels[br.group(1)]:i + 1]
+            if any("GMMA" in x for x in body) and len(body) > len(best):
+                best = body
+    mma = sum("GMMA" in x for x in best)
+    return {"loop_sass_instructions": len(best), "loop_sass_mma": mma}
+
+
 def report(kernel, grid, args, meta, arch: int = 90) -> dict:
-    """Compile for sm_<arch>a and read the TTGIR and ptxas's resource line."""
+    """Compile for sm_<arch>a and read the TTGIR, ptxas's resource line and the SASS main loop."""
     import triton
     import triton.backends.nvidia as nv
     from triton.backends.compiler import GPUTarget
@@ -123,16 +151,26 @@ def report(kernel, grid, args, meta, arch: int = 90) -> dict:
     regs = re.search(r"Used (\d+) registers", r.stderr)
     spill = re.search(r"(\d+) bytes spill stores", r.stderr)
     out.update(registers=int(regs.group(1)) if regs else None, spill_store_bytes=int(spill.group(1)) if spill else None)
+    out.update(_sass_loop(k.asm["cubin"], os.path.dirname(ptxas)))
     return out
 
 
 def conv_block_launches(cin: int, cout: int, spatial, batch: int, stride: int = 1, dtype=torch.bfloat16,
-                        prologues: str | None = None) -> dict:
+                        prologues: str | None = None, k_loop: str | None = None) -> dict:
     """The GEMM launches of one BasicBlock conv (3^3, padding 1) as the fused block makes them
     (conv3d_block.PROLOGUES unless `prologues` is given). "pass": forward with statistics, dgrad
     with the ReLU/BN-reduction epilogue, dgrad adding a residual, plain wgrad. "kernel": forward
     plain and with the BN-ReLU prologue + statistics; dgrad with the BN backward on dY and the
-    ReLU/BN-reduction epilogue; wgrad with the BN backward and the prologue on X."""
+    ReLU/BN-reduction epilogue; wgrad with the BN backward and the prologue on X. `k_loop`: the
+    forward's and dgrad's K loop (conv3d.K_LOOP unless given)."""
+    from . import conv3d
+    from .conv3d import K_LOOP
+
+    with conv3d.k_loop(k_loop or K_LOOP):
+        return _block_launches(cin, cout, spatial, batch, stride, dtype, prologues)
+
+
+def _block_launches(cin, cout, spatial, batch, stride, dtype, prologues) -> dict:
     from . import conv3d_block
     from .conv3d import conv3d_dgrad, conv3d_forward, conv3d_wgrad
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import nullcontext
 
 from .record import markdown_table, write_result
 
@@ -499,19 +500,23 @@ def _gemm_flops(kernel, args, meta) -> int:
 
 def _ptx_rows() -> list[dict]:
     """Static facts of the block's four GEMM launches compiled for sm_90a (no GPU needed): each
-    3^3 layer of the seed tower at the default tile, and layer1 under every tile of the sweep.
-    What it shows: wgmma in use, operand tiles loaded by pipelined async copies (none by
-    synchronous loads), registers, spills and shared memory per tile."""
+    3^3 layer of the seed tower at the default tile, under both K loops (conv3d.K_LOOP), and
+    layer1 under every tile of the sweep. What it shows: wgmma in use, operand tiles loaded by
+    pipelined async copies (none by synchronous loads), registers, spills and shared memory per
+    tile, and the SASS main loop's instructions per iteration against its MMAs."""
     from kernels.compile_report import conv_block_launches, report
     from kernels.conv3d import TILE_GRID, tile_override
 
     rows = []
     for i, (name, cin, cout, sp, k, s, p) in enumerate(lay for lay in LAYERS if lay[4] == 3):
-        for tile in TILE_GRID if i == 0 else TILE_GRID[:1]:
-            with tile_override(tile):
-                launches = conv_block_launches(cin, cout, sp, 8, stride=s)
-            for variant, launch in launches.items():
-                rows.append({"layer": name, "variant": variant, "tile": _tile_name(tile), **report(*launch)})
+        for tile in [None] + (TILE_GRID if i == 0 else []):
+            for loop in ("flat", "tap") if tile is None else ("flat",):
+                with tile_override(tile) if tile else nullcontext():
+                    launches = conv_block_launches(cin, cout, sp, 8, stride=s, k_loop=loop)
+                for variant, launch in launches.items():
+                    r = report(*launch)
+                    rows.append({"layer": name, "variant": variant, "k_loop": loop,
+                                 "tile": _tile_name(tile or _meta_tile(r)), **r})
     return rows
 
 
