@@ -61,6 +61,23 @@ def _in_tap(od, oh, ow, kd, kh, kw, Di, Hi, Wi, sxd, sxh, sxw, SD: tl.constexpr,
 
 
 @triton.jit
+def _next_step(c0, t_out, t_mid, t_in, C, N_MID, N_IN, BK: tl.constexpr):
+    """A tap loop's next K step without division: the channel chunk c0 advances by BK through C
+    channels, then the tap (t_out, t_mid, t_in), innermost first, like an odometer."""
+    c0 += BK
+    nxt = c0 == C
+    c0 = tl.where(nxt, 0, c0)
+    t_in = tl.where(nxt, t_in + 1, t_in)
+    nxt = t_in == N_IN
+    t_in = tl.where(nxt, 0, t_in)
+    t_mid = tl.where(nxt, t_mid + 1, t_mid)
+    nxt = t_mid == N_MID
+    t_mid = tl.where(nxt, 0, t_mid)
+    t_out = tl.where(nxt, t_out + 1, t_out)
+    return c0, t_out, t_mid, t_in
+
+
+@triton.jit
 def _bn_relu_prologue(a, amask, SC_IN, SH_IN, ci, kmask):
     """The previous BatchNorm + ReLU applied to an input tile as it is loaded (channels ci along
     axis 1); zero padding stays zero."""
@@ -114,16 +131,7 @@ def _conv_fwd(X, Wt, Y, BIAS, RES, SC_IN, SH_IN, STATS,
                 a = _bn_relu_prologue(a, rin[:, None], SC_IN, SH_IN, ci, ci < Cin)
             b = tl.load(Wt + co[None, :] * K + (k0 + tl.arange(0, BK))[:, None], mask=comask[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=PREC)
-            c0 += BK
-            nxt = c0 == Cin
-            c0 = tl.where(nxt, 0, c0)
-            kw = tl.where(nxt, kw + 1, kw)
-            nxt = kw == KW
-            kw = tl.where(nxt, 0, kw)
-            kh = tl.where(nxt, kh + 1, kh)
-            nxt = kh == KH
-            kh = tl.where(nxt, 0, kh)
-            kd = tl.where(nxt, kd + 1, kd)
+            c0, kd, kh, kw = _next_step(c0, kd, kh, kw, Cin, KH, KW, BK)
     else:
         for k0 in range(0, K, BK):
             k = k0 + tl.arange(0, BK)
@@ -226,16 +234,7 @@ def _conv_dgrad(DY, YB, Wt, DX, AL, BE, GA, RES, YIN, SC_IN, SH_IN, MU_IN, STATS
             row = (((kd0 + SD * td) * KH + kh0 + SH * th) * KW + kw0 + SW * tw) * Cout + co
             b = tl.load(Wt + row[:, None] * Cin + ci[None, :], mask=cimask[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=PREC)
-            c0 += BK
-            nxt = c0 == Cout
-            c0 = tl.where(nxt, 0, c0)
-            tw = tl.where(nxt, tw + 1, tw)
-            nxt = tw == ntw
-            tw = tl.where(nxt, 0, tw)
-            th = tl.where(nxt, th + 1, th)
-            nxt = th == nth
-            th = tl.where(nxt, 0, th)
-            td = tl.where(nxt, td + 1, td)
+            c0, td, th, tw = _next_step(c0, td, th, tw, Cout, nth, ntw, BK)
     else:
         for k0 in range(0, K, BK):
             k = k0 + tl.arange(0, BK)

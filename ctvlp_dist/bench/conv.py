@@ -593,7 +593,8 @@ def run(cfg, progress: bool = True, argv=None) -> dict:
         print(markdown_table(out["launch_best_tiles"], ["layer", "kernel", "best_tile", "ms", "tflops", "default_ms",
                                                         "gain_vs_default"]))
     if "ptx" in out:
-        print(markdown_table(out["ptx"], ["layer", "variant", "tile", "wgmma", "loop_async_loads", "loop_sync_tile_loads",
-                                          "registers", "spill_store_bytes", "shared_bytes"]))
+        print(markdown_table(out["ptx"], ["layer", "variant", "k_loop", "tile", "wgmma", "loop_async_loads",
+                                          "loop_sync_tile_loads", "loop_sass_instructions", "loop_sass_mma", "registers",
+                                          "spill_store_bytes", "shared_bytes"]))
     print(f"wrote {path}")
     return out
