@@ -127,9 +127,16 @@ def _cl(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last_3d)
 
 
+def gemm_weight(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The forward's weight layout [Cout, kd, kh, kw, Cin]: K-contiguous, so its tiles load as
+    16-byte vectors."""
+    return w.to(dtype).permute(0, 2, 3, 4, 1).contiguous()
+
+
 def conv3d_forward(x, w, bias=None, stride=1, padding=0, *, residual=None, relu=False, in_scale=None, in_shift=None,
-                   stats=False, out_dtype=None):
-    """y = conv(act_in(x), w) + bias, then optional per-channel stats, + residual, ReLU."""
+                   stats=False, out_dtype=None, wk=None):
+    """y = conv(act_in(x), w) + bias, then optional per-channel stats, + residual, ReLU. `wk`:
+    the weight already in gemm_weight's layout and x's dtype (w then only gives the shape)."""
     import triton
 
     from .conv3d_triton import _conv_fwd
@@ -144,7 +151,7 @@ def conv3d_forward(x, w, bias=None, stride=1, padding=0, *, residual=None, relu=
     Do, Ho, Wo = _out_shape(x.shape, w.shape, stride, padding)
     y = torch.empty((Nb, Cout, Do, Ho, Wo), dtype=out_dtype or x.dtype, device=x.device,
                     memory_format=torch.channels_last_3d)
-    wk = w.to(x.dtype).permute(0, 2, 3, 4, 1).contiguous()  # [Cout, (kd, kh, kw, ci)]: K-contiguous
+    wk = gemm_weight(w, x.dtype) if wk is None else wk
     M, K = Nb * Do * Ho * Wo, w[0].numel()
     t = _tiles("fwd", M, Cout, K, chan=Cin)
     st = torch.empty((triton.cdiv(M, t["BM"]), 2, Cout), dtype=torch.float32, device=x.device) if stats else y
@@ -314,11 +321,25 @@ def conv3d_triton(x, weight, bias=None, stride=1, padding=0):
     return _Conv3dFn.apply(x, weight, bias, _triple(stride), _triple(padding))
 
 
+def _folded(weight, bias, bn, dtype) -> tuple:
+    """BN folded into the weight, in the GEMM layout, and the fp32 bias: cached on the weight tensor
+    (freed with it) while neither it nor the BN parameters and statistics change (their version
+    counters), so that extraction over a cohort does not refold (about 8 small launches per
+    convolution)."""
+    parts = [weight, bias] + ([bn.weight, bn.bias, bn.running_mean, bn.running_var] if bn is not None else [])
+    key = (dtype, bn.eps if bn is not None else None, *((t.data_ptr(), t._version) if t is not None else None for t in parts))
+    hit = getattr(weight, "_ctvlp_folded", None)
+    if hit is not None and hit[0] == key:
+        return hit[1], hit[2]
+    w, b = fold_bn(weight, bias, bn) if bn is not None else (weight, bias)
+    out = (gemm_weight(w, dtype), b.float().contiguous() if b is not None else None)
+    weight._ctvlp_folded = (key, *out)
+    return out
+
+
 @torch.no_grad()
 def conv_block_inference(x, weight, bn: Optional[torch.nn.modules.batchnorm._BatchNorm], stride=1, padding=0, *,
                          bias=None, residual=None, relu=True):
     """Embedding extraction: BN folded into the weights, conv + bias + residual + ReLU in one kernel."""
-    if bn is not None:
-        weight, bias = fold_bn(weight, bias, bn)
-    return conv3d_forward(x, weight.to(x.dtype), bias.float() if bias is not None else None, stride, padding,
-                          residual=residual, relu=relu)
+    wk, b = _folded(weight, bias, bn, x.dtype)
+    return conv3d_forward(x, weight, b, stride, padding, residual=residual, relu=relu, wk=wk)

@@ -299,3 +299,29 @@ def test_dgrad_tap_loop(case, monkeypatch):
     xr = x.detach().double().requires_grad_()
     F.conv3d(xr, w.detach().double(), None, s, p).backward(g.double())
     assert _err(x.grad, xr.grad) < TOL[torch.float32], _err(x.grad, xr.grad)
+
+
+def test_inference_folds_once_and_refolds_after_a_change():
+    """conv_block_inference caches the folded GEMM-layout weight per weight tensor; an in-place
+    change to the BN statistics or to the weight (an optimizer step, load_state_dict) refolds."""
+    x = _x(2, 6, (4, 5, 3), torch.float32)
+    w = torch.randn(5, 6, 3, 3, 3, device=DEV) / 13
+    bn = torch.nn.BatchNorm3d(5).to(DEV).eval()
+    bn.running_var.uniform_(0.5, 2.0)
+
+    def ref():
+        with torch.no_grad():
+            return torch.relu(bn.double()(F.conv3d(x.double(), w.double(), None, 1, 1))).float()
+
+    y1 = conv_block_inference(x, w, bn, 1, 1)
+    first = w._ctvlp_folded[1]
+    y2 = conv_block_inference(x, w, bn, 1, 1)
+    assert w._ctvlp_folded[1] is first and torch.equal(y1, y2)
+    bn.float()
+    assert _err(y1, ref()) < 1e-5
+    bn.running_var.mul_(3.0)
+    y3 = conv_block_inference(x, w, bn, 1, 1)
+    assert w._ctvlp_folded[1] is not first and _err(y3, ref()) < 1e-5
+    bn.float()
+    w.mul_(-1.0)
+    assert _err(conv_block_inference(x, w, bn, 1, 1), ref()) < 1e-5
