@@ -43,11 +43,11 @@ if "pytest" in phases:
     # every case, then the d-chunked backward on the bf16 ones
     pt = [sys.executable, "-m", "pytest", "-q", "-x", "kernels/test_contrastive.py", "-p", "no:cacheprovider", "-k"]
     env.update(CTVLP_CLIP_TILES="128,128,64,128,8,3", CTVLP_CLIP_BWD_TILES="64,64,64,512,8,2,1")
-    sh(pt + ["cuda"], "pytest_cuda.log", 200)
+    sh(pt + ["cuda"], "pytest_cuda.log", 240)
     env["CTVLP_CLIP_BWD_TILES"] = "64,64,64,128,8,3"
     sh(pt + ["cuda and dtype2"], "pytest_cuda_chunked.log", 100)
     env.update(CTVLP_CLIP_TILES="64,128,64,128,4,3,1", CTVLP_CLIP_BWD_TILES="64,64,64,512,8,2,1")  # forward FACTOR
-    sh(pt + ["cuda and not fused"], "pytest_cuda_factor.log", 160)
+    sh(pt + ["cuda and not fused"], "pytest_cuda_factor.log", 120)
 
 sweep_code = r'''
 import json, os, sys, torch
