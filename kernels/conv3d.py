@@ -236,7 +236,7 @@ def conv3d_wgrad(x, dy, w_shape, stride, padding, dtype, *, bn_bwd=None, in_scal
     _conv_wgrad[(triton.cdiv(Cout, t["BM"]), triton.cdiv(KF, t["BN"]), Q)](
         xk, dy, yb, part, al, be, ga, sc, sh, x.shape[0], Cin, *x.shape[2:], Cout, *dy.shape[2:], *xk.stride(),
         *dy.stride(), p_per, *stride, *padding, *w_shape[2:], BN_BWD=bn_bwd is not None,
-        PROLOGUE=in_scale is not None, PREC=_prec(dy.dtype), **t)
+        PROLOGUE=in_scale is not None, PREC=_prec(dy.dtype), TAP=K_LOOP == "tap" and Cin % t["BN"] == 0, **t)
     # [Cout, (kd, kh, kw, ci)] -> [Cout, ci, kd, kh, kw]
     return part.sum(0).view(Cout, *w_shape[2:], Cin).permute(0, 4, 1, 2, 3).to(dtype)
 

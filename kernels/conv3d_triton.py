@@ -274,15 +274,36 @@ def _conv_dgrad(DY, YB, Wt, DX, AL, BE, GA, RES, YIN, SC_IN, SH_IN, MU_IN, STATS
 
 
 @triton.jit
+def _wgrad_dy_tile(DY, YB, AL, BE, GA, co, comask, n, od, oh, ow, pmask, syn, syc, syd, syh, syw, BN_BWD: tl.constexpr):
+    """The wgrad's dY tile [channels co, positions]: dY, or formed from (dZ, Y) by the BatchNorm
+    backward while loading (BN_BWD)."""
+    dy_off = co[:, None] * syc + (n * syn + od * syd + oh * syh + ow * syw)[None, :]
+    amask = comask[:, None] & pmask[None, :]
+    a = tl.load(DY + dy_off, mask=amask, other=0.0)
+    if BN_BWD:
+        yb = tl.load(YB + dy_off, mask=amask, other=0.0)
+        a = _bn_bwd_prologue(a, yb, amask, co[:, None], comask[:, None], AL, BE, GA).to(DY.dtype.element_ty)
+    return a
+
+
+@triton.jit
+def _affine_relu(b, bmask, sc, sh):
+    """relu(b * sc + sh) per channel (axis 1), zero where the load was masked (padding)."""
+    return tl.where(bmask, tl.maximum(b.to(tl.float32) * sc[None, :] + sh[None, :], 0.0), 0.0).to(b.dtype)
+
+
+@triton.jit
 def _conv_wgrad(X, DY, YB, DW, AL, BE, GA, SC_IN, SH_IN, Nb, Cin, Di, Hi, Wi, Cout, Do, Ho, Wo,
                 sxn, sxc, sxd, sxh, sxw, syn, syc, syd, syh, syw, P_PER,
                 SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PD, PH, PW,
                 KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, BN_BWD: tl.constexpr, PROLOGUE: tl.constexpr,
-                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, TAP: tl.constexpr = False):
     """Partial dW[co, (tap, ci)] over output positions [q P_PER, (q+1) P_PER) into slot q of an
     fp32 [Q, Cout, taps * Cin] buffer (summed afterwards: deterministic, no atomics). Fused, each
     optional: dY from (dZ, Y) by the BatchNorm backward (BN_BWD), and the forward's prologue on
-    X (PROLOGUE: the previous BatchNorm + ReLU, recomputed rather than stored)."""
+    X (PROLOGUE: the previous BatchNorm + ReLU, recomputed rather than stored). TAP (Cin a
+    multiple of BN): the program's columns lie in one tap, so the X tile's address and padding
+    mask are a position vector plus a channel range, not a (position, column) grid."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     q = tl.program_id(2)
@@ -298,22 +319,50 @@ def _conv_wgrad(X, DY, YB, DW, AL, BE, GA, SC_IN, SH_IN, Nb, Cin, Di, Hi, Wi, Co
         sh = tl.load(SH_IN + ci, mask=fmask, other=0.0)
     acc = tl.zeros((BM, BN), tl.float32)
     p_lo = q * P_PER
-    for p0 in range(p_lo, tl.minimum(p_lo + P_PER, P), BK):
-        p = p0 + tl.arange(0, BK)
-        pmask = (p < P) & (p < p_lo + P_PER)
-        n, od, oh, ow = _split_m(p, Do, Ho, Wo)
-        dy_off = co[:, None] * syc + (n * syn + od * syd + oh * syh + ow * syw)[None, :]
-        amask = comask[:, None] & pmask[None, :]
-        a = tl.load(DY + dy_off, mask=amask, other=0.0)
-        if BN_BWD:
-            yb = tl.load(YB + dy_off, mask=amask, other=0.0)
-            a = _bn_bwd_prologue(a, yb, amask, co[:, None], comask[:, None], AL, BE, GA).to(DY.dtype.element_ty)
-        sp, inb = _in_tap(od, oh, ow, kd, kh, kw, Di, Hi, Wi, sxd, sxh, sxw, SD, SH, SW, PD, PH, PW)
-        bmask = inb & pmask[:, None] & fmask[None, :]
-        b = tl.load(X + n[:, None] * sxn + ci[None, :] * sxc + sp, mask=bmask, other=0.0)
-        if PROLOGUE:  # zero padding stays zero, as in the forward
-            b = tl.where(bmask, tl.maximum(b.to(tl.float32) * sc[None, :] + sh[None, :], 0.0), 0.0).to(X.dtype.element_ty)
-        acc = tl.dot(a, b, acc, input_precision=PREC)
+    p_hi = tl.minimum(p_lo + P_PER, P)
+    if TAP:
+        # one tap for all columns; the positions are decoded once and then advanced by BK with
+        # carries, not re-divided each step
+        t0 = (pid_n * BN) // Cin
+        tkd, tkh, tkw = t0 // (KW * KH), (t0 // KW) % KH, t0 % KW
+        n, od, oh, ow = _split_m(p_lo + tl.arange(0, BK), Do, Ho, Wo)
+        step_w, step_h, step_d, step_n = BK % Wo, (BK // Wo) % Ho, (BK // (Wo * Ho)) % Do, BK // (Wo * Ho * Do)
+        for p0 in range(p_lo, p_hi, BK):
+            pmask = p0 + tl.arange(0, BK) < p_hi
+            a = _wgrad_dy_tile(DY, YB, AL, BE, GA, co, comask, n, od, oh, ow, pmask, syn, syc, syd, syh, syw, BN_BWD)
+            idd = od * SD - PD + tkd
+            ihh = oh * SH - PH + tkh
+            iww = ow * SW - PW + tkw
+            rin = (pmask & (idd.to(tl.uint32, bitcast=True) < Di) & (ihh.to(tl.uint32, bitcast=True) < Hi)
+                   & (iww.to(tl.uint32, bitcast=True) < Wi))
+            bmask = rin[:, None]
+            b = tl.load(X + (n * sxn + idd * sxd + ihh * sxh + iww * sxw)[:, None] + ci[None, :] * sxc, mask=bmask,
+                        other=0.0)
+            if PROLOGUE:  # zero padding stays zero, as in the forward
+                b = _affine_relu(b, bmask, sc, sh)
+            acc = tl.dot(a, b, acc, input_precision=PREC)
+            ow += step_w
+            carry = ow >= Wo
+            ow = tl.where(carry, ow - Wo, ow)
+            oh += step_h + carry.to(tl.int32)
+            carry = oh >= Ho
+            oh = tl.where(carry, oh - Ho, oh)
+            od += step_d + carry.to(tl.int32)
+            carry = od >= Do
+            od = tl.where(carry, od - Do, od)
+            n += step_n + carry.to(tl.int32)
+    else:
+        for p0 in range(p_lo, p_hi, BK):
+            p = p0 + tl.arange(0, BK)
+            pmask = (p < P) & (p < p_lo + P_PER)
+            n, od, oh, ow = _split_m(p, Do, Ho, Wo)
+            a = _wgrad_dy_tile(DY, YB, AL, BE, GA, co, comask, n, od, oh, ow, pmask, syn, syc, syd, syh, syw, BN_BWD)
+            sp, inb = _in_tap(od, oh, ow, kd, kh, kw, Di, Hi, Wi, sxd, sxh, sxw, SD, SH, SW, PD, PH, PW)
+            bmask = inb & pmask[:, None] & fmask[None, :]
+            b = tl.load(X + n[:, None] * sxn + ci[None, :] * sxc + sp, mask=bmask, other=0.0)
+            if PROLOGUE:  # zero padding stays zero, as in the forward
+                b = _affine_relu(b, bmask, sc, sh)
+            acc = tl.dot(a, b, acc, input_precision=PREC)
     tl.store(DW + q * Cout * KF + co[:, None] * KF + f[None, :], acc, mask=comask[:, None] & fmask[None, :])
 
 

@@ -325,3 +325,35 @@ def test_inference_folds_once_and_refolds_after_a_change():
     bn.float()
     w.mul_(-1.0)
     assert _err(conv_block_inference(x, w, bn, 1, 1), ref()) < 1e-5
+
+
+@pytest.mark.parametrize("case", [(32, 5, (5, 6, 7), 3, 2, 1), (32, 3, (4, 5, 6), (1, 3, 2), 1, (0, 1, 1))],
+                         ids=["k3s2", "k132s1"])
+def test_wgrad_tap_loop(case, monkeypatch):
+    """The wgrad's tap form (Cin a multiple of BN: a program's columns lie in one tap), plain and
+    with the BN-ReLU prologue on X; dW against fp64, and the launch takes the TAP path."""
+    from kernels import conv3d
+    from kernels.compile_report import capture
+    from kernels.conv3d import conv3d_wgrad
+
+    monkeypatch.setattr(conv3d, "K_LOOP", "tap")
+    cin, cout, sp, k, s, p = case
+    k = k if isinstance(k, tuple) else (k,) * 3
+    x = _x(2, cin, sp, torch.float32)
+    w_shape = (cout, cin, *k)
+    scale, shift = torch.rand(cin, device=DEV) + 0.5, torch.randn(cin, device=DEV)
+    for prologue in (False, True):
+        xin = torch.relu(x.double() * scale.double().view(1, -1, 1, 1, 1) + shift.double().view(1, -1, 1, 1, 1)) \
+            if prologue else x.double()
+        wr = torch.zeros(w_shape, dtype=torch.float64, device=DEV, requires_grad=True)
+        yr = F.conv3d(xin, wr, None, s, p)
+        g = torch.randn_like(yr)
+        yr.backward(g)
+        dy = g.float().contiguous(memory_format=torch.channels_last_3d)
+        kw = dict(in_scale=scale, in_shift=shift) if prologue else {}
+        with tile_override((32, 32, 32, 4, 1), "wgrad"):
+            dw = conv3d_wgrad(x, dy, w_shape, conv3d._triple(s), conv3d._triple(p), torch.float32, **kw)
+            meta = capture(conv3d_wgrad, x.to("meta"), dy.to("meta"), w_shape, conv3d._triple(s), conv3d._triple(p),
+                           torch.float32, **kw)[0][3]
+        assert meta["TAP"]
+        assert _err(dw, wr.grad) < TOL[torch.float32], (prologue, _err(dw, wr.grad))

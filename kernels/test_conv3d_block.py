@@ -212,9 +212,10 @@ def test_short_training_loss_curves_agree_with_batchnorm():
 @pytest.mark.parametrize("case", [(16, 16, 1, (4, 5, 3)), (16, 32, 2, (5, 4, 6))], ids=["c16-16s1", "c16-32s2"])
 @pytest.mark.parametrize("prologues", PROLOGUES)
 def test_training_block_with_tap_k_loop(case, prologues, monkeypatch):
-    """conv3d.K_LOOP = "tap" in the fused block: forward and dgrad take the per-tap loop (16-wide
-    K tiles, channels a multiple of 16), with every fused prologue and epilogue of both modes,
-    strided dgrad parity classes included; fp32 against fp64."""
+    """conv3d.K_LOOP = "tap" in the fused block: forward, dgrad and wgrad take their tap forms
+    (16-wide K and N tiles, channels a multiple of 16), with every fused prologue and epilogue of
+    both modes (the wgrad's BN backward and BN-ReLU prologue in "kernel"), strided dgrad parity
+    classes included; fp32 against fp64."""
     from kernels import conv3d
 
     monkeypatch.setattr(conv3d_block, "PROLOGUES", prologues)
@@ -222,5 +223,5 @@ def test_training_block_with_tap_k_loop(case, prologues, monkeypatch):
     cin, cout, s, sp = case
     ref, dut = _pair(_block(cin, cout, s), torch.float32)
     x = torch.randn(2, cin, *sp, device=DEV, dtype=torch.float64)
-    with conv3d.tile_override((32, 32, 16, 4, 1), "fwd", "dgrad"):
+    with conv3d.tile_override((32, 16, 16, 4, 1)):
         _compare(ref, dut, ref, lambda t: fused_basic_block(dut, t), x, torch.float32)
