@@ -46,7 +46,8 @@ TILE_GRID = [(128, 64, 32, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (64
 KINDS = ("fwd", "dgrad", "wgrad")
 _override: dict[str, tuple] = {}
 # The K loop of the forward and the dgrad: "flat" (measured default) decodes (tap, channel) per
-# element; "tap" (for reduced channels a multiple of BK) takes each step's tap as scalars (TAP). A per-tap nested loop
+# element; "tap" (for reduced channels a multiple of BK) takes each step's tap as scalars (TAP);
+# the wgrad's tap form needs Cin a multiple of its N tile (one tap per program). A per-tap nested loop
 # was slower on 2026-11-22, when synchronous weight loads were the bottleneck; this one keeps a
 # single pipelined loop, and waits for a GPU run (bench conv tower's "tap loop" rows).
 K_LOOP = "flat"
@@ -54,7 +55,7 @@ K_LOOP = "flat"
 
 @contextmanager
 def k_loop(mode: str):
-    """Run the forward and dgrad convolutions with this K loop ("flat" or "tap") inside the block."""
+    """Run the convolutions with this K loop ("flat" or "tap") inside the block."""
     global K_LOOP
     if mode not in ("flat", "tap"):
         raise ValueError(f"conv3d.K_LOOP must be flat or tap, got {mode!r}")
