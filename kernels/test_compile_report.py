@@ -72,7 +72,7 @@ def test_tap_k_loop_issues_fewer_instructions_per_mma_on_sm90():
     """layer1's forward and dgrads under conv3d.K_LOOP "flat" and "tap", compiled for sm_90a: the
     SASS main loop keeps its MMAs and async operand copies, and the tap loop issues at most 60%
     as many instructions per iteration (measured 2026-11-23: 413 -> 224 forward, 408/414 ->
-    165/174 dgrad; at 128 x 64 x 64 one iteration's MMAs take about 256 cycles, so 413 issued
+    164/172 dgrad; at 128 x 64 x 64 one iteration's MMAs take about 256 cycles, so 413 issued
     instructions per warp made the flat loop issue-bound)."""
     rows = {loop: _reports(f"conv_block_launches(64, 64, (48, 96, 96), 8, k_loop={loop!r})") for loop in ("flat", "tap")}
     for name in ("fwd+stats", "dgrad+relu_bn", "dgrad+residual"):
