@@ -95,7 +95,8 @@ def panel_tiles(dtype: torch.dtype) -> dict:
     """(BM, BN, BK, warps, stages) of the G tile and of the GEMMs. The GPU defaults compile (sm_90a,
     bf16, d = 512) to at most 118 registers and 96 KB of shared memory, so that two programs share
     an SM and one's epilogue (the exponentials) overlaps the other's MMA; a 128 x 128 G tile
-    needs 227 registers. Unmeasured until a GPU run; the benchmark sweeps others. `CTVLP_CLIP_PANEL_TILES="gBM,gBN,gBK,gW,gS;mBM,mBN,mBK,mW,mS"` overrides both."""
+    needs 227 registers. Unmeasured until a GPU run; the benchmark sweeps others.
+    `CTVLP_CLIP_PANEL_TILES="gBM,gBN,gBK,gW,gS;mBM,mBN,mBK,mW,mS"` overrides both."""
     env = os.environ.get("CTVLP_CLIP_PANEL_TILES")
     if env:
         g, m = ([int(x) for x in part.split(",")] for part in env.split(";"))
@@ -137,7 +138,7 @@ def _mm_triton(A, B, C, s, coef_t, acc: bool, prec: str, gscale: float, t: dict)
                         out.stride(-2), out.stride(0) if split > 1 else 0, GROUP_M=8, ACC=acc and split == 1, PREC=prec,
                         GSCALE=gscale, **t)
     if split > 1:
-        C.copy_(out.sum(0) + C) if acc else C.copy_(out.sum(0))
+        C.add_(out.sum(0)) if acc else C.copy_(out.sum(0))
 
 
 def _mm_torch(A, B, C, s, coef_t, acc: bool, prec: str, gscale: float, t: dict):
@@ -147,7 +148,7 @@ def _mm_torch(A, B, C, s, coef_t, acc: bool, prec: str, gscale: float, t: dict):
     else:
         prod = torch.mm(A.float(), B.float())
     prod.mul_(s * coef_t / gscale)
-    C.copy_(prod + C) if acc else C.copy_(prod)
+    C.add_(prod) if acc else C.copy_(prod)
 
 
 def panel_backward(I, T, s, g_rows, g_cols, lse_r, lse_c, n_rows, coef, tf32: bool = True, grad_dtype=None,

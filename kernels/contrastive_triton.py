@@ -40,6 +40,21 @@ def _s_tile(I, T, rows, cols, rmask, cmask, s, D, sI, sT, BM: tl.constexpr, BN: 
 
 
 @triton.jit
+def _col_partials(CMAX, CSUM, pid, B_C, cols, cmask, rb):
+    """This program's column partials (max, sum) so far; a program's first row block (rb == pid)
+    starts its slot empty, so the kernel needs no zeroed buffer."""
+    seen = cmask & (rb != pid)
+    return (tl.load(CMAX + pid * B_C + cols, mask=seen, other=-float("inf")),
+            tl.load(CSUM + pid * B_C + cols, mask=seen, other=0.0))
+
+
+@triton.jit
+def _col_sums_own_max(S, t_max):
+    """sum_i exp(S - t_max) per column, each relative to its own tile max (0 for an empty column)."""
+    return tl.sum(tl.exp(S - tl.where(t_max == -float("inf"), 0.0, t_max)[None, :]), 0)
+
+
+@triton.jit
 def _fwd(I, T, G_R, G_C, M_R, L_R, POS, CMAX, CSUM, scale_ptr, B_R, B_C, D, sI, sT, CB_PER,
          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, FACTOR: tl.constexpr = False,
          SPAN: tl.constexpr = 50.0):
@@ -68,9 +83,7 @@ def _fwd(I, T, G_R, G_C, M_R, L_R, POS, CMAX, CSUM, scale_ptr, B_R, B_C, D, sI, 
             cmask = cols < B_C
             if FACTOR:  # issued before the S loop, which hides their latency
                 g_c = tl.load(G_C + cols, mask=cmask, other=-2)
-                seen = cmask & (rb != pid)  # a program's first row block initialises its slot
-                p_max = tl.load(CMAX + pid * B_C + cols, mask=seen, other=-float("inf"))
-                p_sum = tl.load(CSUM + pid * B_C + cols, mask=seen, other=0.0)
+                p_max, p_sum = _col_partials(CMAX, CSUM, pid, B_C, cols, cmask, rb)
             S = _s_tile(I, T, rows, cols, rmask, cmask, s, D, sI, sT, BM, BN, BK, PREC)
             valid = rmask[:, None] & cmask[None, :]
             S = tl.where(valid, S, -float("inf"))
@@ -92,14 +105,10 @@ def _fwd(I, T, G_R, G_C, M_R, L_R, POS, CMAX, CSUM, scale_ptr, B_R, B_C, D, sI, 
                     t_sum = tl.sum(e * tl.where(rmask, tl.exp(m_safe - ref), 0.0)[:, None], 0)
                     t_ref = tl.where(cmask, ref, -float("inf"))
                 else:
-                    t_sum = tl.sum(tl.exp(S - tl.where(t_max == -float("inf"), 0.0, t_max)[None, :]), 0)
-                    t_ref = t_max
+                    t_sum, t_ref = _col_sums_own_max(S, t_max), t_max
             else:
-                t_sum = tl.sum(tl.exp(S - tl.where(t_max == -float("inf"), 0.0, t_max)[None, :]), 0)
-                t_ref = t_max
-                seen = cmask & (rb != pid)  # a program's first row block initialises its slot
-                p_max = tl.load(CMAX + pid * B_C + cols, mask=seen, other=-float("inf"))
-                p_sum = tl.load(CSUM + pid * B_C + cols, mask=seen, other=0.0)
+                t_sum, t_ref = _col_sums_own_max(S, t_max), t_max
+                p_max, p_sum = _col_partials(CMAX, CSUM, pid, B_C, cols, cmask, rb)
             # merge into the program's own partial slot
             n_max = tl.maximum(p_max, t_ref)
             n_safe = tl.where(n_max == -float("inf"), 0.0, n_max)

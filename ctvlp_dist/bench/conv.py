@@ -8,8 +8,8 @@
 - tower: the whole ResNet3d18 (k2s2, BN), training step (forward + backward) and inference,
   against cuDNN eager and, with bench.conv_compile, torch.compile(mode="max-autotune"; it replays
   CUDA graphs itself); inference also replayed as a CUDA graph (embedding extraction without
-  per-launch CPU cost), still against cuDNN eager; our tower runs twice, with the forward's
-  flat K loop and its tap loop (conv3d.K_LOOP), so that one run compares them;
+  per-launch CPU cost), still against cuDNN eager; our tower runs twice, with the convolutions'
+  flat K loop and their tap loop (conv3d.K_LOOP), so that one run compares them;
 - tiles (not a default part): each kernel of each layer under every tile of the sweep grid,
   against cuDNN's same operation, to choose the tile defaults from measurements;
 - launches (not a default part): every kernel launch of one fused block's training step, timed
@@ -262,13 +262,14 @@ def _tower(batch, dtype, device, ceil, compile_too: bool) -> list[dict]:
     if not gpu:
         return [{"tower": "train+inference agreement", **base}]
     train_fl = image_tower_train_flops(SimpleNamespace(stem="k2s2", norm="bn", gn_groups=32, width=width), crop) * batch
-    models = {"cudnn eager": ref, "triton fused": tri, "triton fused, tap K loop": tri}
+    # name -> (module, the K loop of our convolutions: conv3d.K_LOOP)
+    models = {"cudnn eager": (ref, "flat"), "triton fused": (tri, "flat"), "triton fused, tap K loop": (tri, "tap")}
     compile_s = {}
     if compile_too:
         comp = copy.deepcopy(ref)
         t0 = time.time()
         try:
-            models["torch.compile max-autotune"] = torch.compile(comp, mode="max-autotune")
+            models["torch.compile max-autotune"] = (torch.compile(comp, mode="max-autotune"), "flat")
         except Exception as e:  # recorded, not fatal: the other rows still mean something
             compile_s["error"] = f"{type(e).__name__}: {str(e)[:200]}"
         compile_s["wrap_s"] = round(time.time() - t0, 1)
@@ -279,11 +280,10 @@ def _tower(batch, dtype, device, ceil, compile_too: bool) -> list[dict]:
     modes = (("train fwd+bwd", train_fl, False, "train fwd+bwd"), ("inference", train_fl / 3, False, "inference"),
              ("inference, CUDA graph", train_fl / 3, True, "inference"))
     for mode, fl, graph, base_mode in modes:
-        for name, m in models.items():
+        for name, (m, loop) in models.items():
             if graph and name.startswith("torch.compile"):
                 continue  # max-autotune already replays CUDA graphs
             row = {"tower": mode, "impl": name, **base}
-            loop = "tap" if name.endswith("tap K loop") else "flat"  # the forward's K loop (conv3d.K_LOOP)
             try:
                 if mode == "train fwd+bwd":
                     m.train()
