@@ -2,7 +2,9 @@
 
 Forward, one pass over S: program (p, q) owns row blocks p, p+P, ... against the q-th range of
 column blocks; per tile it keeps the online row max/sum in registers and merges the tile's
-column max/sum into its own slot of a [P, b_c] partial buffer (no atomics, deterministic).
+column max/sum into its own slot of a [P, b_c] partial buffer (no atomics, deterministic). With
+a program per row block (P = all of them, while the partials fit) the loop nest is two deep and
+Triton flattens it, so operand loads run ahead across tiles.
 Memory is O((P + Q) * b), never b_r x b_c; the column split Q fills the chip at small b.
 Backward: `_bwd_rows` (one program per row block, output-d chunk and column split) recomputes
 the S tiles, forms G in-tile from both directions and accumulates dI = s G T and sum(G S);
@@ -55,69 +57,89 @@ def _col_sums_own_max(S, t_max):
 
 
 @triton.jit
+def _fwd_rows(I, T, G_R, G_C, M_R, L_R, POS, CMAX, CSUM, s, B_R, B_C, D, sI, sT, rb, pid, q, cb_lo, cb_hi,
+              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, FACTOR: tl.constexpr,
+              SPAN: tl.constexpr, ONE_RB: tl.constexpr):
+    """Row block rb against column blocks [cb_lo, cb_hi): row partials (max, sum, pos) to slot q,
+    each tile's column partials merged into slot pid. ONE_RB (rb == pid, the program's only row
+    block): the slot starts empty, so nothing is read back, and the column loop with its K loop
+    is a two-level nest that Triton flattens into one pipelined loop, so the next tile's operand
+    loads are in flight during this tile's softmax epilogue."""
+    rows = rb * BM + tl.arange(0, BM)
+    rmask = rows < B_R
+    g_r = tl.load(G_R + rows, mask=rmask, other=-1)
+    m_i = tl.full((BM,), -float("inf"), tl.float32)
+    l_i = tl.zeros((BM,), tl.float32)
+    pos = tl.zeros((BM,), tl.float32)
+    for cb in tl.range(cb_lo, cb_hi, flatten=ONE_RB):
+        cols = cb * BN + tl.arange(0, BN)
+        cmask = cols < B_C
+        if FACTOR or ONE_RB:  # issued before the S loop, which hides their latency
+            g_c = tl.load(G_C + cols, mask=cmask, other=-2)
+        if FACTOR and not ONE_RB:
+            p_max, p_sum = _col_partials(CMAX, CSUM, pid, B_C, cols, cmask, rb)
+        S = _s_tile(I, T, rows, cols, rmask, cmask, s, D, sI, sT, BM, BN, BK, PREC)
+        valid = rmask[:, None] & cmask[None, :]
+        S = tl.where(valid, S, -float("inf"))
+        # rows: online log-sum-exp
+        m_new = tl.maximum(m_i, tl.max(S, 1))
+        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+        e = tl.exp(S - m_safe[:, None])
+        l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(e, 1)
+        m_i = m_new
+        if not (FACTOR or ONE_RB):
+            g_c = tl.load(G_C + cols, mask=cmask, other=-2)
+        # positives, computed in-tile from the group ids (never a b x b target matrix)
+        pos += tl.sum(tl.where(valid & (g_r[:, None] == g_c[None, :]), S, 0.0), 1)
+        # columns: this tile's (reference, sum of exp(S - reference)) per column
+        t_max = tl.max(S, 0)
+        if FACTOR:
+            ref = tl.max(tl.where(rmask, m_safe, -float("inf")), 0)
+            if ref - tl.min(tl.where(cmask, t_max, float("inf")), 0) <= SPAN:
+                t_sum = tl.sum(e * tl.where(rmask, tl.exp(m_safe - ref), 0.0)[:, None], 0)
+                t_ref = tl.where(cmask, ref, -float("inf"))
+            else:
+                t_sum, t_ref = _col_sums_own_max(S, t_max), t_max
+        else:
+            t_sum, t_ref = _col_sums_own_max(S, t_max), t_max
+            if not ONE_RB:
+                p_max, p_sum = _col_partials(CMAX, CSUM, pid, B_C, cols, cmask, rb)
+        if ONE_RB:  # the slot's first and only tile for these columns
+            n_max, p_sum = t_ref, t_sum
+        else:  # merge into the program's own partial slot
+            n_max = tl.maximum(p_max, t_ref)
+            n_safe = tl.where(n_max == -float("inf"), 0.0, n_max)
+            p_sum = p_sum * tl.exp(p_max - n_safe) + t_sum * tl.exp(t_ref - n_safe)
+        tl.store(CMAX + pid * B_C + cols, n_max, mask=cmask)
+        tl.store(CSUM + pid * B_C + cols, p_sum, mask=cmask)
+    tl.store(M_R + q * B_R + rows, m_i, mask=rmask)
+    tl.store(L_R + q * B_R + rows, l_i, mask=rmask)
+    tl.store(POS + q * B_R + rows, pos, mask=rmask)
+
+
+@triton.jit
 def _fwd(I, T, G_R, G_C, M_R, L_R, POS, CMAX, CSUM, scale_ptr, B_R, B_C, D, sI, sT, CB_PER,
          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, FACTOR: tl.constexpr = False,
-         SPAN: tl.constexpr = 50.0):
-    """Program (p, q) owns row blocks p, p + P, ... against column blocks [q CB_PER, (q+1) CB_PER).
-    Row partials (max, sum, pos) go to slot q of [Q, b_r], column partials to slot p of [P, b_c].
+         SPAN: tl.constexpr = 50.0, ONE_RB: tl.constexpr = False):
+    """Program (p, q) owns row blocks p, p + P, ... (only p when ONE_RB) against column blocks
+    [q CB_PER, (q+1) CB_PER). Row partials (max, sum, pos) go to slot q of [Q, b_r], column
+    partials to slot p of [P, b_c].
     FACTOR: the column sums reuse the rows' exponentials, sum_i exp(S - ref) = sum_i exp(S - m_i)
     exp(m_i - ref) with ref the tile's largest row max, when every column's tile max lies within
     SPAN of ref (so no column sum underflows); else, or without FACTOR, one more exponential per
     element relative to each column's own tile max. The merge takes either reference."""
     pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
     q = tl.program_id(1)
     s = tl.load(scale_ptr).to(tl.float32)
-    n_rb = tl.cdiv(B_R, BM)
     cb_lo = q * CB_PER
     cb_hi = tl.minimum(cb_lo + CB_PER, tl.cdiv(B_C, BN))
-    for rb in range(pid, n_rb, nprog):
-        rows = rb * BM + tl.arange(0, BM)
-        rmask = rows < B_R
-        g_r = tl.load(G_R + rows, mask=rmask, other=-1)
-        m_i = tl.full((BM,), -float("inf"), tl.float32)
-        l_i = tl.zeros((BM,), tl.float32)
-        pos = tl.zeros((BM,), tl.float32)
-        for cb in range(cb_lo, cb_hi):
-            cols = cb * BN + tl.arange(0, BN)
-            cmask = cols < B_C
-            if FACTOR:  # issued before the S loop, which hides their latency
-                g_c = tl.load(G_C + cols, mask=cmask, other=-2)
-                p_max, p_sum = _col_partials(CMAX, CSUM, pid, B_C, cols, cmask, rb)
-            S = _s_tile(I, T, rows, cols, rmask, cmask, s, D, sI, sT, BM, BN, BK, PREC)
-            valid = rmask[:, None] & cmask[None, :]
-            S = tl.where(valid, S, -float("inf"))
-            # rows: online log-sum-exp
-            m_new = tl.maximum(m_i, tl.max(S, 1))
-            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-            e = tl.exp(S - m_safe[:, None])
-            l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(e, 1)
-            m_i = m_new
-            if not FACTOR:
-                g_c = tl.load(G_C + cols, mask=cmask, other=-2)
-            # positives, computed in-tile from the group ids (never a b x b target matrix)
-            pos += tl.sum(tl.where(valid & (g_r[:, None] == g_c[None, :]), S, 0.0), 1)
-            # columns: this tile's (reference, sum of exp(S - reference)) per column
-            t_max = tl.max(S, 0)
-            if FACTOR:
-                ref = tl.max(tl.where(rmask, m_safe, -float("inf")), 0)
-                if ref - tl.min(tl.where(cmask, t_max, float("inf")), 0) <= SPAN:
-                    t_sum = tl.sum(e * tl.where(rmask, tl.exp(m_safe - ref), 0.0)[:, None], 0)
-                    t_ref = tl.where(cmask, ref, -float("inf"))
-                else:
-                    t_sum, t_ref = _col_sums_own_max(S, t_max), t_max
-            else:
-                t_sum, t_ref = _col_sums_own_max(S, t_max), t_max
-                p_max, p_sum = _col_partials(CMAX, CSUM, pid, B_C, cols, cmask, rb)
-            # merge into the program's own partial slot
-            n_max = tl.maximum(p_max, t_ref)
-            n_safe = tl.where(n_max == -float("inf"), 0.0, n_max)
-            p_sum = p_sum * tl.exp(p_max - n_safe) + t_sum * tl.exp(t_ref - n_safe)
-            tl.store(CMAX + pid * B_C + cols, n_max, mask=cmask)
-            tl.store(CSUM + pid * B_C + cols, p_sum, mask=cmask)
-        tl.store(M_R + q * B_R + rows, m_i, mask=rmask)
-        tl.store(L_R + q * B_R + rows, l_i, mask=rmask)
-        tl.store(POS + q * B_R + rows, pos, mask=rmask)
+    if ONE_RB:
+        _fwd_rows(I, T, G_R, G_C, M_R, L_R, POS, CMAX, CSUM, s, B_R, B_C, D, sI, sT, pid, pid, q, cb_lo, cb_hi,
+                  BM, BN, BK, PREC, FACTOR, SPAN, True)
+    else:
+        for rb in range(pid, tl.cdiv(B_R, BM), tl.num_programs(0)):
+            _fwd_rows(I, T, G_R, G_C, M_R, L_R, POS, CMAX, CSUM, s, B_R, B_C, D, sI, sT, rb, pid, q, cb_lo, cb_hi,
+                      BM, BN, BK, PREC, FACTOR, SPAN, False)
 
 
 @triton.jit
@@ -329,10 +351,12 @@ def _as_tiles(c, d: int, itemsize: int = 2) -> dict:
     """(BM, BN, BK, BD, warps, stages[, flag]) -> launch dict. The flag switches each pass's
     option. Backward, FULL: the d chunk is the whole of d, so S needs no K loop and each tile of
     I and T is loaded once (rows wider than FULL_ROW_BYTES fall back to d chunks of BD). Forward,
-    FACTOR: the column sums reuse the rows' exponentials where the tile allows (_fwd)."""
-    flag = len(c) > 6 and bool(c[6])
-    full = flag and _pow2(d) * itemsize <= FULL_ROW_BYTES
-    return dict(BM=c[0], BN=c[1], BK=c[2], BD=_pow2(d) if full else min(c[3], _pow2(d)), FULL=full, FACTOR=flag,
+    flag bit 1, FACTOR: the column sums reuse the rows' exponentials where the tile allows;
+    bit 2, ONE_RB: a program per row block, whose column and K loops Triton flattens (_fwd_rows)."""
+    flag = int(c[6]) if len(c) > 6 else 0
+    full = bool(flag & 1) and _pow2(d) * itemsize <= FULL_ROW_BYTES
+    return dict(BM=c[0], BN=c[1], BK=c[2], BD=_pow2(d) if full else min(c[3], _pow2(d)), FULL=full,
+                FACTOR=bool(flag & 1), ONE_RB=bool(flag & 2),
                 num_warps=c[4], num_stages=c[5])
 
 
@@ -358,8 +382,9 @@ def pick_tiles(d: int, dtype: torch.dtype, which: str = "fwd") -> dict:
 
 # Candidate tiles (BM, BN, BK, BD, warps, stages[, flag]) for the autotuner on GPU, per pass.
 # The 2026-11-22 H100 sweep (bf16, d=512, benchmarks/README.md) ranked the first of each fastest.
-# The forward's FACTOR tiles (flag 1) join these once a GPU run has timed and tested them
-# (benchmarks/loss_gpu.py sweeps them); until then the GPU default runs only measured code.
+# The forward's FACTOR (flag bit 1) and one-row-block (bit 2) tiles join these once a GPU run has
+# timed and tested them (benchmarks/loss_gpu.py sweeps them); until then the GPU default runs
+# only measured code.
 FWD_CANDIDATES = [(64, 128, 64, 128, 4, 3), (128, 128, 32, 128, 8, 4), (64, 64, 64, 128, 4, 3), (128, 64, 64, 128, 4, 3),
                   (128, 128, 64, 128, 8, 3)]
 BWD_CANDIDATES = [(64, 64, 64, 512, 8, 2, 1), (64, 64, 64, 512, 8, 3), (64, 32, 64, 512, 8, 3, 1), (128, 64, 64, 256, 8, 3),
@@ -444,15 +469,16 @@ def _split(n_blocks: int, want: int) -> tuple[int, int]:
     return per, triton.cdiv(n_blocks, per)
 
 
-def _fwd_grid(n_rb: int, n_cb: int, b_c: int, device) -> tuple[int, int, int]:
-    """(P row programs, column blocks per split, Q splits). P is capped by the partials' memory;
-    the column split fills the chip when there are few row blocks (small b). The interpreter
-    uses 2 x 2 so the merges are exercised in CI."""
-    if INTERPRET:
-        return (min(n_rb, 2), *_split(n_cb, 2))
-    sms = num_sms(device)
-    P = max(1, min(n_rb, 2 * sms, PART_BYTES // (8 * b_c)))
-    return (P, *_split(n_cb, triton.cdiv(4 * sms, P)))
+def _fwd_grid(n_rb: int, n_cb: int, b_c: int, device, one_rb: bool = False) -> tuple[int, int, int, bool]:
+    """(P row programs, column blocks per split, Q splits, ONE_RB). P is capped by the partials'
+    memory; the column split fills the chip when there are few row blocks (small b). `one_rb`
+    asks for a program per row block (the flattened loop), granted while its [n_rb, b_c]
+    partials fit PART_BYTES. The interpreter uses P = 2 so the merges are exercised in CI."""
+    q_want = 2 if INTERPRET else 4 * num_sms(device)
+    if one_rb and n_rb * 8 * b_c <= PART_BYTES:
+        return (n_rb, *_split(n_cb, 2 if INTERPRET else triton.cdiv(q_want, n_rb)), True)
+    P = min(n_rb, 2) if INTERPRET else max(1, min(n_rb, 2 * num_sms(device), PART_BYTES // (8 * b_c)))
+    return (P, *_split(n_cb, 2 if INTERPRET else triton.cdiv(q_want, P)), False)
 
 
 def _bwd_split(n_blocks: int, n_other: int, n_dc: int, b_out: int, D: int, device) -> tuple[int, int]:
@@ -469,12 +495,12 @@ def _launch_forward(I, T, s, g_rows, g_cols, tf32, tiles):
     b_c = T.shape[0]
     t = tiles or tiles_for(I, T, s, g_rows, g_cols, tf32, "fwd")
     n_rb, n_cb = triton.cdiv(b_r, t["BM"]), triton.cdiv(b_c, t["BN"])
-    P, cb_per, Q = _fwd_grid(n_rb, n_cb, b_c, I.device)
+    P, cb_per, Q, one_rb = _fwd_grid(n_rb, n_cb, b_c, I.device, t.get("ONE_RB", False))
     f32 = dict(dtype=torch.float32, device=I.device)
     m_r, l_r, pos = (torch.empty((Q, b_r), **f32) for _ in range(3))
     cmax, csum = torch.empty((P, b_c), **f32), torch.empty((P, b_c), **f32)  # the kernel initialises them
     _fwd[(P, Q)](I, T, g_rows, g_cols, m_r, l_r, pos, cmax, csum, s, b_r, b_c, D, I.stride(0), T.stride(0), cb_per,
-                 BM=t["BM"], BN=t["BN"], BK=t["BK"], PREC=_prec(I.dtype, tf32), FACTOR=t.get("FACTOR", False),
+                 BM=t["BM"], BN=t["BN"], BK=t["BK"], PREC=_prec(I.dtype, tf32), FACTOR=t.get("FACTOR", False), ONE_RB=one_rb,
                  num_warps=t["num_warps"],
                  num_stages=t["num_stages"])
     return m_r, l_r, pos, cmax, csum

@@ -110,6 +110,23 @@ def test_forward_factored_column_sums(monkeypatch, matched):
 
 
 @pytest.mark.skipif("triton" not in CPU_IMPLS, reason="needs the Triton interpreter")
+@pytest.mark.parametrize("flag,matched", [(2, 0), (3, 20)])
+def test_forward_one_row_block_per_program(monkeypatch, flag, matched):
+    """Flag bit 2: a program per row block (130 rows: 5 programs of 32), whose column partials are
+    written once, never merged; on GPU its column and K loops become one pipelined loop. With
+    bit 1 as well, the FACTOR column sums, matched pairs taking both branches."""
+    from kernels.compile_report import trace_launches
+    from kernels.contrastive_triton import pick_tiles, triton_forward
+
+    monkeypatch.setenv("CTVLP_CLIP_TILES", f"32,32,64,64,4,1,{flag}")
+    x, g = torch.randn(130, 64), torch.arange(130, dtype=torch.int32)
+    (_, grid, _, meta), = trace_launches(triton_forward, x, x, torch.tensor([1.0]), g, g, False,
+                                         tiles=pick_tiles(64, x.dtype))
+    assert grid[0] == 5 and meta["ONE_RB"] and meta["FACTOR"] == bool(flag & 1)
+    _check("triton", 130, 64, torch.float32, True, 100.0, matched=matched)
+
+
+@pytest.mark.skipif("triton" not in CPU_IMPLS, reason="needs the Triton interpreter")
 def test_backward_variants_agree_on_rectangular_blocks():
     """The distributed path's shape: a rank's b_r rows against all b_c columns, dT in fp32. The
     three variants must give the same gradients (two_pass is checked against fp64 above)."""
