@@ -97,6 +97,22 @@ def _loop_lines(ttgir: str) -> list[str]:
     return out
 
 
+def _dot_loop_depth(ttgir: str) -> int:
+    """How many scf.for loops enclose the first MMA: 1 when the K loop is the only loop (or the
+    loops have been flattened into one), more when the K loop restarts inside tile loops."""
+    stack, depth = [], 0
+    for line in ttgir.splitlines():
+        if "warp_group_dot " in line or "tt.dot " in line:
+            return sum(stack)
+        opens = line.count("{") - line.count("}")
+        if opens > 0:
+            stack.extend([1 if "scf.for" in line else 0] + [0] * (opens - 1))
+        for _ in range(-opens):
+            if stack:
+                stack.pop()
+    return depth
+
+
 def _sass_loop(cubin: bytes, tool_dir: str) -> dict:
     """The main loop in the machine code (nvdisasm): the longest block that ends in a backward
     branch and issues tensor-core MMAs. Its instruction count per iteration against its MMAs says
@@ -140,6 +156,7 @@ def report(kernel, grid, args, meta, arch: int = 90) -> dict:
            "grid": list(grid), "wgmma": ptx.count("wgmma.mma_async"), "mma_sync": ptx.count("mma.sync"),
            "loop_async_loads": sum("async_copy_global_to_local" in ln for ln in loop),
            "loop_sync_tile_loads": sum(bool(re.search(r"tt\.load .*tensor<\d+x\d+x!tt\.ptr", ln)) for ln in loop),
+           "dot_loop_depth": _dot_loop_depth(k.asm["ttgir"]),
            "shared_bytes": k.metadata.shared}
     ptxas = os.path.join(os.path.dirname(nv.__file__), "bin", "ptxas")
     with tempfile.TemporaryDirectory() as d:
@@ -196,6 +213,18 @@ def _block_launches(cin, cout, spatial, batch, stride, dtype, prologues) -> dict
         "wgrad+bn_bwd+prologue": capture(conv3d_wgrad, x, y, w.shape, s3, p3, dtype, bn_bwd=(y, vout, vout, vout),
                                          in_scale=vin, in_shift=vin)[0],
     }
+
+
+def loss_forward_launches(b: int, d: int, tiles: str, dtype=torch.bfloat16) -> dict:
+    """The contrastive loss's forward kernel at batch b, width d, under `tiles`
+    ("BM,BN,BK,BD,warps,stages[,flag]")."""
+    from . import contrastive_triton as ct
+
+    I = torch.empty(b, d, dtype=dtype, device="meta")
+    g = torch.empty(b, dtype=torch.int32, device="meta")
+    s = torch.empty(1, device="meta")
+    (launch,) = capture(ct._launch_forward, I, I, s, g, g, True, ct._as_tiles([int(x) for x in tiles.split(",")], d))
+    return {"forward": launch}
 
 
 def loss_backward_launches(b: int, d: int, dtype=torch.bfloat16) -> dict:

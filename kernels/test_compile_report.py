@@ -55,6 +55,20 @@ def test_contrastive_backward_passes_compile_without_transposed_register_tiles()
     assert rows["rows (dI)"]["spill_store_bytes"] <= 64, rows["rows (dI)"]  # measured: 36
 
 
+def test_contrastive_forward_one_row_block_flattens_its_loops():
+    """The loss forward at b = 65,536, d = 512, bf16: under flag bit 2 (a program per row block)
+    the column loop and its K loop compile to one loop around the MMA, where the default's K loop
+    restarts inside the row and column loops (depth 3), so the next tile's loads wait for each
+    tile's softmax epilogue. Operand tiles stay async copies; no spill at these tiles."""
+    for tiles in ("128,64,64,128,4,3", "128,128,64,128,8,3"):
+        base = _reports(f"loss_forward_launches(65536, 512, {tiles!r})")["forward"]
+        flat = _reports(f"loss_forward_launches(65536, 512, {tiles + ',2'!r})")["forward"]
+        assert base["dot_loop_depth"] == 3 and flat["dot_loop_depth"] == 1, (base, flat)
+        assert flat["grid"][0] == 65536 // flat["BM"] and base["grid"][0] == 2 * 132, (base, flat)
+        for row in (base, flat):
+            assert row["wgmma"] > 0 and row["loop_sync_tile_loads"] == 0 and row["spill_store_bytes"] == 0, row
+
+
 def test_contrastive_panel_backward_compiles_to_two_programs_per_sm():
     """The panel backward's kernels at b = 65,536, d = 512, bf16, default tiles: wgmma, async
     operand tiles, no spills, and registers and shared memory that let two programs share an SM
