@@ -13,7 +13,8 @@ Phases, each under a share of one wall-clock budget (gpu_call.py):
   at b = 65536, then `bench loss` with triton-two_pass and triton-panel side by side, on random
   and on mixed (trained-like, scale 100) inputs. `--phases sweep,panel` also times the forward's
   FACTOR tiles (flag 1) and benches with the fastest forward; with the 2026-11-22 tiles and no
-  sweep: `--phases panel --tiles 64,128,64,128,4,3 --bwd-tiles 64,64,64,512,8,2,1`.
+  sweep: `--phases panel --tiles 64,128,64,128,4,3 --bwd-tiles 64,64,64,512,8,2,1`. Forward
+  tiles with flag bit 2 run a program per row block, whose column and K loops Triton flattens.
 Records go to OUTDIR (copy them to benchmarks/results/). Run it with the device tool as
 `mkdir -p $OUT/loss && python3 benchmarks/loss_gpu.py $OUT/loss 2>&1 | tee $OUT/loss/run.log`.
 """
@@ -48,6 +49,8 @@ if "pytest" in phases:
     sh(pt + ["cuda and dtype2"], "pytest_cuda_chunked.log", 100)
     env.update(CTVLP_CLIP_TILES="64,128,64,128,4,3,1", CTVLP_CLIP_BWD_TILES="64,64,64,512,8,2,1")  # forward FACTOR
     sh(pt + ["cuda and not fused"], "pytest_cuda_factor.log", 120)
+    env["CTVLP_CLIP_TILES"] = "128,64,64,128,4,3,3"  # forward FACTOR, a program per row block (flattened loops)
+    sh(pt + ["cuda and not fused"], "pytest_cuda_one_rb.log", 120)
 
 sweep_code = r'''
 import json, os, sys, torch
@@ -82,13 +85,16 @@ print("SWEEP", json.dumps(res))
 '''
 FWD = ["128,128,64,128,8,3", "128,64,64,128,8,3", "64,64,64,128,4,3", "128,128,32,128,8,4", "64,128,64,128,4,3",
        "128,128,64,128,8,4", "128,64,64,128,4,3", "256,64,64,128,8,3", "64,128,64,128,4,3,1", "128,128,32,128,8,4,1",
-       "128,64,64,128,8,3,1"]
+       "128,64,64,128,8,3,1", "64,128,64,128,4,3,2", "128,64,64,128,4,3,2", "128,128,64,128,8,3,2",
+       "128,64,64,128,4,3,3", "128,128,64,128,8,3,3"]
 BWD = ["64,64,64,512,8,3", "128,64,64,256,8,3", "64,64,64,512,8,2,1", "64,32,64,512,8,3,1", "128,64,64,512,8,2,1",
        "64,64,64,512,4,2,1", "128,32,64,512,8,2,1", "128,128,64,128,8,3", "64,128,64,512,8,2,1"]
 bwd_tiles = args.bwd_tiles or "64,64,64,512,8,3"
 if "sweep" in phases and not args.tiles:
-    r = sh([sys.executable, "-c", sweep_code, ";".join(FWD), ";".join(BWD)], "sweep.log", 300)
-    sweep = json.loads([x for x in r.stdout.splitlines() if x.startswith("SWEEP")][-1][6:]) if r and "SWEEP" in r.stdout else []
+    sh([sys.executable, "-c", sweep_code, ";".join(FWD), ";".join(BWD)], "sweep.log", 300)
+    # one JSON line per config, so the configs timed before a timeout still count
+    log = out / "sweep.log"
+    sweep = [json.loads(x) for x in log.read_text().splitlines() if x.startswith('{"pass"')] if log.exists() else []
     for which in ("fwd", "bwd"):
         ok = [x for x in sweep if x["pass"] == which and "ms" in x]
         if ok and which == "fwd":
