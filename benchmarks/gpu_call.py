@@ -17,8 +17,11 @@ def gpu_env() -> dict:
 
 
 def print_device() -> None:
-    print(subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm",
-                          "--format=csv"], capture_output=True, text=True).stdout, flush=True)
+    try:
+        print(subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm",
+                              "--format=csv"], capture_output=True, text=True).stdout, flush=True)
+    except FileNotFoundError:  # a CPU machine (--dry)
+        print("no nvidia-smi: no GPU here", flush=True)
 
 
 class Budget:

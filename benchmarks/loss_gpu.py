@@ -1,6 +1,6 @@
 """One device call for the contrastive-loss kernels: correctness, tile sweep, benchmark.
 
-    python3 benchmarks/loss_gpu.py OUTDIR [--phases pytest,sweep,bench,fused,big,panel] [--tiles FWD --bwd-tiles BWD]
+    python3 benchmarks/loss_gpu.py OUTDIR [--phases pytest,sweep,bench,fused,big,panel] [--tiles FWD --bwd-tiles BWD] [--dry]
 
 Phases, each under a share of one wall-clock budget (gpu_call.py):
 - pytest: the CUDA tests in kernels/test_contrastive.py (bf16/fp16/fp32 vs fp64), fixed tiles;
@@ -15,6 +15,8 @@ Phases, each under a share of one wall-clock budget (gpu_call.py):
   FACTOR tiles (flag 1) and benches with the fastest forward; with the 2026-11-22 tiles and no
   sweep: `--phases panel --tiles 64,128,64,128,4,3 --bwd-tiles 64,64,64,512,8,2,1`. Forward
   tiles with flag bit 2 run a program per row block, whose column and K loops Triton flattens.
+`--dry` checks the plumbing on a CPU before a GPU call is spent on it: the Triton interpreter,
+fp32, tiny b, the first and last config of each list (tests/test_gpu_scripts.py).
 Records go to OUTDIR (copy them to benchmarks/results/). Run it with the device tool as
 `mkdir -p $OUT/loss && python3 benchmarks/loss_gpu.py $OUT/loss 2>&1 | tee $OUT/loss/run.log`.
 """
@@ -30,10 +32,14 @@ ap.add_argument("out")
 ap.add_argument("--phases", default="pytest,sweep,bench,fused,big")  # panel: on request
 ap.add_argument("--tiles", default=None, help="forward tiles BM,BN,BK,BD,warps,stages (skips the sweep)")
 ap.add_argument("--bwd-tiles", default=None, help="backward tiles BM,BN,BK,BD,warps,stages[,full]")
+ap.add_argument("--dry", action="store_true", help="CPU plumbing check: interpreter, tiny sizes, few configs")
 args = ap.parse_args()
+DRY = args.dry
 out = Path(args.out)
 out.mkdir(parents=True, exist_ok=True)
 env = gpu_env()
+if DRY:
+    env["TRITON_INTERPRET"] = "1"
 sh = Budget(out, env).sh
 phases = args.phases.split(",")
 print_device()
@@ -52,17 +58,29 @@ if "pytest" in phases:
     env["CTVLP_CLIP_TILES"] = "128,64,64,128,4,3,3"  # forward FACTOR, a program per row block (flattened loops)
     sh(pt + ["cuda and not fused"], "pytest_cuda_one_rb.log", 120)
 
-sweep_code = r'''
-import json, os, sys, torch
+timing = r'''
+import json, os, sys, time, torch
 sys.path.insert(0, os.getcwd())
 from ctvlp_dist.bench.loss import _inputs, _cuda_time
+dev = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: --dry, in the interpreter
+dt = torch.bfloat16 if dev == "cuda" else torch.float32
+
+
+def _time(fn):
+    if dev == "cuda":
+        return _cuda_time(fn, reps=5, warmup=1)
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+'''
+sweep_code = timing + r'''
 from kernels import contrastive_triton as ct
-b, d = 16384, 512
-I, T, s = _inputs(b, d, torch.bfloat16, "cuda")
+b, d = int(sys.argv[3]), 512
+I, T, s = _inputs(b, d, dt, dev)
 I, T = I.detach(), T.detach()
 s1 = s.detach().reshape(1)
-g = torch.arange(b, device="cuda", dtype=torch.int32)
-n_rows = torch.ones(b, device="cuda")
+g = torch.arange(b, device=dev, dtype=torch.int32)
+n_rows = torch.ones(b, device=dev)
 lse_r, cmax, csum, _ = ct.triton_forward(I, T, s1, g, g, True, tiles=ct.pick_tiles(d, I.dtype))
 lse_c = ct.merge_column_stats(cmax, csum)
 res = []
@@ -74,7 +92,7 @@ for which, cfgs in (("fwd", sys.argv[1]), ("bwd", sys.argv[2])):
         else:
             fn = lambda: ct.triton_backward(I, T, s1, g, g, lse_r, lse_c, n_rows, 1.0 / b, True, tiles=t)
         try:
-            ms = _cuda_time(fn, reps=5, warmup=1) * 1e3
+            ms = _time(fn) * 1e3
             flops = (2 if which == "fwd" else 6) * b * b * d  # counted: fwd S; bwd S once + two gradient dots
             r = {"pass": which, "tiles": cfg, "ms": round(ms, 3), "tflops_counted": round(flops / ms / 1e9, 1)}
         except Exception as e:
@@ -89,9 +107,13 @@ FWD = ["128,128,64,128,8,3", "128,64,64,128,8,3", "64,64,64,128,4,3", "128,128,3
        "128,64,64,128,4,3,3", "128,128,64,128,8,3,3"]
 BWD = ["64,64,64,512,8,3", "128,64,64,256,8,3", "64,64,64,512,8,2,1", "64,32,64,512,8,3,1", "128,64,64,512,8,2,1",
        "64,64,64,512,4,2,1", "128,32,64,512,8,2,1", "128,128,64,128,8,3", "64,128,64,512,8,2,1"]
+if DRY:
+    FWD, BWD = [FWD[0], FWD[-1]], [BWD[0], BWD[-1]]
+B_SWEEP, B_PANEL, B_BENCH, B_BIG = (256, (256, 512), "[256]", "[512]") if DRY else (
+    16384, (16384, 65536), "[1024,4096,16384,65536]", "[262144,1048576]")
 bwd_tiles = args.bwd_tiles or "64,64,64,512,8,3"
 if "sweep" in phases and not args.tiles:
-    sh([sys.executable, "-c", sweep_code, ";".join(FWD), ";".join(BWD)], "sweep.log", 300)
+    sh([sys.executable, "-c", sweep_code, ";".join(FWD), ";".join(BWD), str(B_SWEEP)], "sweep.log", 300)
     # one JSON line per config, so the configs timed before a timeout still count
     log = out / "sweep.log"
     sweep = [json.loads(x) for x in log.read_text().splitlines() if x.startswith('{"pass"')] if log.exists() else []
@@ -101,37 +123,34 @@ if "sweep" in phases and not args.tiles:
             tiles = min(ok, key=lambda x: x["ms"])["tiles"]
         elif ok:
             bwd_tiles = min(ok, key=lambda x: x["ms"])["tiles"]
-    (out / "sweep.json").write_text(json.dumps({"b": 16384, "d": 512, "dtype": "bfloat16", "configs": sweep,
+    (out / "sweep.json").write_text(json.dumps({"b": B_SWEEP, "d": 512, "dtype": "float32" if DRY else "bfloat16", "configs": sweep,
                                                 "best_fwd": tiles, "best_bwd": bwd_tiles}, indent=1))
 env["CTVLP_CLIP_BWD_TILES"] = bwd_tiles
 env["CTVLP_CLIP_TILES"] = tiles
 print("tiles: fwd", tiles, "bwd", bwd_tiles, flush=True)
 base = [sys.executable, "-m", "ctvlp_dist", "bench", "loss", "--quiet", f"bench.results_dir={out}"]
 if "bench" in phases:
-    sh(base + ["bench.loss_sizes=[1024,4096,16384,65536]"], "bench.log", 240)
+    sh(base + [f"bench.loss_sizes={B_BENCH}"], "bench.log", 240)
 if "big" in phases:
-    sh(base + ["bench.loss_sizes=[262144,1048576]", "bench.loss_methods=[triton]"], "big.log", 200)
+    sh(base + [f"bench.loss_sizes={B_BIG}", "bench.loss_methods=[triton]"], "big.log", 200)
 if "fused" in phases:
     env["CTVLP_CLIP_BACKWARD"] = "fused"  # the atomics variant, Triton only
-    sh(base + ["bench.loss_sizes=[16384,65536]", "bench.loss_methods=[triton]"], "fused.log", 120)
+    sh(base + [f"bench.loss_sizes={B_BIG if DRY else '[16384,65536]'}", "bench.loss_methods=[triton]"], "fused.log", 120)
     env.pop("CTVLP_CLIP_BACKWARD")
 
-panel_code = r'''
-import json, os, sys, torch
-sys.path.insert(0, os.getcwd())
-from ctvlp_dist.bench.loss import _inputs, _cuda_time
+panel_code = timing + r'''
 from kernels import contrastive_panel as cp, contrastive_triton as ct
 b, d = int(sys.argv[3]), 512
-I, T, s = _inputs(b, d, torch.bfloat16, "cuda")
+I, T, s = _inputs(b, d, dt, dev)
 I, T, s1 = I.detach(), T.detach(), s.detach().reshape(1)
-g = torch.arange(b, device="cuda", dtype=torch.int32)
-n_rows = torch.ones(b, device="cuda")
+g = torch.arange(b, device=dev, dtype=torch.int32)
+n_rows = torch.ones(b, device=dev)
 lse_r, cmax, csum, _ = ct.triton_forward(I, T, s1, g, g, True)
 lse_c = ct.merge_column_stats(cmax, csum)
 ref = ct.triton_backward(I, T, s1, g, g, lse_r, lse_c, n_rows, 1.0 / b, True)
 flops = 6 * b * b * d  # counted: S once + the dI and dT GEMMs
-res = [{"variant": "two_pass", "ms": round(_cuda_time(lambda: ct.triton_backward(I, T, s1, g, g, lse_r, lse_c, n_rows,
-                                                                                 1.0 / b, True), reps=5, warmup=1) * 1e3, 3)}]
+res = [{"variant": "two_pass", "ms": round(_time(lambda: ct.triton_backward(I, T, s1, g, g, lse_r, lse_c, n_rows,
+                                                                           1.0 / b, True)) * 1e3, 3)}]
 for cfg in sys.argv[1].split("|"):
     tiles, _, rows = cfg.partition("@")
     os.environ["CTVLP_CLIP_PANEL_TILES"] = tiles
@@ -142,7 +161,7 @@ for cfg in sys.argv[1].split("|"):
         try:
             out = fn()
             r["max_rel_diff_vs_two_pass"] = max(float((a.float() - c.float()).norm() / c.float().norm()) for a, c in zip(out, ref))
-            r["ms"] = round(_cuda_time(fn, reps=5, warmup=1) * 1e3, 3)
+            r["ms"] = round(_time(fn) * 1e3, 3)
         except Exception as e:
             r["error"] = f"{type(e).__name__}: {str(e)[:160]}"
         res.append(r)
@@ -157,22 +176,24 @@ PANEL = ["128,64,64,8,3;128,128,64,8,3", "128,128,64,8,3;128,128,64,8,3", "128,6
          "64,128,64,4,3;128,128,64,8,4", "128,64,32,8,4;128,128,64,8,3", "128,128,64,8,3;128,256,64,8,3"]
 if "panel" in phases:
     found = {}
-    for b, cfgs, mms, cap in ((16384, PANEL, "triton,torch", 200), (65536, None, None, 120)):
+    if DRY:
+        PANEL = PANEL[:1]
+    for b, cfgs, mms, cap in ((B_PANEL[0], PANEL, "triton,torch", 200), (B_PANEL[1], None, None, 120)):
         if cfgs is None:  # the panel height at 65,536, with the best tiles and backend at 16,384
-            ok = [x for x in found.get(16384, []) if "ms" in x and x["variant"] == "panel"]
+            ok = [x for x in found.get(B_PANEL[0], []) if "ms" in x and x["variant"] == "panel"]
             best = min(ok, key=lambda x: x["ms"]) if ok else {"tiles": PANEL[0], "mm": "triton"}
             cfgs, mms = [best["tiles"] + f"@{r}" for r in (2048, 4096, 8192)], best["mm"]
         r = sh([sys.executable, "-c", panel_code, "|".join(cfgs), mms, str(b)], f"panel_{b}.log", cap)
         if r and "PANEL" in r.stdout:
             found[b] = json.loads([x for x in r.stdout.splitlines() if x.startswith("PANEL")][-1][6:])
     (out / "panel.json").write_text(json.dumps({"d": 512, "dtype": "bfloat16", "runs": found}, indent=1))
-    ok = [x for x in found.get(65536, []) + found.get(16384, []) if "ms" in x and x["variant"] == "panel"]
+    ok = [x for x in found.get(B_PANEL[1], []) + found.get(B_PANEL[0], []) if "ms" in x and x["variant"] == "panel"]
     if ok:  # the largest gain over the two-pass backward timed in the same process
         best = max(ok, key=lambda x: x["speedup_vs_two_pass"])
         env.update(CTVLP_CLIP_PANEL_TILES=best["tiles"], CTVLP_CLIP_PANEL_MM=best["mm"])
-        if best in found.get(65536, []):
+        if best in found.get(B_PANEL[1], []):
             env["CTVLP_CLIP_PANEL_ROWS"] = str(best["panel_rows"])
     methods = "bench.loss_methods=[dense,triton-two_pass,triton-panel]"
-    sh(base + ["bench.loss_sizes=[1024,4096,16384,65536]", methods], "panel_bench.log", 200)
-    sh(base + ["bench.loss_sizes=[16384,65536]", "bench.loss_methods=[triton-two_pass,triton-panel]",
+    sh(base + [f"bench.loss_sizes={B_BENCH}", methods], "panel_bench.log", 200)
+    sh(base + [f"bench.loss_sizes={B_BIG if DRY else '[16384,65536]'}", "bench.loss_methods=[triton-two_pass,triton-panel]",
                "bench.loss_inputs=mixed"], "panel_mixed.log", 120)

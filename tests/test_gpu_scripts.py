@@ -1,0 +1,38 @@
+"""The one-call GPU scripts are spent only on a lent GPU, so their plumbing is checked here first:
+`loss_gpu.py --dry` runs every phase on CPU (the Triton interpreter, fp32, tiny b, the first and
+last config of each sweep list). The timings are meaningless; what must hold is that every step
+runs, its records are written and the choices made from them are the fastest rows."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_loss_gpu_script_dry_run_on_cpu(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "loss_gpu.py"), str(tmp_path),
+                        "--phases", "pytest,sweep,bench,fused,big,panel", "--dry"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "SKIPPED" not in r.stdout and "TIMEOUT" not in r.stdout, r.stdout[-3000:]
+    logs = {p.name: p.read_text() for p in tmp_path.glob("*.log")}
+    assert {"pytest_cuda_one_rb.log", "sweep.log", "bench.log", "big.log", "fused.log", "panel_256.log",
+            "panel_512.log", "panel_bench.log", "panel_mixed.log"} <= set(logs)
+    for name, text in logs.items():
+        assert "Traceback" not in text, (name, text[-2000:])
+    sweep = json.loads((tmp_path / "sweep.json").read_text())
+    assert [c["pass"] for c in sweep["configs"]] == ["fwd", "fwd", "bwd", "bwd"]
+    assert all("ms" in c for c in sweep["configs"]), sweep["configs"]
+    fwd = min((c for c in sweep["configs"] if c["pass"] == "fwd"), key=lambda c: c["ms"])
+    assert sweep["best_fwd"] == fwd["tiles"] and f"tiles: fwd {fwd['tiles']}" in r.stdout
+    panel = json.loads((tmp_path / "panel.json").read_text())["runs"]
+    assert set(panel) == {"256", "512"}
+    rows = [x for runs in panel.values() for x in runs if x["variant"] == "panel"]
+    assert rows and all(x["max_rel_diff_vs_two_pass"] < 1e-5 for x in rows), rows
+    assert len(list(tmp_path.glob("loss-cpu-*.json"))) == 5  # bench, big, fused, panel bench, panel mixed
