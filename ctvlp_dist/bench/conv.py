@@ -561,7 +561,7 @@ def run(cfg, progress: bool = True, argv=None) -> dict:
         out["tiles"] = [show(r) for r in _tile_sweep(batch if gpu else 1, dtype, device, ceil, cfg.bench.conv_tile_budget_s)]
         out["best_tiles"] = best_tiles(out["tiles"])
     if "launches" in parts:
-        out["launches"], out["launch_tiles"] = _launches(batch, dtype, device, cfg.bench.conv_tile_budget_s)
+        out["launches"], out["launch_tiles"] = _launches(batch if gpu else 1, dtype, device, cfg.bench.conv_tile_budget_s)
         out["launch_best_tiles"] = best_tiles(out["launch_tiles"])
     if "ptx" in parts:
         out["ptx_target"] = "sm_90a (H100), bf16, batch 8 at the 96x192x192 crop; compiled here, static facts, no timing"
