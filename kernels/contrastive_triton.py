@@ -473,12 +473,16 @@ def _fwd_grid(n_rb: int, n_cb: int, b_c: int, device, one_rb: bool = False) -> t
     """(P row programs, column blocks per split, Q splits, ONE_RB). P is capped by the partials'
     memory; the column split fills the chip when there are few row blocks (small b). `one_rb`
     asks for a program per row block (the flattened loop), granted while its [n_rb, b_c]
-    partials fit PART_BYTES. The interpreter uses P = 2 so the merges are exercised in CI."""
-    q_want = 2 if INTERPRET else 4 * num_sms(device)
+    partials fit PART_BYTES; its column split aims at 16 programs per SM, so that the last wave
+    of these long programs leaves few SMs idle. The interpreter uses 2 splits (and P = 2 when
+    not one_rb) so the merges are exercised in CI."""
+    if INTERPRET:
+        return (n_rb, *_split(n_cb, 2), True) if one_rb else (min(n_rb, 2), *_split(n_cb, 2), False)
+    sms = num_sms(device)
     if one_rb and n_rb * 8 * b_c <= PART_BYTES:
-        return (n_rb, *_split(n_cb, 2 if INTERPRET else triton.cdiv(q_want, n_rb)), True)
-    P = min(n_rb, 2) if INTERPRET else max(1, min(n_rb, 2 * num_sms(device), PART_BYTES // (8 * b_c)))
-    return (P, *_split(n_cb, 2 if INTERPRET else triton.cdiv(q_want, P)), False)
+        return (n_rb, *_split(n_cb, triton.cdiv(16 * sms, n_rb)), True)
+    P = max(1, min(n_rb, 2 * sms, PART_BYTES // (8 * b_c)))
+    return (P, *_split(n_cb, triton.cdiv(4 * sms, P)), False)
 
 
 def _bwd_split(n_blocks: int, n_other: int, n_dc: int, b_out: int, D: int, device) -> tuple[int, int]:
