@@ -60,7 +60,8 @@ def trace_launches(fn, *args, **kw) -> list:
 
 def _signature(kernel, args, meta):
     """The specialisation Triton's JIT would make: tensors are 16-byte aligned pointers; ints
-    divisible by 16 carry that fact; ints equal to 1 and None become constants."""
+    divisible by 16 carry that fact; constexpr parameters (however passed), ints equal to 1 and
+    None become constants."""
     from triton.compiler import ASTSource
 
     names = list(kernel.arg_names)
@@ -71,7 +72,8 @@ def _signature(kernel, args, meta):
             meta = {**meta, name: kernel.params[i].default}
             values[name] = meta[name]
         v = values[name]
-        if name in meta or v is None or (isinstance(v, int) and not isinstance(v, bool) and v == 1):
+        if kernel.params[i].is_constexpr or name in meta or v is None or (
+                isinstance(v, int) and not isinstance(v, bool) and v == 1):
             sig[name], consts[(i,)] = "constexpr", v
         elif isinstance(v, torch.Tensor):
             sig[name] = "*" + {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
