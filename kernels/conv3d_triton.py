@@ -61,6 +61,16 @@ def _in_tap(od, oh, ow, kd, kh, kw, Di, Hi, Wi, sxd, sxh, sxw, SD: tl.constexpr,
 
 
 @triton.jit
+def _tap_bits(x0, size, KS: tl.constexpr, STEP: tl.constexpr = 1):
+    """Bit t set where x0 + STEP t lies in [0, size), for the KS taps of one axis (KS <= 31);
+    unsigned compares, so a negative coordinate wraps above the bound."""
+    bits = tl.zeros_like(x0)
+    for t in tl.static_range(KS):
+        bits |= ((x0 + STEP * t).to(tl.uint32, bitcast=True) < size).to(tl.int32) << t
+    return bits
+
+
+@triton.jit
 def _next_step(c0, t_out, t_mid, t_in, C, N_MID, N_IN, BK: tl.constexpr):
     """A tap loop's next K step without division: the channel chunk c0 advances by BK through C
     channels, then the tap (t_out, t_mid, t_in), innermost first, like an odometer."""
@@ -116,16 +126,21 @@ def _conv_fwd(X, Wt, Y, BIAS, RES, SC_IN, SH_IN, STATS,
         h0 = oh * SH - PH
         w0 = ow * SW - PW
         row0 = X + n * sxn + d0 * sxd + h0 * sxh + w0 * sxw
+        # which taps of each axis stay inside the volume, one bit per tap, per row: a K step
+        # tests three bits rather than adding and comparing three coordinates
+        dbits = tl.where(mmask, _tap_bits(d0, Di, KD), 0)
+        hbits = _tap_bits(h0, Hi, KH)
+        wbits = _tap_bits(w0, Wi, KW)
         c0 = pid_m * 0
         kd = c0
         kh = c0
         kw = c0
         for k0 in range(0, K, BK):
-            # unsigned compares: a negative coordinate wraps above the bound
-            rin = (mmask & ((d0 + kd).to(tl.uint32, bitcast=True) < Di) & ((h0 + kh).to(tl.uint32, bitcast=True) < Hi)
-                   & ((w0 + kw).to(tl.uint32, bitcast=True) < Wi))
+            rin = ((dbits >> kd) & (hbits >> kh) & (wbits >> kw) & 1) != 0
             ci = c0 + tl.arange(0, BK)
-            a = tl.load((row0 + (kd * sxd + kh * sxh + kw * sxw))[:, None] + ci[None, :] * sxc, mask=rin[:, None],
+            # the tap's offset joins the channel offsets (one vector per thread), so each row costs
+            # one address add
+            a = tl.load(row0[:, None] + ((kd * sxd + kh * sxh + kw * sxw) + ci * sxc)[None, :], mask=rin[:, None],
                         other=0.0)
             if PROLOGUE:
                 a = _bn_relu_prologue(a, rin[:, None], SC_IN, SH_IN, ci, ci < Cin)
@@ -217,6 +232,10 @@ def _conv_dgrad(DY, YB, Wt, DX, AL, BE, GA, RES, YIN, SC_IN, SH_IN, MU_IN, STATS
         # advance by counters
         o_d, o_h, o_w = jd + cd, jh + ch, jw + cw
         base = n * syn + o_d * syd + o_h * syh + o_w * syw
+        # per row, which of the class's taps reach an output, one bit per tap and axis (forward)
+        dbits = tl.where(mmask, _tap_bits(o_d, Do, KD, -1), 0)
+        hbits = _tap_bits(o_h, Ho, KH, -1)
+        wbits = _tap_bits(o_w, Wo, KW, -1)
         c0 = pid_m * 0
         td = c0
         th = c0
@@ -224,9 +243,8 @@ def _conv_dgrad(DY, YB, Wt, DX, AL, BE, GA, RES, YIN, SC_IN, SH_IN, MU_IN, STATS
         for k0 in range(0, K, BK):
             co = c0 + tl.arange(0, BK)
             kmask = co < Cout  # all true
-            ok = (mmask & ((o_d - td).to(tl.uint32, bitcast=True) < Do) & ((o_h - th).to(tl.uint32, bitcast=True) < Ho)
-                  & ((o_w - tw).to(tl.uint32, bitcast=True) < Wo))[:, None]
-            dy_off = (base - (td * syd + th * syh + tw * syw))[:, None] + co[None, :] * syc
+            ok = (((dbits >> td) & (hbits >> th) & (wbits >> tw) & 1) != 0)[:, None]
+            dy_off = base[:, None] + (co * syc - (td * syd + th * syh + tw * syw))[None, :]
             a = tl.load(DY + dy_off, mask=ok, other=0.0)
             if BN_BWD:
                 yb = tl.load(YB + dy_off, mask=ok, other=0.0)

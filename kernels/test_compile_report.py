@@ -82,12 +82,27 @@ def test_contrastive_panel_backward_compiles_to_two_programs_per_sm():
         assert row["shared_bytes"] * 2 <= 228 * 1024, (name, row)
 
 
+def test_signature_makes_constexpr_parameters_constants():
+    """Triton's JIT makes every constexpr parameter a constant, however it is passed; a report that
+    compiled the kernel size or stride (passed positionally) as runtime ints counted the SASS of a
+    different kernel (the flat loop's 413 instructions per K step of 2026-11-23 were 349)."""
+    code = ("import json\nfrom kernels.compile_report import _signature, conv_block_launches\n"
+            "k, _, a, m = conv_block_launches(64, 64, (8, 8, 8), 2)['fwd+stats']\n"
+            "print(json.dumps(_signature(k, a, m).signature))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the JIT's kernel objects
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    sig = json.loads(r.stdout.splitlines()[-1])
+    assert all(sig[n] == "constexpr" for n in ("KD", "KH", "KW", "SD", "SH", "SW", "BM", "TAP")), sig
+    assert sig["Cin"] == "i32" and sig["X"] == "*bf16"
+
+
 def test_tap_k_loop_issues_fewer_instructions_per_mma_on_sm90():
     """layer1's forward and dgrads under conv3d.K_LOOP "flat" and "tap", compiled for sm_90a: the
     SASS main loop keeps its MMAs and async operand copies, and the tap loop issues at most 60%
-    as many instructions per iteration (measured 2026-11-23: 413 -> 224 forward, 408/414 ->
-    164/172 dgrad; at 128 x 64 x 64 one iteration's MMAs take about 256 cycles, so 413 issued
-    instructions per warp made the flat loop issue-bound)."""
+    as many instructions per iteration (2026-11-23, with per-row tap bits: 349 -> 179 forward,
+    280/284 -> 135/141 dgrad; at 128 x 64 x 64 one iteration's MMAs take about 256 cycles, so 349
+    issued instructions per warp made the flat loop issue-bound)."""
     rows = {loop: _reports(f"conv_block_launches(64, 64, (48, 96, 96), 8, k_loop={loop!r})") for loop in ("flat", "tap")}
     for name in ("fwd+stats", "dgrad+relu_bn", "dgrad+residual"):
         flat, tap = rows["flat"][name], rows["tap"][name]
