@@ -130,6 +130,15 @@ def test_bench_conv_launches_lists_the_block_step_kernel_by_kernel(tmp_path):
     assert "| block | i | kernel |" in r.stdout
 
 
+def test_records_written_in_one_second_are_all_kept(tmp_path):
+    """Records are named by the second; a second record in the same second (a GPU script's quick
+    steps) gets a suffix rather than overwriting the first."""
+    from ctvlp_dist.bench.record import write_result
+
+    paths = [write_result(tmp_path, "loss", {"i": i}, argv=["x"]) for i in range(3)]
+    assert len(set(paths)) == 3 and sorted(json.loads(p.read_text())["i"] for p in paths) == [0, 1, 2]
+
+
 def test_best_tiles_picks_the_fastest_and_its_gain_over_the_default():
     from ctvlp_dist.bench.conv import _tile_name, best_tiles
     from kernels.conv3d import TILE_GRID

@@ -42,9 +42,16 @@ def write_result(results_dir: str | Path, name: str, payload: dict, argv=None) -
     d = Path(results_dir)
     d.mkdir(parents=True, exist_ok=True)
     dev = "gpu" if "CPU" not in rec["device"] else "cpu"
-    path = d / f"{name}-{dev}-{now.strftime('%Y%m%dT%H%M%S')}.json"
-    path.write_text(json.dumps(rec, indent=1) + "\n")
-    return path
+    stem = f"{name}-{dev}-{now.strftime('%Y%m%dT%H%M%S')}"
+    for i in range(1, 1000):  # two records in one second keep both ("x": never overwrite)
+        path = d / (f"{stem}.json" if i == 1 else f"{stem}-{i}.json")
+        try:
+            with open(path, "x") as f:
+                f.write(json.dumps(rec, indent=1) + "\n")
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{d}: 999 records named {stem}*.json already; write them to another bench.results_dir")
 
 
 def markdown_table(rows: list[dict], cols: list[str]) -> str:
