@@ -83,7 +83,6 @@ g = torch.arange(b, device=dev, dtype=torch.int32)
 n_rows = torch.ones(b, device=dev)
 lse_r, cmax, csum, _ = ct.triton_forward(I, T, s1, g, g, True, tiles=ct.pick_tiles(d, I.dtype))
 lse_c = ct.merge_column_stats(cmax, csum)
-res = []
 for which, cfgs in (("fwd", sys.argv[1]), ("bwd", sys.argv[2])):
     for cfg in cfgs.split(";"):
         t = ct._as_tiles([int(x) for x in cfg.split(",")], d, I.dtype.itemsize)
@@ -97,9 +96,7 @@ for which, cfgs in (("fwd", sys.argv[1]), ("bwd", sys.argv[2])):
             r = {"pass": which, "tiles": cfg, "ms": round(ms, 3), "tflops_counted": round(flops / ms / 1e9, 1)}
         except Exception as e:
             r = {"pass": which, "tiles": cfg, "error": f"{type(e).__name__}: {str(e)[:160]}"}
-        print(json.dumps(r), flush=True)
-        res.append(r)
-print("SWEEP", json.dumps(res))
+        print(json.dumps(r), flush=True)  # one line per config: the parent reads them as they come
 '''
 FWD = ["128,128,64,128,8,3", "128,64,64,128,8,3", "64,64,64,128,4,3", "128,128,32,128,8,4", "64,128,64,128,4,3",
        "128,128,64,128,8,4", "128,64,64,128,4,3", "256,64,64,128,8,3", "64,128,64,128,4,3,1", "128,128,32,128,8,4,1",
@@ -109,8 +106,9 @@ BWD = ["64,64,64,512,8,3", "128,64,64,256,8,3", "64,64,64,512,8,2,1", "64,32,64,
        "64,64,64,512,4,2,1", "128,32,64,512,8,2,1", "128,128,64,128,8,3", "64,128,64,512,8,2,1"]
 if DRY:
     FWD, BWD = [FWD[0], FWD[-1]], [BWD[0], BWD[-1]]
-B_SWEEP, B_PANEL, B_BENCH, B_BIG = (256, (256, 512), "[256]", "[512]") if DRY else (
-    16384, (16384, 65536), "[1024,4096,16384,65536]", "[262144,1048576]")
+B_SWEEP, B_PANEL, B_BENCH, B_MID, B_BIG = (256, (256, 512), "[256]", "[512]", "[512]") if DRY else (
+    16384, (16384, 65536), "[1024,4096,16384,65536]", "[16384,65536]", "[262144,1048576]")
+DTYPE = "float32" if DRY else "bfloat16"  # as the inline scripts choose it
 bwd_tiles = args.bwd_tiles or "64,64,64,512,8,3"
 if "sweep" in phases and not args.tiles:
     sh([sys.executable, "-c", sweep_code, ";".join(FWD), ";".join(BWD), str(B_SWEEP)], "sweep.log", 300)
@@ -123,7 +121,7 @@ if "sweep" in phases and not args.tiles:
             tiles = min(ok, key=lambda x: x["ms"])["tiles"]
         elif ok:
             bwd_tiles = min(ok, key=lambda x: x["ms"])["tiles"]
-    (out / "sweep.json").write_text(json.dumps({"b": B_SWEEP, "d": 512, "dtype": "float32" if DRY else "bfloat16", "configs": sweep,
+    (out / "sweep.json").write_text(json.dumps({"b": B_SWEEP, "d": 512, "dtype": DTYPE, "configs": sweep,
                                                 "best_fwd": tiles, "best_bwd": bwd_tiles}, indent=1))
 env["CTVLP_CLIP_BWD_TILES"] = bwd_tiles
 env["CTVLP_CLIP_TILES"] = tiles
@@ -135,7 +133,7 @@ if "big" in phases:
     sh(base + [f"bench.loss_sizes={B_BIG}", "bench.loss_methods=[triton]"], "big.log", 200)
 if "fused" in phases:
     env["CTVLP_CLIP_BACKWARD"] = "fused"  # the atomics variant, Triton only
-    sh(base + [f"bench.loss_sizes={B_BIG if DRY else '[16384,65536]'}", "bench.loss_methods=[triton]"], "fused.log", 120)
+    sh(base + [f"bench.loss_sizes={B_MID}", "bench.loss_methods=[triton]"], "fused.log", 120)
     env.pop("CTVLP_CLIP_BACKWARD")
 
 panel_code = timing + r'''
@@ -186,7 +184,7 @@ if "panel" in phases:
         r = sh([sys.executable, "-c", panel_code, "|".join(cfgs), mms, str(b)], f"panel_{b}.log", cap)
         if r and "PANEL" in r.stdout:
             found[b] = json.loads([x for x in r.stdout.splitlines() if x.startswith("PANEL")][-1][6:])
-    (out / "panel.json").write_text(json.dumps({"d": 512, "dtype": "bfloat16", "runs": found}, indent=1))
+    (out / "panel.json").write_text(json.dumps({"d": 512, "dtype": DTYPE, "runs": found}, indent=1))
     ok = [x for x in found.get(B_PANEL[1], []) + found.get(B_PANEL[0], []) if "ms" in x and x["variant"] == "panel"]
     if ok:  # the largest gain over the two-pass backward timed in the same process
         best = max(ok, key=lambda x: x["speedup_vs_two_pass"])
@@ -195,5 +193,5 @@ if "panel" in phases:
             env["CTVLP_CLIP_PANEL_ROWS"] = str(best["panel_rows"])
     methods = "bench.loss_methods=[dense,triton-two_pass,triton-panel]"
     sh(base + [f"bench.loss_sizes={B_BENCH}", methods], "panel_bench.log", 200)
-    sh(base + [f"bench.loss_sizes={B_BIG if DRY else '[16384,65536]'}", "bench.loss_methods=[triton-two_pass,triton-panel]",
+    sh(base + [f"bench.loss_sizes={B_MID}", "bench.loss_methods=[triton-two_pass,triton-panel]",
                "bench.loss_inputs=mixed"], "panel_mixed.log", 120)

@@ -102,7 +102,7 @@ def _loop_lines(ttgir: str) -> list[str]:
 def _dot_loop_depth(ttgir: str) -> int:
     """How many scf.for loops enclose the first MMA: 1 when the K loop is the only loop (or the
     loops have been flattened into one), more when the K loop restarts inside tile loops."""
-    stack, depth = [], 0
+    stack = []
     for line in ttgir.splitlines():
         if "warp_group_dot " in line or "tt.dot " in line:
             return sum(stack)
@@ -112,7 +112,7 @@ def _dot_loop_depth(ttgir: str) -> int:
         for _ in range(-opens):
             if stack:
                 stack.pop()
-    return depth
+    return 0
 
 
 def _sass_loop(cubin: bytes, tool_dir: str) -> dict:

@@ -59,10 +59,10 @@ def _check_loop(mode: str) -> str:
     return mode
 
 
-def _tap(channels: int, tile: int) -> bool:
-    """Whether a launch takes its tap form: K_LOOP says "tap" and the channels walked per tap
-    are a multiple of the tile side that walks them."""
-    return _check_loop(K_LOOP) == "tap" and channels % tile == 0
+def _tap(channels: int, tile: int, ksize) -> bool:
+    """Whether a launch takes its tap form: K_LOOP says "tap", the channels walked per tap are a
+    multiple of the tile side that walks them, and each axis's taps fit the int32 tap bits."""
+    return _check_loop(K_LOOP) == "tap" and channels % tile == 0 and max(ksize) <= 31
 
 
 @contextmanager
@@ -172,7 +172,7 @@ def conv3d_forward(x, w, bias=None, stride=1, padding=0, *, residual=None, relu=
                     Nb, Cin, *x.shape[2:], Cout, Do, Ho, Wo, *x.stride(), *y.stride(), *res.stride(),
                     *stride, *padding, *w.shape[2:], HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=relu,
                     STATS_ON=stats, PROLOGUE=in_scale is not None, PREC=_prec(x.dtype),
-                    TAP=_tap(Cin, t["BK"]), **t)
+                    TAP=_tap(Cin, t["BK"], w.shape[2:]), **t)
     return (y, merge_moments(st, M, t["BM"])) if stats else y
 
 
@@ -217,7 +217,7 @@ def conv3d_dgrad(dy, w, x_shape, stride, padding, dtype, *, bn_bwd=None, residua
     _conv_dgrad[grid](dy, yb, wk, dx, al, be, ga, res, yin, sc, sh, mu, st,
                       Nb, Cin, *x_shape[2:], Cout, *dy.shape[2:], *dy.stride(), *dx.stride(),
                       *stride, *padding, *w.shape[2:], BN_BWD=bn_bwd is not None, HAS_RES=residual is not None,
-                      RELU_BN=relu_bn is not None, PREC=_prec(dy.dtype), TAP=_tap(Cout, t["BK"]),
+                      RELU_BN=relu_bn is not None, PREC=_prec(dy.dtype), TAP=_tap(Cout, t["BK"], w.shape[2:]),
                       **t)
     return (dx, st) if relu_bn is not None else dx
 
@@ -245,7 +245,7 @@ def conv3d_wgrad(x, dy, w_shape, stride, padding, dtype, *, bn_bwd=None, in_scal
     _conv_wgrad[(triton.cdiv(Cout, t["BM"]), triton.cdiv(KF, t["BN"]), Q)](
         xk, dy, yb, part, al, be, ga, sc, sh, x.shape[0], Cin, *x.shape[2:], Cout, *dy.shape[2:], *xk.stride(),
         *dy.stride(), p_per, *stride, *padding, *w_shape[2:], BN_BWD=bn_bwd is not None,
-        PROLOGUE=in_scale is not None, PREC=_prec(dy.dtype), TAP=_tap(Cin, t["BN"]), **t)
+        PROLOGUE=in_scale is not None, PREC=_prec(dy.dtype), TAP=_tap(Cin, t["BN"], w_shape[2:]), **t)
     # [Cout, (kd, kh, kw, ci)] -> [Cout, ci, kd, kh, kw]
     return part.sum(0).view(Cout, *w_shape[2:], Cin).permute(0, 4, 1, 2, 3).to(dtype)
 

@@ -71,6 +71,15 @@ def _tap_bits(x0, size, KS: tl.constexpr, STEP: tl.constexpr = 1):
 
 
 @triton.jit
+def _row_tap_bits(xd, xh, xw, Sd, Sh, Sw, rmask, KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                  STEP: tl.constexpr):
+    """Each row's tap bits for the three axes (_tap_bits), none for rows outside the GEMM: a K
+    step then tests three bits rather than adding and comparing three coordinates."""
+    return (tl.where(rmask, _tap_bits(xd, Sd, KD, STEP), 0), _tap_bits(xh, Sh, KH, STEP),
+            _tap_bits(xw, Sw, KW, STEP))
+
+
+@triton.jit
 def _next_step(c0, t_out, t_mid, t_in, C, N_MID, N_IN, BK: tl.constexpr):
     """A tap loop's next K step without division: the channel chunk c0 advances by BK through C
     channels, then the tap (t_out, t_mid, t_in), innermost first, like an odometer."""
@@ -126,11 +135,8 @@ def _conv_fwd(X, Wt, Y, BIAS, RES, SC_IN, SH_IN, STATS,
         h0 = oh * SH - PH
         w0 = ow * SW - PW
         row0 = X + n * sxn + d0 * sxd + h0 * sxh + w0 * sxw
-        # which taps of each axis stay inside the volume, one bit per tap, per row: a K step
-        # tests three bits rather than adding and comparing three coordinates
-        dbits = tl.where(mmask, _tap_bits(d0, Di, KD), 0)
-        hbits = _tap_bits(h0, Hi, KH)
-        wbits = _tap_bits(w0, Wi, KW)
+        # which taps of each axis stay inside the volume
+        dbits, hbits, wbits = _row_tap_bits(d0, h0, w0, Di, Hi, Wi, mmask, KD, KH, KW, 1)
         c0 = pid_m * 0
         kd = c0
         kh = c0
@@ -232,10 +238,8 @@ def _conv_dgrad(DY, YB, Wt, DX, AL, BE, GA, RES, YIN, SC_IN, SH_IN, MU_IN, STATS
         # advance by counters
         o_d, o_h, o_w = jd + cd, jh + ch, jw + cw
         base = n * syn + o_d * syd + o_h * syh + o_w * syw
-        # per row, which of the class's taps reach an output, one bit per tap and axis (forward)
-        dbits = tl.where(mmask, _tap_bits(o_d, Do, KD, -1), 0)
-        hbits = _tap_bits(o_h, Ho, KH, -1)
-        wbits = _tap_bits(o_w, Wo, KW, -1)
+        # which of the class's taps reach an output (o - t inside dY)
+        dbits, hbits, wbits = _row_tap_bits(o_d, o_h, o_w, Do, Ho, Wo, mmask, KD, KH, KW, -1)
         c0 = pid_m * 0
         td = c0
         th = c0
