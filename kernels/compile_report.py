@@ -140,7 +140,42 @@ def _sass_loop(cubin: bytes, tool_dir: str) -> dict:
             if any("GMMA" in x for x in body) and len(body) > len(best):
                 best = body
     mma = sum("GMMA" in x for x in best)
-    return {"loop_sass_instructions": len(best), "loop_sass_mma": mma}
+    return {"loop_sass_instructions": len(best), "loop_sass_mma": mma, **_smem_traffic(best)}
+
+
+_ELEM_BYTES = {"BF16": 2, "F16": 2, "TF32": 4, "E4M3": 1, "E5M2": 1}
+
+
+def _smem_traffic(body: list[str]) -> dict:
+    """Shared-memory bytes one warp's loop iteration moves, from its instructions: each async
+    copy (LDGSTS) writes its width for 32 lanes; each HGMMA m x n x k reads its B operand (n x k)
+    and, unless A comes from registers, its A operand (m x k) from shared memory, for the whole
+    warpgroup (counted once per warpgroup: the report divides by 4 warps)."""
+    write = sum(int(m.group(1)) // 8 * 32 for x in body for m in [re.match(r"LDGSTS\S*\.(\d+)\s", x + " ")] if m)
+    read = 0.0
+    flops = 0
+    for x in body:
+        m = re.match(r"HGMMA\.(\d+)x(\d+)x(\d+)\.\w+\.(\w+)\s+R\d+,\s*(\S+)", x)
+        if m:
+            mm, nn, kk, eb = int(m.group(1)), int(m.group(2)), int(m.group(3)), _ELEM_BYTES.get(m.group(4), 2)
+            a_in_smem = m.group(5).startswith("gdesc")
+            read += ((mm * kk if a_in_smem else 0) + nn * kk) * eb / 4
+            flops += 2 * mm * nn * kk // 4
+    return {"loop_smem_write_bytes_per_warp": write, "loop_smem_read_bytes_per_warp": int(read),
+            "loop_mma_flops_per_warp": flops}
+
+
+def smem_cap(r: dict) -> float | None:
+    """The share of the tensor cores' rate that a K loop can reach before shared memory's
+    bandwidth binds it (H100: 4,096 dense 16-bit FLOP and 128 bytes of shared memory per cycle
+    per SM): each K step's operand tiles are written once by the async copies and read by the
+    MMAs, which re-read an operand for every 64 rows of M. None where the loop has no MMA."""
+    f = r.get("loop_mma_flops_per_warp")
+    if not f:
+        return None
+    mma_cycles = f / 4096
+    smem_cycles = (r["loop_smem_write_bytes_per_warp"] + r["loop_smem_read_bytes_per_warp"]) / 128
+    return round(mma_cycles / max(mma_cycles, smem_cycles), 3)
 
 
 def report(kernel, grid, args, meta, arch: int = 90) -> dict:
@@ -171,21 +206,23 @@ def report(kernel, grid, args, meta, arch: int = 90) -> dict:
     spill = re.search(r"(\d+) bytes spill stores", r.stderr)
     out.update(registers=int(regs.group(1)) if regs else None, spill_store_bytes=int(spill.group(1)) if spill else None)
     out.update(_sass_loop(k.asm["cubin"], os.path.dirname(ptxas)))
+    out["smem_cap"] = smem_cap(out)
     return out
 
 
 def conv_block_launches(cin: int, cout: int, spatial, batch: int, stride: int = 1, dtype=torch.bfloat16,
-                        prologues: str | None = None, k_loop: str | None = None) -> dict:
+                        prologues: str | None = None, k_loop: str | None = None, swap_narrow: bool | None = None) -> dict:
     """The GEMM launches of one BasicBlock conv (3^3, padding 1) as the fused block makes them
     (conv3d_block.PROLOGUES unless `prologues` is given). "pass": forward with statistics, dgrad
     with the ReLU/BN-reduction epilogue, dgrad adding a residual, plain wgrad. "kernel": forward
     plain and with the BN-ReLU prologue + statistics; dgrad with the BN backward on dY and the
     ReLU/BN-reduction epilogue; wgrad with the BN backward and the prologue on X. `k_loop`: the
-    forward's and dgrad's K loop (conv3d.K_LOOP unless given)."""
+    forward's and dgrad's K loop (conv3d.K_LOOP unless given); `swap_narrow`: conv3d.SWAP_NARROW
+    unless given."""
     from . import conv3d
-    from .conv3d import K_LOOP
 
-    with conv3d.k_loop(k_loop or K_LOOP):
+    swap = conv3d.SWAP_NARROW if swap_narrow is None else swap_narrow
+    with conv3d.k_loop(k_loop or conv3d.K_LOOP), conv3d.swap_narrow(swap):
         return _block_launches(cin, cout, spatial, batch, stride, dtype, prologues)
 
 

@@ -25,7 +25,8 @@ from ._device import num_sms
 from .conv3d_ref import bn_affine, fold_bn, reference_conv3d, update_running_stats
 
 __all__ = ["conv3d_forward", "conv3d_triton", "conv_block_inference", "reference_conv3d", "bn_affine",
-           "update_running_stats", "fold_bn", "tile_override", "k_loop", "TILE_GRID"]
+           "update_running_stats", "fold_bn", "tile_override", "k_loop", "swap_narrow", "TILE_GRID",
+           "SWAP_TILES"]
 
 
 def _triple(v) -> tuple[int, int, int]:
@@ -43,6 +44,12 @@ def _prec(dtype: torch.dtype) -> str:
 # (benchmarks/results/conv-gpu-20261123T052022.json). Every one is tested for correctness.
 TILE_GRID = [(128, 64, 32, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 4),
              (128, 128, 32, 4, 4), (256, 128, 64, 8, 3), (64, 128, 64, 4, 4), (64, 256, 32, 8, 3)]
+# Forward tiles with the GEMM's operands swapped (output channels on the MMA's M side), swept
+# for the forward alone: for 64 output channels (layer1, the stem) they lift compile_report's
+# shared-memory cap from 0.57 (128 x 64, m64n64 MMAs) to 0.67-0.73 (m64n128); for 128, from
+# 0.89 (256 x 128) to 1.0 (m64n256). No GPU run yet.
+SWAP_TILES = [(128, 64, 64, 4, 3, "swap"), (256, 64, 64, 8, 3, "swap"), (256, 64, 64, 8, 2, "swap"),
+              (256, 128, 64, 8, 3, "swap")]
 KINDS = ("fwd", "dgrad", "wgrad")
 _override: dict[str, tuple] = {}
 # The K loop of the forward and the dgrad: "flat" (measured default) decodes (tap, channel) per
@@ -51,6 +58,9 @@ _override: dict[str, tuple] = {}
 # was slower on 2026-11-22, when synchronous weight loads were the bottleneck; this one keeps a
 # single pipelined loop, and waits for a GPU run (bench conv tower's "tap loop" rows).
 K_LOOP = "flat"
+# Forward launches with at most 64 output channels take SWAP_TILES[1] (256 x 64 x 64, 8 warps,
+# swapped) when set; off until a GPU run times it (bench conv tower's "swapped" rows).
+SWAP_NARROW = False
 
 
 def _check_loop(mode: str) -> str:
@@ -77,14 +87,29 @@ def k_loop(mode: str):
 
 
 @contextmanager
+def swap_narrow(on: bool = True):
+    """Run the convolutions with SWAP_NARROW set (or cleared) inside the block."""
+    global SWAP_NARROW
+    old, SWAP_NARROW = SWAP_NARROW, bool(on)
+    try:
+        yield
+    finally:
+        SWAP_NARROW = old
+
+
+@contextmanager
 def tile_override(tile: tuple, *kinds: str):
     """Run the `kinds` kernels ("fwd", "dgrad", "wgrad"; all three if none is named) with this
-    (BM, BN, BK, num_warps, num_stages) instead of _tiles' choice, whatever the shape: the tile
-    sweep's handle."""
+    (BM, BN, BK, num_warps, num_stages[, "swap"]) instead of _tiles' choice, whatever the shape:
+    the tile sweep's handle. "swap" (forward and dgrad only) puts the output channels on the
+    MMA's M side (conv3d_triton._mma_swappable)."""
     kinds = kinds or KINDS
     bad = set(kinds) - set(KINDS)
     if bad:
         raise ValueError(f"tile_override: kind must be one of {KINDS}, got {sorted(bad)}")
+    if len(tile) not in (5, 6) or (len(tile) == 6 and (tile[5] != "swap" or "wgrad" in kinds)):
+        raise ValueError(f"tile_override: a tile is (BM, BN, BK, num_warps, num_stages[, 'swap']), and 'swap' is for "
+                         f"the fwd and dgrad kinds only; got {tile} for {kinds}")
     _override.update(dict.fromkeys(kinds, tuple(tile)))
     try:
         yield
@@ -104,15 +129,20 @@ def _tiles(kind: str, M: int, N: int, K: int, chan: int = 0) -> dict:
     - wgrad (M = Cout, N = taps x Cin, K = positions): 128 x 128 x 64, 8 warps from N = 4096;
       128 x 128 x 32, 4 warps, 4 stages from N = 1024 (1.7-1.9x), but 64 x 256 x 32, 8 warps
       for 64 output channels (layer1: 1.1x more); else 128 x 64 x 64.
-    Small channel counts (the 1-channel stem) narrow BN and BK."""
+    Small channel counts (the 1-channel stem) narrow BN and BK. SWAP_NARROW: forwards with at most
+    64 output channels take the swapped 256 x 64 x 64 tile, 8 warps (SWAP_TILES)."""
     from .conv3d_triton import INTERPRET
 
     if kind in _override:
-        return dict(zip(("BM", "BN", "BK", "num_warps", "num_stages"), _override[kind]))
+        tile = _override[kind]
+        return dict(zip(("BM", "BN", "BK", "num_warps", "num_stages"), tile), **({"SWAP": True} if len(tile) == 6 else {}))
+    swap = {"SWAP": True} if kind == "fwd" and SWAP_NARROW and N <= 64 else {}
     if INTERPRET:
-        return dict(BM=64, BN=64, BK=64, num_warps=4, num_stages=1)
+        return dict(BM=64, BN=64, BK=64, num_warps=4, num_stages=1, **swap)
     bn = 64 if N >= 64 else max(16, 1 << (N - 1).bit_length())
     small_bk = 32 if K >= 32 else 16
+    if swap:
+        return dict(BM=256, BN=64, BK=64 if K >= 512 else small_bk, num_warps=8, num_stages=3, **swap)
     if kind == "wgrad":
         if M <= 64 and N >= 1024:  # 64 output channels: a 128-row tile would be half masked
             return dict(BM=64, BN=256, BK=32, num_warps=8, num_stages=3)

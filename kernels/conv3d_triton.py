@@ -106,6 +106,24 @@ def _bn_relu_prologue(a, amask, SC_IN, SH_IN, ci, kmask):
 
 
 @triton.jit
+def _mma_swappable(a, w_row, k, cmask, kmask, acc, PREC: tl.constexpr, SWAP: tl.constexpr):
+    """acc += A W^T for an activation tile A [rows, BK] and the weight rows w_row [channels]
+    (K contiguous) at columns k [BK]; kmask None where every k is inside K. SWAP: acc^T += W A^T,
+    the channels as the MMA's M side. An MMA (wgmma) reads its operands from shared memory for
+    every 64 rows of M: with 64 channels on the N side, the unswapped tile re-reads the weight
+    tile per 64 rows, and the K step is capped by shared-memory bandwidth (compile_report's
+    smem_cap); swapped, each operand is read once and the rows' side can be 256 wide."""
+    if SWAP:
+        mask = cmask[:, None] if kmask is None else cmask[:, None] & kmask[None, :]
+        acc = tl.dot(tl.load(w_row[:, None] + k[None, :], mask=mask, other=0.0), tl.trans(a), acc,
+                     input_precision=PREC)
+    else:
+        mask = cmask[None, :] if kmask is None else cmask[None, :] & kmask[:, None]
+        acc = tl.dot(a, tl.load(w_row[None, :] + k[:, None], mask=mask, other=0.0), acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
 def _conv_fwd(X, Wt, Y, BIAS, RES, SC_IN, SH_IN, STATS,
               Nb, Cin, Di, Hi, Wi, Cout, Do, Ho, Wo,
               sxn, sxc, sxd, sxh, sxw,
@@ -114,10 +132,12 @@ def _conv_fwd(X, Wt, Y, BIAS, RES, SC_IN, SH_IN, STATS,
               KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
               HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, STATS_ON: tl.constexpr,
               PROLOGUE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
-              TAP: tl.constexpr = False):
+              TAP: tl.constexpr = False, SWAP: tl.constexpr = False):
     """TAP (Cin a multiple of BK): each K step lies within one tap, so the tap's coordinates are
     scalars and the A tile's address and padding mask are a row vector plus a channel range,
-    instead of a (row, k) grid of divisions and compares (one flat loop still, pipelined)."""
+    instead of a (row, k) grid of divisions and compares (one flat loop still, pipelined).
+    SWAP: the transposed product, Y^T = W X^T, with the output channels as the MMA's M side
+    (_mma_swappable)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     M = Nb * Do * Ho * Wo
@@ -127,7 +147,10 @@ def _conv_fwd(X, Wt, Y, BIAS, RES, SC_IN, SH_IN, STATS,
     n, od, oh, ow = _split_m(m, Do, Ho, Wo)
     co = pid_n * BN + tl.arange(0, BN)
     comask = co < Cout
-    acc = tl.zeros((BM, BN), tl.float32)
+    if SWAP:
+        acc = tl.zeros((BN, BM), tl.float32)
+    else:
+        acc = tl.zeros((BM, BN), tl.float32)
     if TAP:
         # the rows' corner voxel (tap 0) is loop-invariant; the tap (kd, kh, kw) and channel chunk
         # c0 advance by counters, with no division in the loop
@@ -150,8 +173,7 @@ def _conv_fwd(X, Wt, Y, BIAS, RES, SC_IN, SH_IN, STATS,
                         other=0.0)
             if PROLOGUE:
                 a = _bn_relu_prologue(a, rin[:, None], SC_IN, SH_IN, ci, ci < Cin)
-            b = tl.load(Wt + co[None, :] * K + (k0 + tl.arange(0, BK))[:, None], mask=comask[None, :], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=PREC)
+            acc = _mma_swappable(a, Wt + co * K, k0 + tl.arange(0, BK), comask, None, acc, PREC, SWAP)
             c0, kd, kh, kw = _next_step(c0, kd, kh, kw, Cin, KH, KW, BK)
     else:
         for k0 in range(0, K, BK):
@@ -163,8 +185,9 @@ def _conv_fwd(X, Wt, Y, BIAS, RES, SC_IN, SH_IN, STATS,
             a = tl.load(X + n[:, None] * sxn + ci[None, :] * sxc + sp, mask=amask, other=0.0)
             if PROLOGUE:
                 a = _bn_relu_prologue(a, amask, SC_IN, SH_IN, ci, kmask)
-            b = tl.load(Wt + co[None, :] * K + k[:, None], mask=kmask[:, None] & comask[None, :], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=PREC)
+            acc = _mma_swappable(a, Wt + co * K, k, comask, kmask, acc, PREC, SWAP)
+    if SWAP:
+        acc = tl.trans(acc)
     if HAS_BIAS:
         acc += tl.load(BIAS + co, mask=comask, other=0.0).to(tl.float32)[None, :]
     valid = mmask[:, None] & comask[None, :]

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.conv3d import (TILE_GRID, bn_affine, conv3d_forward, conv3d_triton, conv_block_inference, reference_conv3d,
+from kernels.conv3d import (SWAP_TILES, TILE_GRID, bn_affine, conv3d_forward, conv3d_triton, conv_block_inference, reference_conv3d,
                             tile_override)
 
 CUDA = torch.cuda.is_available()
@@ -113,6 +113,62 @@ def test_forward_tap_loop(case, dtype, monkeypatch):
     monkeypatch.setattr(conv3d, "K_LOOP", "tapp")
     with pytest.raises(ValueError, match="flat or tap"):
         conv3d_forward(x, w, b, s, p)
+
+
+# (case, K loop): the flat loop on odd channels and strides, the tap loop (Cin a multiple of BK)
+SWAP_CASES = [(CASES[0], "flat"), (CASES[1], "flat"), (CASES[3], "flat"), ((64, 5, (4, 3, 5), 3, 1, 1), "tap"),
+              ((32, 70, (3, 5, 4), 3, 2, 1), "tap")]  # 70 channels: two swapped channel tiles, the second masked
+
+
+@pytest.mark.parametrize("case,k_loop", SWAP_CASES, ids=lambda c: c if isinstance(c, str) else f"c{c[0]}-{c[1]}_k{c[3]}s{c[4]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_forward_swapped_operands(case, k_loop, dtype, monkeypatch):
+    """A swapped tile (Y^T = W X^T, output channels on the MMA's M side) gives the forward with
+    every epilogue and the prologue, against fp64; the launch really is swapped (SWAP), from a
+    tile_override "swap" tile and from conv3d.SWAP_NARROW for at most 64 output channels."""
+    from kernels import conv3d
+    from kernels.compile_report import capture
+
+    monkeypatch.setattr(conv3d, "K_LOOP", k_loop)
+    cin, cout, sp, k, s, p = case
+    x = _x(2, cin, sp, dtype)
+    w = (torch.randn(cout, cin, k, k, k, device=DEV) / (cin * k ** 3) ** 0.5).to(dtype)
+    b = torch.randn(cout, device=DEV)
+    scale, shift = torch.rand(cin, device=DEV) + 0.5, torch.randn(cin, device=DEV) + 0.5
+    ref, ref_st = reference_conv3d(x.double(), w.double(), b.double(), s, p, in_scale=scale.double(),
+                                   in_shift=shift.double())
+    res = torch.randn_like(ref).to(dtype)
+    with tile_override((64, 64, 32, 4, 1, "swap"), "fwd"):
+        meta = capture(conv3d_forward, x.to("meta"), w.to("meta"), None, s, p)[0][3]
+        assert meta["SWAP"] and meta["TAP"] == (k_loop == "tap")
+        y, st = conv3d_forward(x, w, b, s, p, residual=res, relu=True, stats=True, in_scale=scale, in_shift=shift)
+    assert _err(y, torch.relu(ref + res.double())) < TOL[dtype]
+    assert _err(st, ref_st) < TOL[dtype] * 10
+    with conv3d.swap_narrow():
+        assert bool(capture(conv3d_forward, x.to("meta"), w.to("meta"), None, s, p)[0][3].get("SWAP")) == (cout <= 64)
+    assert not capture(conv3d_forward, x.to("meta"), w.to("meta"), None, s, p)[0][3].get("SWAP")
+
+
+def test_swap_tiles_are_forward_only_and_named():
+    with pytest.raises(ValueError, match="'swap' is for"):
+        with tile_override(SWAP_TILES[0], "wgrad"):
+            pass
+    with pytest.raises(ValueError, match="'swap' is for"):
+        with tile_override((64, 64, 32, 4, 1, "swapp"), "fwd"):
+            pass
+
+
+@pytest.mark.parametrize("tile", SWAP_TILES, ids=lambda t: "x".join(map(str, t)))
+def test_every_swept_swap_tile_is_correct(tile):
+    """The sweep times the forward under these too: each must be right with the statistics
+    epilogue, on odd sizes that leave every tile dimension partly masked."""
+    cin, cout, sp, k, s, p = 6, 9, (7, 5, 6), 3, 2, 1
+    x = _x(2, cin, sp, torch.float32)
+    w = torch.randn(cout, cin, k, k, k, device=DEV) / (cin * k ** 3) ** 0.5
+    with tile_override(tile, "fwd"):
+        y, st = conv3d_forward(x, w, None, s, p, stats=True)
+    ref, ref_st = reference_conv3d(x.double(), w.double(), None, s, p)
+    assert _err(y, ref) < TOL[torch.float32] and _err(st, ref_st) < TOL[torch.float32]
 
 
 @pytest.mark.parametrize("tile", TILE_GRID, ids=lambda t: "x".join(map(str, t)))

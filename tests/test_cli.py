@@ -97,14 +97,15 @@ def test_bench_conv_tower_and_tiles_on_cpu_check_agreement(tmp_path):
     """On CPU, `bench conv` runs the Triton kernels in the interpreter and records only whether
     they agree with torch (the GPU path times them; it needs a lent GPU): the tower, and each
     kernel of layer1 under every tile of the sweep."""
-    from kernels.conv3d import TILE_GRID
+    from kernels.conv3d import SWAP_TILES, TILE_GRID
 
     r, rec = _bench_conv_cpu(tmp_path, "tower,tiles")
-    assert len(rec["tiles"]) == 3 * len(TILE_GRID)
+    assert len(rec["tiles"]) == 3 * len(TILE_GRID) + len(SWAP_TILES)
+    assert sum(t["tile"].endswith(" swap") for t in rec["tiles"] if t["kernel"] == "fwd") == len(SWAP_TILES)
     assert all(t["rel_err_vs_cudnn"] < 1e-5 for t in rec["tiles"]), rec["tiles"]
     (row,) = rec["tower"]
     assert row["rel_err_y"] < 1e-4 and row["rel_err_dx"] < 1e-4 and row["rel_err_inference"] < 1e-4
-    assert row["rel_err_inference_tap_loop"] < 1e-4
+    assert row["rel_err_inference_tap_loop"] < 1e-4 and row["rel_err_inference_tap_loop_swapped"] < 1e-4
     assert 0 < row["saved_MB_triton"] < 0.9 * row["saved_MB_torch"]  # the fused blocks keep fewer activations
     assert "| tower | impl |" in r.stdout
     bad = run("bench", "conv", "bench.conv_parts=[towr]")

@@ -237,7 +237,7 @@ def _tower(batch, dtype, device, ceil, compile_too: bool) -> list[dict]:
 
     import torch
 
-    from kernels.conv3d import k_loop
+    from kernels.conv3d import k_loop, swap_narrow
 
     from ..models.flops import image_tower_train_flops
     from ..models.resnet3d import ResNet3d18
@@ -255,6 +255,8 @@ def _tower(batch, dtype, device, ceil, compile_too: bool) -> list[dict]:
         agree["rel_err_inference"] = _rel(tri(x), ref(x))
         with k_loop("tap"):
             agree["rel_err_inference_tap_loop"] = _rel(tri(x), ref(x))
+            with swap_narrow():
+                agree["rel_err_inference_tap_loop_swapped"] = _rel(tri(x), ref(x))
         ref.train(), tri.train()
     base = {"in": "x".join(map(str, crop)), "width": width, "batch": batch, **agree}
     xs = x.clone().requires_grad_()
@@ -262,14 +264,16 @@ def _tower(batch, dtype, device, ceil, compile_too: bool) -> list[dict]:
     if not gpu:
         return [{"tower": "train+inference agreement", **base}]
     train_fl = image_tower_train_flops(SimpleNamespace(stem="k2s2", norm="bn", gn_groups=32, width=width), crop) * batch
-    # name -> (module, the K loop of our convolutions: conv3d.K_LOOP)
-    models = {"cudnn eager": (ref, "flat"), "triton fused": (tri, "flat"), "triton fused, tap K loop": (tri, "tap")}
+    # name -> (module, the K loop of our convolutions: conv3d.K_LOOP, conv3d.SWAP_NARROW)
+    models = {"cudnn eager": (ref, "flat", False), "triton fused": (tri, "flat", False),
+              "triton fused, tap K loop": (tri, "tap", False),
+              "triton fused, tap K loop, swapped 64-channel forward": (tri, "tap", True)}
     compile_s = {}
     if compile_too:
         comp = copy.deepcopy(ref)
         t0 = time.time()
         try:
-            models["torch.compile max-autotune"] = (torch.compile(comp, mode="max-autotune"), "flat")
+            models["torch.compile max-autotune"] = (torch.compile(comp, mode="max-autotune"), "flat", False)
         except Exception as e:  # recorded, not fatal: the other rows still mean something
             compile_s["error"] = f"{type(e).__name__}: {str(e)[:200]}"
         compile_s["wrap_s"] = round(time.time() - t0, 1)
@@ -280,7 +284,7 @@ def _tower(batch, dtype, device, ceil, compile_too: bool) -> list[dict]:
     modes = (("train fwd+bwd", train_fl, False, "train fwd+bwd"), ("inference", train_fl / 3, False, "inference"),
              ("inference, CUDA graph", train_fl / 3, True, "inference"))
     for mode, fl, graph, base_mode in modes:
-        for name, (m, loop) in models.items():
+        for name, (m, loop, swap) in models.items():
             if graph and name.startswith("torch.compile"):
                 continue  # max-autotune already replays CUDA graphs
             row = {"tower": mode, "impl": name, **base}
@@ -289,14 +293,14 @@ def _tower(batch, dtype, device, ceil, compile_too: bool) -> list[dict]:
                     m.train()
                     step = _train_step(m, xg, g)
 
-                    def fn(step=step, loop=loop):
-                        with k_loop(loop):
+                    def fn(step=step, loop=loop, swap=swap):
+                        with k_loop(loop), swap_narrow(swap):
                             step()
                 else:
                     m.eval()
 
-                    def fn(m=m, loop=loop):
-                        with torch.no_grad(), k_loop(loop):
+                    def fn(m=m, loop=loop, swap=swap):
+                        with torch.no_grad(), k_loop(loop), swap_narrow(swap):
                             m(x)
                     if graph:  # embedding extraction without per-launch CPU cost
                         fn = _cuda_graph(fn)
@@ -323,7 +327,7 @@ def _tower(batch, dtype, device, ceil, compile_too: bool) -> list[dict]:
 
 def _tile_sweep(batch, dtype, device, ceil, budget_s: float) -> list[dict]:
     """Each kernel (forward, dgrad, wgrad) of each non-stem layer under every tile of
-    kernels.conv3d.TILE_GRID, against cuDNN's same operation (F.conv3d, conv3d_input,
+    kernels.conv3d.TILE_GRID (the forward also under SWAP_TILES), against cuDNN's same operation (F.conv3d, conv3d_input,
     conv3d_weight): which tile should be the default, and which kernel lags most. Every timed
     result is checked against cuDNN's. Compiling a tile costs seconds, so once budget_s has passed,
     the remaining rows are recorded as skipped. CPU: layer1 alone at 1/8 size, agreement only."""
@@ -333,7 +337,7 @@ def _tile_sweep(batch, dtype, device, ceil, budget_s: float) -> list[dict]:
     import torch.nn.functional as F
 
     from kernels.compile_report import capture
-    from kernels.conv3d import KINDS, TILE_GRID, conv3d_dgrad, conv3d_forward, conv3d_wgrad, tile_override
+    from kernels.conv3d import KINDS, SWAP_TILES, TILE_GRID, conv3d_dgrad, conv3d_forward, conv3d_wgrad, tile_override
 
     gpu = device == "cuda"
     stop = time.time() + budget_s
@@ -358,7 +362,8 @@ def _tile_sweep(batch, dtype, device, ceil, budget_s: float) -> list[dict]:
             want = cudnn[kind]()
             base = _cuda_ms(cudnn[kind]) if gpu else None
             default = _meta_tile(capture(ours[kind])[0][3])  # what _tiles picks for this shape
-            for tile in TILE_GRID + ([default] if gpu and default not in TILE_GRID else []):
+            grid = TILE_GRID + (SWAP_TILES if kind == "fwd" else [])
+            for tile in grid + ([default] if gpu and default not in grid else []):
                 row = {"layer": name, "kernel": kind, "tile": _tile_name(tile), "default": tile == default}
                 rows.append(row)
                 if time.time() > stop:
@@ -378,12 +383,12 @@ def _tile_sweep(batch, dtype, device, ceil, budget_s: float) -> list[dict]:
 
 
 def _tile_name(tile) -> str:
-    return "x".join(map(str, tile[:3])) + f" w{tile[3]} s{tile[4]}"
+    return "x".join(map(str, tile[:3])) + f" w{tile[3]} s{tile[4]}" + (" swap" if len(tile) > 5 else "")
 
 
 def _meta_tile(meta: dict) -> tuple:
-    """A launch's (BM, BN, BK, num_warps, num_stages)."""
-    return tuple(meta[k] for k in ("BM", "BN", "BK", "num_warps", "num_stages"))
+    """A launch's (BM, BN, BK, num_warps, num_stages[, "swap"])."""
+    return tuple(meta[k] for k in ("BM", "BN", "BK", "num_warps", "num_stages")) + (("swap",) if meta.get("SWAP") else ())
 
 
 def best_tiles(rows: list[dict]) -> list[dict]:
@@ -501,19 +506,23 @@ def _gemm_flops(kernel, args, meta) -> int:
 def _ptx_rows() -> list[dict]:
     """Static facts of the block's four GEMM launches compiled for sm_90a (no GPU needed): each
     3^3 layer of the seed tower at the default tile, under both K loops (conv3d.K_LOOP), and
-    layer1 under every tile of the sweep. What it shows: wgmma in use, operand tiles loaded by
-    pipelined async copies (none by synchronous loads), registers, spills and shared memory per
-    tile, and the SASS main loop's instructions per iteration against its MMAs."""
+    layer1 under every tile of the sweep (the forward also under SWAP_TILES). What it shows: wgmma
+    in use, operand tiles loaded by pipelined async copies (none by synchronous loads), registers,
+    spills and shared memory per tile, the SASS main loop's instructions per iteration against its
+    MMAs, and the share of the MMA rate its shared-memory traffic allows (smem_cap)."""
     from kernels.compile_report import conv_block_launches, report
-    from kernels.conv3d import TILE_GRID, tile_override
+    from kernels.conv3d import SWAP_TILES, TILE_GRID, tile_override
 
     rows = []
     for i, (name, cin, cout, sp, k, s, p) in enumerate(lay for lay in LAYERS if lay[4] == 3):
-        for tile in [None] + (TILE_GRID if i == 0 else []):
-            for loop in ("flat", "tap") if tile is None else ("flat",):
-                with tile_override(tile) if tile else nullcontext():
+        for tile in [None] + (TILE_GRID + SWAP_TILES if i == 0 else []):
+            swap = tile is not None and len(tile) > 5
+            for loop in ("flat", "tap") if tile is None or swap else ("flat",):
+                with tile_override(tile, *(("fwd",) if swap else ())) if tile else nullcontext():
                     launches = conv_block_launches(cin, cout, sp, 8, stride=s, k_loop=loop)
                 for variant, launch in launches.items():
+                    if swap and not variant.startswith("fwd"):
+                        continue
                     r = report(*launch)
                     rows.append({"layer": name, "variant": variant, "k_loop": loop,
                                  "tile": _tile_name(tile or _meta_tile(r)), **r})
@@ -595,6 +604,6 @@ def run(cfg, progress: bool = True, argv=None) -> dict:
     if "ptx" in out:
         print(markdown_table(out["ptx"], ["layer", "variant", "k_loop", "tile", "wgmma", "loop_async_loads",
                                           "loop_sync_tile_loads", "loop_sass_instructions", "loop_sass_mma", "registers",
-                                          "spill_store_bytes", "shared_bytes"]))
+                                          "spill_store_bytes", "shared_bytes", "smem_cap"]))
     print(f"wrote {path}")
     return out
