@@ -44,10 +44,10 @@ def _prec(dtype: torch.dtype) -> str:
 # (benchmarks/results/conv-gpu-20261123T052022.json). Every one is tested for correctness.
 TILE_GRID = [(128, 64, 32, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 4),
              (128, 128, 32, 4, 4), (256, 128, 64, 8, 3), (64, 128, 64, 4, 4), (64, 256, 32, 8, 3)]
-# Forward tiles with the GEMM's operands swapped (output channels on the MMA's M side), swept
-# for the forward alone: for 64 output channels (layer1, the stem) they lift compile_report's
-# shared-memory cap from 0.57 (128 x 64, m64n64 MMAs) to 0.67-0.73 (m64n128); for 128, from
-# 0.89 (256 x 128) to 1.0 (m64n256). No GPU run yet.
+# Tiles with the GEMM's operands swapped (output channels on the MMA's M side), swept for the
+# forward and the dgrad: for 64 output channels (layer1, the stem; the dgrad of layers 1-2) they
+# lift compile_report's shared-memory cap from 0.57 (128 x 64, m64n64 MMAs) to 0.67-0.73
+# (m64n128); for 128, from 0.89 (256 x 128) to 1.0 (m64n256). No GPU run yet.
 SWAP_TILES = [(128, 64, 64, 4, 3, "swap"), (256, 64, 64, 8, 3, "swap"), (256, 64, 64, 8, 2, "swap"),
               (256, 128, 64, 8, 3, "swap")]
 KINDS = ("fwd", "dgrad", "wgrad")
@@ -58,8 +58,8 @@ _override: dict[str, tuple] = {}
 # was slower on 2026-11-22, when synchronous weight loads were the bottleneck; this one keeps a
 # single pipelined loop, and waits for a GPU run (bench conv tower's "tap loop" rows).
 K_LOOP = "flat"
-# Forward launches with at most 64 output channels take SWAP_TILES[1] (256 x 64 x 64, 8 warps,
-# swapped) when set; off until a GPU run times it (bench conv tower's "swapped" rows).
+# Forward and dgrad launches with at most 64 output channels take SWAP_TILES[1] (256 x 64 x 64,
+# 8 warps, swapped) when set; off until a GPU run times it (bench conv tower's "swapped" rows).
 SWAP_NARROW = False
 
 
@@ -129,20 +129,20 @@ def _tiles(kind: str, M: int, N: int, K: int, chan: int = 0) -> dict:
     - wgrad (M = Cout, N = taps x Cin, K = positions): 128 x 128 x 64, 8 warps from N = 4096;
       128 x 128 x 32, 4 warps, 4 stages from N = 1024 (1.7-1.9x), but 64 x 256 x 32, 8 warps
       for 64 output channels (layer1: 1.1x more); else 128 x 64 x 64.
-    Small channel counts (the 1-channel stem) narrow BN and BK. SWAP_NARROW: forwards with at most
-    64 output channels take the swapped 256 x 64 x 64 tile, 8 warps (SWAP_TILES)."""
+    Small channel counts (the 1-channel stem) narrow BN and BK. SWAP_NARROW: forwards and dgrads
+    with at most 64 output channels take the swapped 256 x 64 x 64 tile, 8 warps (SWAP_TILES)."""
     from .conv3d_triton import INTERPRET
 
     if kind in _override:
         tile = _override[kind]
         return dict(zip(("BM", "BN", "BK", "num_warps", "num_stages"), tile), **({"SWAP": True} if len(tile) == 6 else {}))
-    swap = {"SWAP": True} if kind == "fwd" and SWAP_NARROW and N <= 64 else {}
+    swap = {"SWAP": True} if kind != "wgrad" and SWAP_NARROW and N <= 64 else {}
     if INTERPRET:
         return dict(BM=64, BN=64, BK=64, num_warps=4, num_stages=1, **swap)
     bn = 64 if N >= 64 else max(16, 1 << (N - 1).bit_length())
     small_bk = 32 if K >= 32 else 16
     if swap:
-        return dict(BM=256, BN=64, BK=64 if K >= 512 else small_bk, num_warps=8, num_stages=3, **swap)
+        return dict(BM=256, BN=64, BK=64 if chan >= 64 else small_bk, num_warps=8, num_stages=3, **swap)
     if kind == "wgrad":
         if M <= 64 and N >= 1024:  # 64 output channels: a 128-row tile would be half masked
             return dict(BM=64, BN=256, BK=32, num_warps=8, num_stages=3)

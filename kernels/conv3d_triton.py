@@ -106,20 +106,17 @@ def _bn_relu_prologue(a, amask, SC_IN, SH_IN, ci, kmask):
 
 
 @triton.jit
-def _mma_swappable(a, w_row, k, cmask, kmask, acc, PREC: tl.constexpr, SWAP: tl.constexpr):
-    """acc += A W^T for an activation tile A [rows, BK] and the weight rows w_row [channels]
-    (K contiguous) at columns k [BK]; kmask None where every k is inside K. SWAP: acc^T += W A^T,
-    the channels as the MMA's M side. An MMA (wgmma) reads its operands from shared memory for
-    every 64 rows of M: with 64 channels on the N side, the unswapped tile re-reads the weight
-    tile per 64 rows, and the K step is capped by shared-memory bandwidth (compile_report's
-    smem_cap); swapped, each operand is read once and the rows' side can be 256 wide."""
+def _dot_swappable(a, b, acc, PREC: tl.constexpr, SWAP: tl.constexpr):
+    """acc += a b for an activation tile a [rows, BK] and a weight tile b [BK, channels]; SWAP:
+    acc^T += b^T a^T, the channels as the MMA's M side. An MMA (wgmma) reads its operands from
+    shared memory for every 64 rows of M: with 64 channels on the N side, the unswapped tile
+    re-reads the weight tile per 64 rows, and the K step is capped by shared-memory bandwidth
+    (compile_report's smem_cap); swapped, each operand is read once and the rows' side can be
+    256 wide."""
     if SWAP:
-        mask = cmask[:, None] if kmask is None else cmask[:, None] & kmask[None, :]
-        acc = tl.dot(tl.load(w_row[:, None] + k[None, :], mask=mask, other=0.0), tl.trans(a), acc,
-                     input_precision=PREC)
+        acc = tl.dot(tl.trans(b), tl.trans(a), acc, input_precision=PREC)
     else:
-        mask = cmask[None, :] if kmask is None else cmask[None, :] & kmask[:, None]
-        acc = tl.dot(a, tl.load(w_row[None, :] + k[:, None], mask=mask, other=0.0), acc, input_precision=PREC)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
     return acc
 
 
@@ -137,7 +134,7 @@ def _conv_fwd(X, Wt, Y, BIAS, RES, SC_IN, SH_IN, STATS,
     scalars and the A tile's address and padding mask are a row vector plus a channel range,
     instead of a (row, k) grid of divisions and compares (one flat loop still, pipelined).
     SWAP: the transposed product, Y^T = W X^T, with the output channels as the MMA's M side
-    (_mma_swappable)."""
+    (_dot_swappable)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     M = Nb * Do * Ho * Wo
@@ -173,7 +170,8 @@ def _conv_fwd(X, Wt, Y, BIAS, RES, SC_IN, SH_IN, STATS,
                         other=0.0)
             if PROLOGUE:
                 a = _bn_relu_prologue(a, rin[:, None], SC_IN, SH_IN, ci, ci < Cin)
-            acc = _mma_swappable(a, Wt + co * K, k0 + tl.arange(0, BK), comask, None, acc, PREC, SWAP)
+            b = tl.load(Wt + co[None, :] * K + (k0 + tl.arange(0, BK))[:, None], mask=comask[None, :], other=0.0)
+            acc = _dot_swappable(a, b, acc, PREC, SWAP)
             c0, kd, kh, kw = _next_step(c0, kd, kh, kw, Cin, KH, KW, BK)
     else:
         for k0 in range(0, K, BK):
@@ -185,7 +183,8 @@ def _conv_fwd(X, Wt, Y, BIAS, RES, SC_IN, SH_IN, STATS,
             a = tl.load(X + n[:, None] * sxn + ci[None, :] * sxc + sp, mask=amask, other=0.0)
             if PROLOGUE:
                 a = _bn_relu_prologue(a, amask, SC_IN, SH_IN, ci, kmask)
-            acc = _mma_swappable(a, Wt + co * K, k, comask, kmask, acc, PREC, SWAP)
+            b = tl.load(Wt + co[None, :] * K + k[:, None], mask=kmask[:, None] & comask[None, :], other=0.0)
+            acc = _dot_swappable(a, b, acc, PREC, SWAP)
     if SWAP:
         acc = tl.trans(acc)
     if HAS_BIAS:
@@ -224,7 +223,8 @@ def _conv_dgrad(DY, YB, Wt, DX, AL, BE, GA, RES, YIN, SC_IN, SH_IN, MU_IN, STATS
                 SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PD, PH, PW,
                 KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                 BN_BWD: tl.constexpr, HAS_RES: tl.constexpr, RELU_BN: tl.constexpr,
-                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, TAP: tl.constexpr = False):
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, TAP: tl.constexpr = False,
+                SWAP: tl.constexpr = False):
     """dX[n, ci, i] = sum over taps k and co of dY[n, co, (i + p - k) / s] W[co, ci, k].
 
     Strided convolutions are split by the parity class of the input position (i mod s, the
@@ -237,7 +237,8 @@ def _conv_dgrad(DY, YB, Wt, DX, AL, BE, GA, RES, YIN, SC_IN, SH_IN, MU_IN, STATS
     dX *= [YIN * scale + shift > 0], with that BatchNorm's two reductions (sum dX, sum dX (YIN -
     mean)) accumulated per channel (RELU_BN). RES and YIN have DX's layout; YB has DY's.
     TAP (Cout a multiple of BK): as in the forward, the class's tap advances by counters and each
-    K step's dY rows are a hoisted base plus a scalar offset."""
+    K step's dY rows are a hoisted base plus a scalar offset. SWAP: dX^T = W^T dY^T, the input
+    channels as the MMA's M side (_dot_swappable)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     cls = tl.program_id(2)
@@ -255,7 +256,10 @@ def _conv_dgrad(DY, YB, Wt, DX, AL, BE, GA, RES, YIN, SC_IN, SH_IN, MU_IN, STATS
     mmask = (m < M) & (i_d < Di) & (i_h < Hi) & (i_w < Wi)
     ci = pid_n * BN + tl.arange(0, BN)
     cimask = ci < Cin
-    acc = tl.zeros((BM, BN), tl.float32)
+    if SWAP:
+        acc = tl.zeros((BN, BM), tl.float32)
+    else:
+        acc = tl.zeros((BM, BN), tl.float32)
     if TAP:
         # output coordinates at the class's tap 0, hoisted; (td, th, tw) and the channel chunk c0
         # advance by counters
@@ -278,7 +282,7 @@ def _conv_dgrad(DY, YB, Wt, DX, AL, BE, GA, RES, YIN, SC_IN, SH_IN, MU_IN, STATS
                 a = _bn_bwd_prologue(a, yb, ok, co[None, :], kmask[None, :], AL, BE, GA).to(DY.dtype.element_ty)
             row = (((kd0 + SD * td) * KH + kh0 + SH * th) * KW + kw0 + SW * tw) * Cout + co
             b = tl.load(Wt + row[:, None] * Cin + ci[None, :], mask=cimask[None, :], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=PREC)
+            acc = _dot_swappable(a, b, acc, PREC, SWAP)
             c0, td, th, tw = _next_step(c0, td, th, tw, Cout, nth, ntw, BK)
     else:
         for k0 in range(0, K, BK):
@@ -302,7 +306,9 @@ def _conv_dgrad(DY, YB, Wt, DX, AL, BE, GA, RES, YIN, SC_IN, SH_IN, MU_IN, STATS
                 a = _bn_bwd_prologue(a, yb, ok, co[None, :], kmask[None, :], AL, BE, GA).to(DY.dtype.element_ty)
             row = ((kd * KH + kh) * KW + kw) * Cout + co  # in the [taps, Cout, Cin] weight: rows of Cin
             b = tl.load(Wt + row[:, None] * Cin + ci[None, :], mask=kmask[:, None] & cimask[None, :], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=PREC)
+            acc = _dot_swappable(a, b, acc, PREC, SWAP)
+    if SWAP:
+        acc = tl.trans(acc)
     x_off = n[:, None] * sxn + ci[None, :] * sxc + i_d[:, None] * sxd + i_h[:, None] * sxh + i_w[:, None] * sxw
     valid = mmask[:, None] & cimask[None, :]
     if HAS_RES:

@@ -225,3 +225,22 @@ def test_training_block_with_tap_k_loop(case, prologues, monkeypatch):
     x = torch.randn(2, cin, *sp, device=DEV, dtype=torch.float64)
     with conv3d.tile_override((32, 16, 16, 4, 1)):
         _compare(ref, dut, ref, lambda t: fused_basic_block(dut, t), x, torch.float32)
+
+
+@pytest.mark.parametrize("case", [(16, 16, 1, (4, 5, 3)), (16, 32, 2, (5, 4, 6))], ids=["c16-16s1", "c16-32s2"])
+@pytest.mark.parametrize("prologues,k_loop", [(PROLOGUES[0], "flat"), (PROLOGUES[1], "tap")])
+def test_training_block_with_swapped_tiles(case, prologues, k_loop, monkeypatch):
+    """Swapped forward and dgrad tiles (output channels on the MMA's M side) in the fused block,
+    with every fused prologue and epilogue of both modes: the forward's statistics (and BN-ReLU
+    prologue), the dgrad's BN backward on dY, residual and ReLU/BN reductions, strided parity
+    classes; each K loop under one of the two modes; fp32 against fp64."""
+    from kernels import conv3d
+
+    monkeypatch.setattr(conv3d_block, "PROLOGUES", prologues)
+    monkeypatch.setattr(conv3d, "K_LOOP", k_loop)
+    cin, cout, s, sp = case
+    ref, dut = _pair(_block(cin, cout, s), torch.float32)
+    x = torch.randn(2, cin, *sp, device=DEV, dtype=torch.float64)
+    with conv3d.tile_override((32, 16, 16, 4, 1)), conv3d.tile_override((32, 16, 16, 4, 1, "swap"), "fwd", "dgrad"):
+        assert all(conv3d._tiles(kind, 64, 16, 64).get("SWAP") for kind in ("fwd", "dgrad"))
+        _compare(ref, dut, ref, lambda t: fused_basic_block(dut, t), x, torch.float32)

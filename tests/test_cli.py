@@ -100,8 +100,8 @@ def test_bench_conv_tower_and_tiles_on_cpu_check_agreement(tmp_path):
     from kernels.conv3d import SWAP_TILES, TILE_GRID
 
     r, rec = _bench_conv_cpu(tmp_path, "tower,tiles")
-    assert len(rec["tiles"]) == 3 * len(TILE_GRID) + len(SWAP_TILES)
-    assert sum(t["tile"].endswith(" swap") for t in rec["tiles"] if t["kernel"] == "fwd") == len(SWAP_TILES)
+    assert len(rec["tiles"]) == 3 * len(TILE_GRID) + 2 * len(SWAP_TILES)
+    assert sum(t["tile"].endswith(" swap") for t in rec["tiles"] if t["kernel"] != "wgrad") == 2 * len(SWAP_TILES)
     assert all(t["rel_err_vs_cudnn"] < 1e-5 for t in rec["tiles"]), rec["tiles"]
     (row,) = rec["tower"]
     assert row["rel_err_y"] < 1e-4 and row["rel_err_dx"] < 1e-4 and row["rel_err_inference"] < 1e-4

@@ -327,7 +327,7 @@ def _tower(batch, dtype, device, ceil, compile_too: bool) -> list[dict]:
 
 def _tile_sweep(batch, dtype, device, ceil, budget_s: float) -> list[dict]:
     """Each kernel (forward, dgrad, wgrad) of each non-stem layer under every tile of
-    kernels.conv3d.TILE_GRID (the forward also under SWAP_TILES), against cuDNN's same operation (F.conv3d, conv3d_input,
+    kernels.conv3d.TILE_GRID (forward and dgrad also under SWAP_TILES), against cuDNN's same operation (F.conv3d, conv3d_input,
     conv3d_weight): which tile should be the default, and which kernel lags most. Every timed
     result is checked against cuDNN's. Compiling a tile costs seconds, so once budget_s has passed,
     the remaining rows are recorded as skipped. CPU: layer1 alone at 1/8 size, agreement only."""
@@ -362,7 +362,7 @@ def _tile_sweep(batch, dtype, device, ceil, budget_s: float) -> list[dict]:
             want = cudnn[kind]()
             base = _cuda_ms(cudnn[kind]) if gpu else None
             default = _meta_tile(capture(ours[kind])[0][3])  # what _tiles picks for this shape
-            grid = TILE_GRID + (SWAP_TILES if kind == "fwd" else [])
+            grid = TILE_GRID + (SWAP_TILES if kind != "wgrad" else [])
             for tile in grid + ([default] if gpu and default not in grid else []):
                 row = {"layer": name, "kernel": kind, "tile": _tile_name(tile), "default": tile == default}
                 rows.append(row)
@@ -506,7 +506,7 @@ def _gemm_flops(kernel, args, meta) -> int:
 def _ptx_rows() -> list[dict]:
     """Static facts of the block's four GEMM launches compiled for sm_90a (no GPU needed): each
     3^3 layer of the seed tower at the default tile, under both K loops (conv3d.K_LOOP), and
-    layer1 under every tile of the sweep (the forward also under SWAP_TILES). What it shows: wgmma
+    layer1 under every tile of the sweep (forward and dgrad also under SWAP_TILES). What it shows: wgmma
     in use, operand tiles loaded by pipelined async copies (none by synchronous loads), registers,
     spills and shared memory per tile, the SASS main loop's instructions per iteration against its
     MMAs, and the share of the MMA rate its shared-memory traffic allows (smem_cap)."""
@@ -518,10 +518,10 @@ def _ptx_rows() -> list[dict]:
         for tile in [None] + (TILE_GRID + SWAP_TILES if i == 0 else []):
             swap = tile is not None and len(tile) > 5
             for loop in ("flat", "tap") if tile is None or swap else ("flat",):
-                with tile_override(tile, *(("fwd",) if swap else ())) if tile else nullcontext():
+                with tile_override(tile, *(("fwd", "dgrad") if swap else ())) if tile else nullcontext():
                     launches = conv_block_launches(cin, cout, sp, 8, stride=s, k_loop=loop)
                 for variant, launch in launches.items():
-                    if swap and not variant.startswith("fwd"):
+                    if swap and variant.startswith("wgrad"):
                         continue
                     r = report(*launch)
                     rows.append({"layer": name, "variant": variant, "k_loop": loop,
