@@ -11,14 +11,15 @@ Phases, each under a share of one wall-clock budget (gpu_call.py):
   interpreter cannot check). Compiling every tested variant takes minutes (on 2026-11-23 the
   block tests alone took 290 s for 36 of 37), so it is not a default phase: a call of its own;
 - layers, blocks, tower: `ctvlp bench conv` with that part alone (cuDNN eager is the baseline;
-  the tower also with the forward's tap K loop, and inference replayed as a CUDA graph);
+  the tower also with the tap K loop, with the tap loop plus swapped 64-channel forward and
+  dgrad tiles (conv3d.SWAP_NARROW), and inference replayed as a CUDA graph);
 - compile: the tower again with torch.compile(mode="max-autotune"). Its autotuning takes minutes
   for the training graph and again for inference, so it is not a default phase: give it a
   device call of its own;
 - launches: every kernel launch of one fused block's training step (layer1.0, layer2.0,
   layer4.1), timed alone and with its fusion flags off, then under each sweep tile;
 - tiles: each kernel (forward, dgrad, wgrad) of each layer under every tile of the sweep grid
-  (kernels.conv3d.TILE_GRID) against cuDNN's same operation; best_tiles in the record says which
+  (kernels.conv3d.TILE_GRID; forward and dgrad also under SWAP_TILES) against cuDNN's same operation; best_tiles in the record says which
   tile to make the default. Compiling ~50 variants takes minutes: a call of its own.
 Records go to OUTDIR (copy them to benchmarks/results/). Run it with the device tool as
 `mkdir -p $OUT/conv && python3 benchmarks/conv_gpu.py $OUT/conv 2>&1 | tee $OUT/conv/run.log`.

@@ -267,7 +267,7 @@ def _tower(batch, dtype, device, ceil, compile_too: bool) -> list[dict]:
     # name -> (module, the K loop of our convolutions: conv3d.K_LOOP, conv3d.SWAP_NARROW)
     models = {"cudnn eager": (ref, "flat", False), "triton fused": (tri, "flat", False),
               "triton fused, tap K loop": (tri, "tap", False),
-              "triton fused, tap K loop, swapped 64-channel forward": (tri, "tap", True)}
+              "triton fused, tap K loop, swapped 64-channel tiles": (tri, "tap", True)}
     compile_s = {}
     if compile_too:
         comp = copy.deepcopy(ref)
