@@ -102,7 +102,7 @@ def tile_override(tile: tuple, *kinds: str):
     """Run the `kinds` kernels ("fwd", "dgrad", "wgrad"; all three if none is named) with this
     (BM, BN, BK, num_warps, num_stages[, "swap"]) instead of _tiles' choice, whatever the shape:
     the tile sweep's handle. "swap" (forward and dgrad only) puts the output channels on the
-    MMA's M side (conv3d_triton._mma_swappable)."""
+    MMA's M side (conv3d_triton._dot_swappable)."""
     kinds = kinds or KINDS
     bad = set(kinds) - set(KINDS)
     if bad:
