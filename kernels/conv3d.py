@@ -51,6 +51,11 @@ TILE_GRID = [(128, 64, 32, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (64
 SWAP_TILES = [(128, 64, 64, 4, 3, "swap"), (256, 64, 64, 8, 3, "swap"), (256, 64, 64, 8, 2, "swap"),
               (256, 128, 64, 8, 3, "swap")]
 KINDS = ("fwd", "dgrad", "wgrad")
+
+
+def is_swapped(tile: tuple) -> bool:
+    """Whether a sweep tile is (BM, BN, BK, num_warps, num_stages, "swap")."""
+    return len(tile) > 5
 _override: dict[str, tuple] = {}
 # The K loop of the forward and the dgrad: "flat" (measured default) decodes (tap, channel) per
 # element; "tap" (for reduced channels a multiple of BK) takes each step's tap as scalars (TAP);
@@ -107,7 +112,7 @@ def tile_override(tile: tuple, *kinds: str):
     bad = set(kinds) - set(KINDS)
     if bad:
         raise ValueError(f"tile_override: kind must be one of {KINDS}, got {sorted(bad)}")
-    if len(tile) not in (5, 6) or (len(tile) == 6 and (tile[5] != "swap" or "wgrad" in kinds)):
+    if len(tile) not in (5, 6) or (is_swapped(tile) and (tile[5] != "swap" or "wgrad" in kinds)):
         raise ValueError(f"tile_override: a tile is (BM, BN, BK, num_warps, num_stages[, 'swap']), and 'swap' is for "
                          f"the fwd and dgrad kinds only; got {tile} for {kinds}")
     _override.update(dict.fromkeys(kinds, tuple(tile)))
@@ -135,7 +140,7 @@ def _tiles(kind: str, M: int, N: int, K: int, chan: int = 0) -> dict:
 
     if kind in _override:
         tile = _override[kind]
-        return dict(zip(("BM", "BN", "BK", "num_warps", "num_stages"), tile), **({"SWAP": True} if len(tile) == 6 else {}))
+        return dict(zip(("BM", "BN", "BK", "num_warps", "num_stages"), tile), **({"SWAP": True} if is_swapped(tile) else {}))
     swap = {"SWAP": True} if kind != "wgrad" and SWAP_NARROW and N <= 64 else {}
     if INTERPRET:
         return dict(BM=64, BN=64, BK=64, num_warps=4, num_stages=1, **swap)

@@ -327,8 +327,8 @@ def _tower(batch, dtype, device, ceil, compile_too: bool) -> list[dict]:
 
 def _tile_sweep(batch, dtype, device, ceil, budget_s: float) -> list[dict]:
     """Each kernel (forward, dgrad, wgrad) of each non-stem layer under every tile of
-    kernels.conv3d.TILE_GRID (forward and dgrad also under SWAP_TILES), against cuDNN's same operation (F.conv3d, conv3d_input,
-    conv3d_weight): which tile should be the default, and which kernel lags most. Every timed
+    kernels.conv3d.TILE_GRID (forward and dgrad also under SWAP_TILES), against cuDNN's same
+    operation (F.conv3d, conv3d_input, conv3d_weight): which tile should be the default, and which kernel lags most. Every timed
     result is checked against cuDNN's. Compiling a tile costs seconds, so once budget_s has passed,
     the remaining rows are recorded as skipped. CPU: layer1 alone at 1/8 size, agreement only."""
     import time
@@ -383,7 +383,9 @@ def _tile_sweep(batch, dtype, device, ceil, budget_s: float) -> list[dict]:
 
 
 def _tile_name(tile) -> str:
-    return "x".join(map(str, tile[:3])) + f" w{tile[3]} s{tile[4]}" + (" swap" if len(tile) > 5 else "")
+    from kernels.conv3d import is_swapped
+
+    return "x".join(map(str, tile[:3])) + f" w{tile[3]} s{tile[4]}" + (" swap" if is_swapped(tile) else "")
 
 
 def _meta_tile(meta: dict) -> tuple:
@@ -511,12 +513,12 @@ def _ptx_rows() -> list[dict]:
     spills and shared memory per tile, the SASS main loop's instructions per iteration against its
     MMAs, and the share of the MMA rate its shared-memory traffic allows (smem_cap)."""
     from kernels.compile_report import conv_block_launches, report
-    from kernels.conv3d import SWAP_TILES, TILE_GRID, tile_override
+    from kernels.conv3d import SWAP_TILES, TILE_GRID, is_swapped, tile_override
 
     rows = []
     for i, (name, cin, cout, sp, k, s, p) in enumerate(lay for lay in LAYERS if lay[4] == 3):
         for tile in [None] + (TILE_GRID + SWAP_TILES if i == 0 else []):
-            swap = tile is not None and len(tile) > 5
+            swap = tile is not None and is_swapped(tile)
             for loop in ("flat", "tap") if tile is None or swap else ("flat",):
                 with tile_override(tile, *(("fwd", "dgrad") if swap else ())) if tile else nullcontext():
                     launches = conv_block_launches(cin, cout, sp, 8, stride=s, k_loop=loop)
