@@ -4,6 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
+# pytest-xdist workers: the tests are single-threaded (OMP_NUM_THREADS=1, the Triton interpreter),
+# so one worker per core; tests that start a Ray cluster share one worker (xdist_group "ray").
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 .PHONY: venv demo test test-fast bench-loader clean-venv
 
@@ -23,10 +27,10 @@ demo: venv
 	$(VENV)/bin/ctvlp demo --config configs/demo.yaml
 
 test: venv
-	$(PY) -m pytest -q --durations=10 tests kernels
+	$(PYTEST) --durations=20 tests kernels
 
 test-fast: venv
-	$(PY) -m pytest -q -m "not slow" tests kernels
+	$(PYTEST) -m "not slow" tests kernels
 
 bench-loader: venv
 	$(VENV)/bin/ctvlp bench loader

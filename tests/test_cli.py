@@ -48,6 +48,7 @@ def test_config_show_and_keys():
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("ray")  # the demo labels through Ray actors
 def test_demo_runs(tmp_path):
     """A smaller version of the demo's whole path: every stage runs for real (vLLM on 2 reports,
     both training stages on 2 Ray workers for 2 steps each); the AUC bar is the full demo's."""

@@ -16,7 +16,7 @@ import pytest
 
 from ctvlp_dist.labels.store import read_labels
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]  # Ray actors: one cluster at a time
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 

@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 from .conftest import ROOT, run_ctvlp
 
-pytestmark = pytest.mark.slow
+# Tests that start a local Ray cluster share one xdist worker, so no two clusters run at once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 CONFIG = str(ROOT / "configs" / "train_tiny_cpu.yaml")
 
 
