@@ -17,6 +17,16 @@ SMALL_SHAPE = (16, 40, 40)
 SMALL_SPACING = (18.0, 9.0, 9.0)
 
 
+def pytest_runtest_setup(item):
+    """`make test` runs `--dist loadgroup`, and xdist marks grouped tests by appending `@group` to
+    their node ids. A pytest that xdist cannot tag (9.2 with xdist 3.8) splits the Ray group
+    silently, so two Ray clusters and vLLM engines would share the machine: fail those tests instead."""
+    if getattr(item.config.option, "loadgroup", False) and item.get_closest_marker("xdist_group") \
+            and "@" not in item.nodeid:
+        pytest.fail("pytest-xdist did not keep this test in its xdist_group; install the pinned pytest: "
+                    "pip install -c requirements/constraints.txt pytest", pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not (SHARED_DATA / "example_ct.nii.gz").exists():
