@@ -12,7 +12,8 @@ Phases, each under a share of one wall-clock budget (gpu_call.py):
   block tests alone took 290 s for 36 of 37), so it is not a default phase: a call of its own;
 - layers, blocks, tower: `ctvlp bench conv` with that part alone (cuDNN eager is the baseline;
   the tower also with the tap K loop, with the tap loop plus swapped 64-channel forward and
-  dgrad tiles (conv3d.SWAP_NARROW), and inference replayed as a CUDA graph);
+  dgrad tiles (conv3d.SWAP_NARROW: a 4-warp forward, and again with the 8-warp one), and
+  inference replayed as a CUDA graph);
 - compile: the tower again with torch.compile(mode="max-autotune"). Its autotuning takes minutes
   for the training graph and again for inference, so it is not a default phase: give it a
   device call of its own;

@@ -26,7 +26,7 @@ from .conv3d_ref import bn_affine, fold_bn, reference_conv3d, update_running_sta
 
 __all__ = ["conv3d_forward", "conv3d_triton", "conv_block_inference", "reference_conv3d", "bn_affine",
            "update_running_stats", "fold_bn", "tile_override", "k_loop", "swap_narrow", "TILE_GRID",
-           "SWAP_TILES"]
+           "SWAP_TILES", "SWAP_NARROW_TILES"]
 
 
 def _triple(v) -> tuple[int, int, int]:
@@ -47,15 +47,22 @@ TILE_GRID = [(128, 64, 32, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (64
 # Tiles with the GEMM's operands swapped (output channels on the MMA's M side), swept for the
 # forward and the dgrad: for 64 output channels (layer1, the stem; the dgrad of layers 1-2) they
 # lift compile_report's shared-memory cap from 0.57 (128 x 64, m64n64 MMAs) to 0.67-0.73
-# (m64n128); for 128, from 0.89 (256 x 128) to 1.0 (m64n256). No GPU run yet.
+# (m64n128), and to 0.8 with one warpgroup over 256 voxels (m64n256); for 128, from 0.89
+# (256 x 128) to 1.0 (m64n256). No GPU run yet.
 SWAP_TILES = [(128, 64, 64, 4, 3, "swap"), (256, 64, 64, 8, 3, "swap"), (256, 64, 64, 8, 2, "swap"),
-              (256, 128, 64, 8, 3, "swap")]
+              (256, 128, 64, 8, 3, "swap"), (256, 64, 32, 4, 4, "swap")]
 KINDS = ("fwd", "dgrad", "wgrad")
+# SWAP_NARROW's tiles by kind, from compile_report at layer1 (sm_90a, tap loop): the forward's one
+# warpgroup (m64n256, cap 0.8, 230 registers, so two CTAs per SM) over the 8-warp 256 x 64 x 64
+# (m64n128, cap 0.727, one CTA); the dgrad keeps 8 warps, since with 4 its ReLU/BN epilogue spills.
+SWAP_NARROW_TILES = {"fwd": (256, 64, 32, 4, 4, "swap"), "dgrad": (256, 64, 64, 8, 3, "swap")}
 
 
 def is_swapped(tile: tuple) -> bool:
     """Whether a sweep tile is (BM, BN, BK, num_warps, num_stages, "swap")."""
     return len(tile) > 5
+
+
 _override: dict[str, tuple] = {}
 # The K loop of the forward and the dgrad: "flat" (measured default) decodes (tap, channel) per
 # element; "tap" (for reduced channels a multiple of BK) takes each step's tap as scalars (TAP);
@@ -63,8 +70,8 @@ _override: dict[str, tuple] = {}
 # was slower on 2026-11-22, when synchronous weight loads were the bottleneck; this one keeps a
 # single pipelined loop, and waits for a GPU run (bench conv tower's "tap loop" rows).
 K_LOOP = "flat"
-# Forward and dgrad launches with at most 64 output channels take SWAP_TILES[1] (256 x 64 x 64,
-# 8 warps, swapped) when set; off until a GPU run times it (bench conv tower's "swapped" rows).
+# Forward and dgrad launches with at most 64 output channels take SWAP_NARROW_TILES when set;
+# off until a GPU run times it (bench conv tower's "swapped" rows).
 SWAP_NARROW = False
 
 
@@ -92,14 +99,19 @@ def k_loop(mode: str):
 
 
 @contextmanager
-def swap_narrow(on: bool = True):
-    """Run the convolutions with SWAP_NARROW set (or cleared) inside the block."""
+def swap_narrow(on: bool = True, fwd_tile: tuple | None = None):
+    """Run the convolutions with SWAP_NARROW set (or cleared) inside the block; `fwd_tile` (a
+    SWAP_TILES entry) replaces the forward's SWAP_NARROW_TILES entry there, for the tower's rows."""
     global SWAP_NARROW
+    if fwd_tile is not None and not is_swapped(fwd_tile):
+        raise ValueError(f"swap_narrow: fwd_tile must be a swapped tile (BM, BN, BK, warps, stages, 'swap'), got {fwd_tile}")
     old, SWAP_NARROW = SWAP_NARROW, bool(on)
+    old_fwd = SWAP_NARROW_TILES["fwd"]
+    SWAP_NARROW_TILES["fwd"] = tuple(fwd_tile or old_fwd)
     try:
         yield
     finally:
-        SWAP_NARROW = old
+        SWAP_NARROW, SWAP_NARROW_TILES["fwd"] = old, old_fwd
 
 
 @contextmanager
@@ -135,7 +147,7 @@ def _tiles(kind: str, M: int, N: int, K: int, chan: int = 0) -> dict:
       128 x 128 x 32, 4 warps, 4 stages from N = 1024 (1.7-1.9x), but 64 x 256 x 32, 8 warps
       for 64 output channels (layer1: 1.1x more); else 128 x 64 x 64.
     Small channel counts (the 1-channel stem) narrow BN and BK. SWAP_NARROW: forwards and dgrads
-    with at most 64 output channels take the swapped 256 x 64 x 64 tile, 8 warps (SWAP_TILES)."""
+    with at most 64 output channels take SWAP_NARROW_TILES (swapped, 256 voxels x 64 channels)."""
     from .conv3d_triton import INTERPRET
 
     if kind in _override:
@@ -147,7 +159,8 @@ def _tiles(kind: str, M: int, N: int, K: int, chan: int = 0) -> dict:
     bn = 64 if N >= 64 else max(16, 1 << (N - 1).bit_length())
     small_bk = 32 if K >= 32 else 16
     if swap:
-        return dict(BM=256, BN=64, BK=64 if chan >= 64 else small_bk, num_warps=8, num_stages=3, **swap)
+        bm, bn_s, bk, warps, stages = SWAP_NARROW_TILES[kind][:5]
+        return dict(BM=bm, BN=bn_s, BK=bk if chan >= bk else small_bk, num_warps=warps, num_stages=stages, **swap)
     if kind == "wgrad":
         if M <= 64 and N >= 1024:  # 64 output channels: a 128-row tile would be half masked
             return dict(BM=64, BN=256, BK=32, num_warps=8, num_stages=3)

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kernels import conv3d, conv3d_triton as conv3d_kernels
 from kernels.conv3d import (SWAP_TILES, TILE_GRID, bn_affine, conv3d_forward, conv3d_triton, conv_block_inference, reference_conv3d,
                             tile_override)
 
@@ -90,7 +91,6 @@ def test_forward_tap_loop(case, dtype, monkeypatch):
     """conv3d.K_LOOP = "tap": the tap's coordinates as scalars per K step. Same epilogue (bias,
     stats, residual, ReLU) and prologue (BN-ReLU) as the flat loop, against fp64; the launch
     really takes the TAP path (and the flat loop where Cin is no multiple of BK)."""
-    from kernels import conv3d
     from kernels.compile_report import capture
 
     monkeypatch.setattr(conv3d, "K_LOOP", "tap")
@@ -126,7 +126,6 @@ def test_forward_swapped_operands(case, k_loop, dtype, monkeypatch):
     """A swapped tile (Y^T = W X^T, output channels on the MMA's M side) gives the forward with
     every epilogue and the prologue, against fp64; the launch really is swapped (SWAP), from a
     tile_override "swap" tile and from conv3d.SWAP_NARROW for at most 64 output channels."""
-    from kernels import conv3d
     from kernels.compile_report import capture
 
     monkeypatch.setattr(conv3d, "K_LOOP", k_loop)
@@ -155,6 +154,26 @@ def test_swap_tiles_are_forward_only_and_named():
             pass
     with pytest.raises(ValueError, match="'swap' is for"):
         with tile_override((64, 64, 32, 4, 1, "swapp"), "fwd"):
+            pass
+
+
+def test_swap_narrow_picks_its_tile_by_kind(monkeypatch):
+    """The GPU choice (INTERPRET off; nothing launches): under swap_narrow, 64-channel forwards take
+    SWAP_NARROW_TILES["fwd"] and dgrads ["dgrad"]; fwd_tile swaps the forward's for one block; wider
+    outputs and the wgrad never swap; everything is restored on exit."""
+    monkeypatch.setattr(conv3d_kernels, "INTERPRET", False)
+    pick = lambda kind, n=64, chan=64: tuple(conv3d._tiles(kind, 8 * 48 * 96 * 96, n, 27 * chan, chan).values())
+    plain = pick("fwd")
+    with conv3d.swap_narrow():
+        assert pick("fwd") == (256, 64, 32, 4, 4, True) == conv3d.SWAP_NARROW_TILES["fwd"][:5] + (True,)
+        assert pick("dgrad") == (256, 64, 64, 8, 3, True) == conv3d.SWAP_NARROW_TILES["dgrad"][:5] + (True,)
+        assert pick("fwd", n=128)[-1] is not True and pick("wgrad")[-1] is not True
+        with conv3d.swap_narrow(fwd_tile=SWAP_TILES[1]):
+            assert pick("fwd") == SWAP_TILES[1][:5] + (True,) and pick("dgrad")[:4] == (256, 64, 64, 8)
+        assert pick("fwd")[3] == 4
+    assert pick("fwd") == plain and plain[-1] is not True and conv3d.SWAP_NARROW_TILES["fwd"][3] == 4
+    with pytest.raises(ValueError, match="fwd_tile must be a swapped tile"):
+        with conv3d.swap_narrow(fwd_tile=TILE_GRID[0]):
             pass
 
 
@@ -235,7 +254,6 @@ def test_bn_statistics_when_the_mean_dwarfs_the_std():
 
 @pytest.mark.parametrize("c,k_loop", [(6, "flat"), (64, "tap")])
 def test_inference_block_with_folded_bn(c, k_loop, monkeypatch):
-    from kernels import conv3d
 
     monkeypatch.setattr(conv3d, "K_LOOP", k_loop)
     x = _x(2, c, (5, 6, 7), torch.float32)
@@ -256,7 +274,6 @@ def test_inference_block_with_folded_bn(c, k_loop, monkeypatch):
 @pytest.mark.parametrize("case", CASES + TAP_CASES[:3], ids=lambda c: f"c{c[0]}-{c[1]}_k{c[3]}s{c[4]}p{c[5]}")
 @pytest.mark.parametrize("k_loop", ["flat", "tap"])
 def test_cuda_bf16(case, k_loop, monkeypatch):
-    from kernels import conv3d
 
     monkeypatch.setattr(conv3d, "K_LOOP", k_loop)
     cin, cout, sp, k, s, p = case
@@ -336,7 +353,6 @@ def test_dgrad_tap_loop(case, monkeypatch):
     """The dgrad's per-tap loop (Cout a multiple of BK): strided parity classes, a non-cubic
     kernel and a padded even kernel (1 tap per class, shifted); dx against fp64, and the launch
     really takes the TAP path."""
-    from kernels import conv3d
     from kernels.compile_report import capture
     from kernels.conv3d import conv3d_dgrad
 
@@ -388,7 +404,6 @@ def test_inference_folds_once_and_refolds_after_a_change():
 def test_wgrad_tap_loop(case, monkeypatch):
     """The wgrad's tap form (Cin a multiple of BN: a program's columns lie in one tap), plain and
     with the BN-ReLU prologue on X; dW against fp64, and the launch takes the TAP path."""
-    from kernels import conv3d
     from kernels.compile_report import capture
     from kernels.conv3d import conv3d_wgrad
 

@@ -228,6 +228,13 @@ def _cuda_graph(fn):
     return graph.replay
 
 
+def _swapping(swap):
+    """conv3d.swap_narrow for a tower row: False, True, or a forward tile to swap with."""
+    from kernels.conv3d import swap_narrow
+
+    return swap_narrow(bool(swap), fwd_tile=swap if isinstance(swap, tuple) else None)
+
+
 def _tower(batch, dtype, device, ceil, compile_too: bool) -> list[dict]:
     """The whole tower: a training step (BN batch statistics, forward + backward of all
     parameters and the input) and inference (eval, no autograd: BN folded on the Triton side)."""
@@ -237,7 +244,7 @@ def _tower(batch, dtype, device, ceil, compile_too: bool) -> list[dict]:
 
     import torch
 
-    from kernels.conv3d import k_loop, swap_narrow
+    from kernels.conv3d import SWAP_TILES, k_loop, swap_narrow
 
     from ..models.flops import image_tower_train_flops
     from ..models.resnet3d import ResNet3d18
@@ -264,10 +271,12 @@ def _tower(batch, dtype, device, ceil, compile_too: bool) -> list[dict]:
     if not gpu:
         return [{"tower": "train+inference agreement", **base}]
     train_fl = image_tower_train_flops(SimpleNamespace(stem="k2s2", norm="bn", gn_groups=32, width=width), crop) * batch
-    # name -> (module, the K loop of our convolutions: conv3d.K_LOOP, conv3d.SWAP_NARROW)
+    # name -> (module, the K loop of our convolutions: conv3d.K_LOOP, conv3d.SWAP_NARROW: off,
+    # on, or on with this forward tile in place of SWAP_NARROW_TILES["fwd"])
     models = {"cudnn eager": (ref, "flat", False), "triton fused": (tri, "flat", False),
               "triton fused, tap K loop": (tri, "tap", False),
-              "triton fused, tap K loop, swapped 64-channel tiles": (tri, "tap", True)}
+              "triton fused, tap K loop, swapped 64-channel tiles": (tri, "tap", True),
+              "triton fused, tap K loop, swapped 64-channel tiles, 8-warp forward": (tri, "tap", SWAP_TILES[1])}
     compile_s = {}
     if compile_too:
         comp = copy.deepcopy(ref)
@@ -294,13 +303,13 @@ def _tower(batch, dtype, device, ceil, compile_too: bool) -> list[dict]:
                     step = _train_step(m, xg, g)
 
                     def fn(step=step, loop=loop, swap=swap):
-                        with k_loop(loop), swap_narrow(swap):
+                        with k_loop(loop), _swapping(swap):
                             step()
                 else:
                     m.eval()
 
                     def fn(m=m, loop=loop, swap=swap):
-                        with torch.no_grad(), k_loop(loop), swap_narrow(swap):
+                        with torch.no_grad(), k_loop(loop), _swapping(swap):
                             m(x)
                     if graph:  # embedding extraction without per-launch CPU cost
                         fn = _cuda_graph(fn)
