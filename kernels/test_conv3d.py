@@ -254,7 +254,6 @@ def test_bn_statistics_when_the_mean_dwarfs_the_std():
 
 @pytest.mark.parametrize("c,k_loop", [(6, "flat"), (64, "tap")])
 def test_inference_block_with_folded_bn(c, k_loop, monkeypatch):
-
     monkeypatch.setattr(conv3d, "K_LOOP", k_loop)
     x = _x(2, c, (5, 6, 7), torch.float32)
     w = torch.randn(6, c, 3, 3, 3, device=DEV) / (c * 27) ** 0.5
@@ -274,7 +273,6 @@ def test_inference_block_with_folded_bn(c, k_loop, monkeypatch):
 @pytest.mark.parametrize("case", CASES + TAP_CASES[:3], ids=lambda c: f"c{c[0]}-{c[1]}_k{c[3]}s{c[4]}p{c[5]}")
 @pytest.mark.parametrize("k_loop", ["flat", "tap"])
 def test_cuda_bf16(case, k_loop, monkeypatch):
-
     monkeypatch.setattr(conv3d, "K_LOOP", k_loop)
     cin, cout, sp, k, s, p = case
     x = _x(2, cin, sp, torch.bfloat16).requires_grad_()

@@ -337,8 +337,8 @@ def _tower(batch, dtype, device, ceil, compile_too: bool) -> list[dict]:
 def _tile_sweep(batch, dtype, device, ceil, budget_s: float) -> list[dict]:
     """Each kernel (forward, dgrad, wgrad) of each non-stem layer under every tile of
     kernels.conv3d.TILE_GRID (forward and dgrad also under SWAP_TILES), against cuDNN's same
-    operation (F.conv3d, conv3d_input, conv3d_weight): which tile should be the default, and which kernel lags most. Every timed
-    result is checked against cuDNN's. Compiling a tile costs seconds, so once budget_s has passed,
+    operation (F.conv3d, conv3d_input, conv3d_weight): which tile should be the default, and which
+    kernel lags most. Every timed result is checked against cuDNN's. Compiling a tile costs seconds, so once budget_s has passed,
     the remaining rows are recorded as skipped. CPU: layer1 alone at 1/8 size, agreement only."""
     import time
 
