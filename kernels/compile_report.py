@@ -118,7 +118,9 @@ def _dot_loop_depth(ttgir: str) -> int:
 def _sass_loop(cubin: bytes, tool_dir: str) -> dict:
     """The main loop in the machine code (nvdisasm): the longest block that ends in a backward
     branch and issues tensor-core MMAs. Its instruction count per iteration against its MMAs says
-    whether a K step is bound by issuing address arithmetic rather than by the tensor cores."""
+    whether a K step is bound by issuing address arithmetic rather than by the tensor cores.
+    Only conditional branches close a loop: a TMA wait's retry block ends in an unconditional
+    jump back into the loop, which is not a loop of its own."""
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.cubin")
         with open(path, "wb") as f:
@@ -134,7 +136,7 @@ def _sass_loop(cubin: bytes, tool_dir: str) -> dict:
             ins.append(op.group(1).strip())
     best = []
     for i, text in enumerate(ins):
-        br = re.search(r"BRA\s+(?:`\()?\.?(L_x_\d+)", text)
+        br = re.match(r"@!?U?P\d\s+BRA\s+(?:`\()?\.?(L_x_\d+)", text)
         if br and labels.get(br.group(1), i + 1) < i:
             body = ins[labels[br.group(1)]:i + 1]
             if any("GMMA" in x for x in body) and len(body) > len(best):
@@ -143,7 +145,7 @@ def _sass_loop(cubin: bytes, tool_dir: str) -> dict:
     return {"loop_sass_instructions": len(best), "loop_sass_mma": mma, **_smem_traffic(best)}
 
 
-_ELEM_BYTES = {"BF16": 2, "F16": 2, "TF32": 4, "E4M3": 1, "E5M2": 1}
+_ELEM_BYTES = {"BF16": 2, "F16": 2, "TF32": 4, "F32": 4, "E4M3": 1, "E5M2": 1}
 
 
 def _smem_traffic(body: list[str]) -> dict:
@@ -188,10 +190,12 @@ def report(kernel, grid, args, meta, arch: int = 90) -> dict:
     kmeta = {k: v for k, v in meta.items() if k not in opts}
     k = triton.compile(_signature(kernel, args, kmeta), target=GPUTarget("cuda", arch, 128), options=opts)
     loop = _loop_lines(k.asm["ttgir"])
+    tma = [m.groups() for ln in loop if "async_tma_copy_global_to_local" in ln
+           for m in [re.search(r"-> !ttg\.memdesc<(\d+)x(\d+)x(\w+),", ln)] if m]
     ptx = k.asm["ptx"]
     out = {"kernel": kernel.__name__, **{n: meta[n] for n in ("BM", "BN", "BK", "num_warps", "num_stages") if n in meta},
            "grid": list(grid), "wgmma": ptx.count("wgmma.mma_async"), "mma_sync": ptx.count("mma.sync"),
-           "loop_async_loads": sum("async_copy_global_to_local" in ln for ln in loop),
+           "loop_async_loads": sum("async_copy_global_to_local" in ln for ln in loop), "loop_tma_loads": len(tma),
            "loop_sync_tile_loads": sum(bool(re.search(r"tt\.load .*tensor<\d+x\d+x!tt\.ptr", ln)) for ln in loop),
            "dot_loop_depth": _dot_loop_depth(k.asm["ttgir"]),
            "shared_bytes": k.metadata.shared}
@@ -206,6 +210,8 @@ def report(kernel, grid, args, meta, arch: int = 90) -> dict:
     spill = re.search(r"(\d+) bytes spill stores", r.stderr)
     out.update(registers=int(regs.group(1)) if regs else None, spill_store_bytes=int(spill.group(1)) if spill else None)
     out.update(_sass_loop(k.asm["cubin"], os.path.dirname(ptxas)))
+    # the copy engine writes a TMA block into shared memory for the whole program: per warp, its share
+    out["loop_smem_write_bytes_per_warp"] += sum(int(r) * int(c) * _ELEM_BYTES[t.upper()] for r, c, t in tma) // k.metadata.num_warps
     out["smem_cap"] = smem_cap(out)
     return out
 

@@ -25,17 +25,19 @@ import triton
 import triton.language as tl
 
 from ._device import num_sms
-from .contrastive_triton import INTERPRET, _g_tile, _gscale, _prec, _s_tile
+from .contrastive_triton import INTERPRET, _descriptors, _g_tile, _gscale, _prec, _s_tile, tma_ok
 
 PANEL_BYTES = 512 << 20
 
 
 @triton.jit
 def _grad_tile(I, T, G_R, G_C, LSE_R, LSE_C, NPOS, GP, GS, scale_ptr, r0, R, B_R, B_C, D, sI, sT, sGP,
-               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, GSCALE: tl.constexpr):
+               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, GSCALE: tl.constexpr,
+               TMA: tl.constexpr = False):
     """One [BM, BN] tile of G for panel rows [r0, r0 + R): S over a pipelined K loop, G from both
     directions in the epilogue, stored scaled (GSCALE) in the panel's dtype; the tile's
-    sum(G * S) goes to its own slot of GS (d logit_scale, summed later in a fixed order)."""
+    sum(G * S) goes to its own slot of GS (d logit_scale, summed later in a fixed order).
+    TMA: operands through tensor descriptors (_s_tile)."""
     pm = tl.program_id(0)
     pn = tl.program_id(1)
     s = tl.load(scale_ptr).to(tl.float32)
@@ -44,7 +46,9 @@ def _grad_tile(I, T, G_R, G_C, LSE_R, LSE_C, NPOS, GP, GS, scale_ptr, r0, R, B_R
     rmask = (lrows < R) & (rows < B_R)
     cols = pn * BN + tl.arange(0, BN)
     cmask = cols < B_C
-    S = _s_tile(I, T, rows, cols, rmask, cmask, s, D, sI, sT, BM, BN, BK, PREC)
+    if TMA:
+        I, T = _descriptors(I, T, B_R, B_C, D, sI, sT, BM, BN, BK)
+    S = _s_tile(I, T, rows, cols, rmask, cmask, s, D, sI, sT, BM, BN, BK, PREC, r0 + pm * BM, pn * BN, TMA)
     G = _g_tile(S, rows, cols, rmask, cmask, LSE_R, LSE_C, NPOS, G_R, G_C, FACTOR=True)
     tl.store(GS + pm * tl.num_programs(1) + pn, tl.sum(tl.sum(G * S, 1), 0))
     tl.store(GP + lrows[:, None] * sGP + cols[None, :], (G * GSCALE).to(GP.dtype.element_ty),
@@ -96,7 +100,8 @@ def panel_tiles(dtype: torch.dtype) -> dict:
     bf16, d = 512) to at most 118 registers and 96 KB of shared memory, so that two programs share
     an SM and one's epilogue (the exponentials) overlaps the other's MMA; a 128 x 128 G tile
     needs 227 registers. Unmeasured until a GPU run; the benchmark sweeps others.
-    `CTVLP_CLIP_PANEL_TILES="gBM,gBN,gBK,gW,gS;mBM,mBN,mBK,mW,mS"` overrides both."""
+    `CTVLP_CLIP_PANEL_TILES="gBM,gBN,gBK,gW,gS[,tma];mBM,mBN,mBK,mW,mS"` overrides both; tma=1 loads the G
+    tile's operands through tensor descriptors where the inputs allow."""
     env = os.environ.get("CTVLP_CLIP_PANEL_TILES")
     if env:
         g, m = ([int(x) for x in part.split(",")] for part in env.split(";"))
@@ -107,7 +112,7 @@ def panel_tiles(dtype: torch.dtype) -> dict:
     else:
         g, m = [64, 64, 32, 4, 3], [64, 64, 32, 4, 3]
     keys = ("BM", "BN", "BK", "num_warps", "num_stages")
-    return {"grad": dict(zip(keys, g)), "mm": dict(zip(keys, m))}
+    return {"grad": dict(zip(keys, g), TMA=len(g) > 5 and bool(g[5])), "mm": dict(zip(keys, m))}
 
 
 def panel_rows(b_r: int, b_c: int, itemsize: int, bm: int) -> int:
@@ -162,7 +167,7 @@ def panel_backward(I, T, s, g_rows, g_cols, lse_r, lse_c, n_rows, coef, tf32: bo
         raise ValueError(f"CTVLP_CLIP_PANEL_MM must be triton or torch, got {mm!r}")
     gemm = _mm_triton if mm == "triton" else _mm_torch
     tiles = panel_tiles(I.dtype)
-    tg = tiles["grad"]
+    tg = dict(tiles["grad"], TMA=tiles["grad"]["TMA"] and tma_ok(I, T))
     prec, gscale = _prec(I.dtype, tf32), _gscale(I.dtype)
     coef_t = torch.as_tensor(coef, dtype=torch.float32, device=I.device).reshape(1)
     R = panel_rows(b_r, b_c, I.dtype.itemsize, tg["BM"])

@@ -28,17 +28,31 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 @triton.jit
 def _s_tile(I, T, rows, cols, rmask, cmask, s, D, sI, sT, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-            PREC: tl.constexpr):
-    """s * I[rows] @ T[cols]^T in fp32, looping over d in BK chunks."""
+            PREC: tl.constexpr, r0=0, c0=0, TMA: tl.constexpr = False):
+    """s * I[rows] @ T[cols]^T in fp32, looping over d in BK chunks. TMA: I and T are tensor
+    descriptors (_descriptors) and the tile is rows [r0, r0 + BM) x cols [c0, c0 + BN): the copy
+    engine loads each operand block with no per-thread address arithmetic and fills rows past
+    the end with zeros; rows the caller masks (a panel's rows past R) are loaded and masked later."""
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    ks = tl.arange(0, BK)
-    for k0 in range(0, D, BK):
-        kk = k0 + ks
-        kmask = kk < D
-        a = tl.load(I + rows[:, None] * sI + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(T + cols[:, None] * sT + kk[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
-        acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC)
+    if TMA:
+        for k0 in range(0, D, BK):
+            acc = tl.dot(I.load([r0, k0]), tl.trans(T.load([c0, k0])), acc, input_precision=PREC)
+    else:
+        ks = tl.arange(0, BK)
+        for k0 in range(0, D, BK):
+            kk = k0 + ks
+            kmask = kk < D
+            a = tl.load(I + rows[:, None] * sI + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            b = tl.load(T + cols[:, None] * sT + kk[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
+            acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC)
     return acc * s
+
+
+@triton.jit
+def _descriptors(I, T, B_R, B_C, D, sI, sT, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Tensor descriptors of I and T in [BM, BK] and [BN, BK] blocks, for _s_tile's TMA loads."""
+    return (tl.make_tensor_descriptor(I, [B_R, D], [sI, 1], [BM, BK]),
+            tl.make_tensor_descriptor(T, [B_C, D], [sT, 1], [BN, BK]))
 
 
 @triton.jit
@@ -59,7 +73,7 @@ def _col_sums_own_max(S, t_max):
 @triton.jit
 def _fwd_rows(I, T, G_R, G_C, M_R, L_R, POS, CMAX, CSUM, s, B_R, B_C, D, sI, sT, rb, pid, q, cb_lo, cb_hi,
               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, FACTOR: tl.constexpr,
-              SPAN: tl.constexpr, ONE_RB: tl.constexpr):
+              SPAN: tl.constexpr, ONE_RB: tl.constexpr, TMA: tl.constexpr):
     """Row block rb against column blocks [cb_lo, cb_hi): row partials (max, sum, pos) to slot q,
     each tile's column partials merged into slot pid. ONE_RB (rb == pid, the program's only row
     block): the slot starts empty, so nothing is read back, and the column loop with its K loop
@@ -78,7 +92,7 @@ def _fwd_rows(I, T, G_R, G_C, M_R, L_R, POS, CMAX, CSUM, s, B_R, B_C, D, sI, sT,
             g_c = tl.load(G_C + cols, mask=cmask, other=-2)
         if FACTOR and not ONE_RB:
             p_max, p_sum = _col_partials(CMAX, CSUM, pid, B_C, cols, cmask, rb)
-        S = _s_tile(I, T, rows, cols, rmask, cmask, s, D, sI, sT, BM, BN, BK, PREC)
+        S = _s_tile(I, T, rows, cols, rmask, cmask, s, D, sI, sT, BM, BN, BK, PREC, rb * BM, cb * BN, TMA)
         valid = rmask[:, None] & cmask[None, :]
         S = tl.where(valid, S, -float("inf"))
         # rows: online log-sum-exp
@@ -120,26 +134,29 @@ def _fwd_rows(I, T, G_R, G_C, M_R, L_R, POS, CMAX, CSUM, s, B_R, B_C, D, sI, sT,
 @triton.jit
 def _fwd(I, T, G_R, G_C, M_R, L_R, POS, CMAX, CSUM, scale_ptr, B_R, B_C, D, sI, sT, CB_PER,
          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, FACTOR: tl.constexpr = False,
-         SPAN: tl.constexpr = 50.0, ONE_RB: tl.constexpr = False):
+         SPAN: tl.constexpr = 50.0, ONE_RB: tl.constexpr = False, TMA: tl.constexpr = False):
     """Program (p, q) owns row blocks p, p + P, ... (only p when ONE_RB) against column blocks
     [q CB_PER, (q+1) CB_PER). Row partials (max, sum, pos) go to slot q of [Q, b_r], column
     partials to slot p of [P, b_c].
     FACTOR: the column sums reuse the rows' exponentials, sum_i exp(S - ref) = sum_i exp(S - m_i)
     exp(m_i - ref) with ref the tile's largest row max, when every column's tile max lies within
     SPAN of ref (so no column sum underflows); else, or without FACTOR, one more exponential per
-    element relative to each column's own tile max. The merge takes either reference."""
+    element relative to each column's own tile max. The merge takes either reference.
+    TMA: the operands are loaded through tensor descriptors (_s_tile)."""
     pid = tl.program_id(0)
     q = tl.program_id(1)
     s = tl.load(scale_ptr).to(tl.float32)
     cb_lo = q * CB_PER
     cb_hi = tl.minimum(cb_lo + CB_PER, tl.cdiv(B_C, BN))
+    if TMA:
+        I, T = _descriptors(I, T, B_R, B_C, D, sI, sT, BM, BN, BK)
     if ONE_RB:
         _fwd_rows(I, T, G_R, G_C, M_R, L_R, POS, CMAX, CSUM, s, B_R, B_C, D, sI, sT, pid, pid, q, cb_lo, cb_hi,
-                  BM, BN, BK, PREC, FACTOR, SPAN, True)
+                  BM, BN, BK, PREC, FACTOR, SPAN, True, TMA)
     else:
         for rb in range(pid, tl.cdiv(B_R, BM), tl.num_programs(0)):
             _fwd_rows(I, T, G_R, G_C, M_R, L_R, POS, CMAX, CSUM, s, B_R, B_C, D, sI, sT, rb, pid, q, cb_lo, cb_hi,
-                      BM, BN, BK, PREC, FACTOR, SPAN, False)
+                      BM, BN, BK, PREC, FACTOR, SPAN, False, TMA)
 
 
 @triton.jit
@@ -352,12 +369,32 @@ def _as_tiles(c, d: int, itemsize: int = 2) -> dict:
     option. Backward, FULL: the d chunk is the whole of d, so S needs no K loop and each tile of
     I and T is loaded once (rows wider than FULL_ROW_BYTES fall back to d chunks of BD). Forward,
     flag bit 1, FACTOR: the column sums reuse the rows' exponentials where the tile allows;
-    bit 2, ONE_RB: a program per row block, whose column and K loops Triton flattens (_fwd_rows)."""
+    bit 2, ONE_RB: a program per row block, whose column and K loops Triton flattens (_fwd_rows);
+    bit 4, TMA: operands through tensor descriptors, where the inputs allow (tma_ok)."""
     flag = int(c[6]) if len(c) > 6 else 0
     full = bool(flag & 1) and _pow2(d) * itemsize <= FULL_ROW_BYTES
     return dict(BM=c[0], BN=c[1], BK=c[2], BD=_pow2(d) if full else min(c[3], _pow2(d)), FULL=full,
-                FACTOR=bool(flag & 1), ONE_RB=bool(flag & 2),
+                FACTOR=bool(flag & 1), ONE_RB=bool(flag & 2), TMA=bool(flag & 4),
                 num_warps=c[4], num_stages=c[5])
+
+
+def tma_ok(*xs: torch.Tensor) -> bool:
+    """Whether the copy engine can load these [rows, d] matrices: a contiguous last dimension,
+    16-byte aligned base and row stride (bf16: d a multiple of 8). Others keep pointer loads.
+    On GPU, device-side descriptors need a scratch allocator, set here once."""
+    ok = all(x.stride(1) == 1 and x.stride(0) * x.element_size() % 16 == 0 and x.data_ptr() % 16 == 0 for x in xs)
+    if ok and not INTERPRET and xs[0].is_cuda:
+        _scratch_allocator()
+    return ok
+
+
+_ALLOCATOR = []
+
+
+def _scratch_allocator():
+    if not _ALLOCATOR:  # 128 bytes per descriptor and program, from torch's caching allocator
+        _ALLOCATOR.append(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        triton.set_allocator(_ALLOCATOR[0])
 
 
 def _env_tiles(name: str):
@@ -382,9 +419,9 @@ def pick_tiles(d: int, dtype: torch.dtype, which: str = "fwd") -> dict:
 
 # Candidate tiles (BM, BN, BK, BD, warps, stages[, flag]) for the autotuner on GPU, per pass.
 # The 2026-11-22 H100 sweep (bf16, d=512, benchmarks/README.md) ranked the first of each fastest.
-# The forward's FACTOR (flag bit 1) and one-row-block (bit 2) tiles join these once a GPU run has
-# timed and tested them (benchmarks/loss_gpu.py sweeps them); until then the GPU default runs
-# only measured code.
+# The forward's FACTOR (flag bit 1), one-row-block (bit 2) and TMA (bit 4) tiles join these once
+# a GPU run has timed and tested them (benchmarks/loss_gpu.py sweeps them); until then the GPU
+# default runs only measured code.
 FWD_CANDIDATES = [(64, 128, 64, 128, 4, 3), (128, 128, 32, 128, 8, 4), (64, 64, 64, 128, 4, 3), (128, 64, 64, 128, 4, 3),
                   (128, 128, 64, 128, 8, 3)]
 BWD_CANDIDATES = [(64, 64, 64, 512, 8, 2, 1), (64, 64, 64, 512, 8, 3), (64, 32, 64, 512, 8, 3, 1), (128, 64, 64, 256, 8, 3),
@@ -505,6 +542,7 @@ def _launch_forward(I, T, s, g_rows, g_cols, tf32, tiles):
     cmax, csum = torch.empty((P, b_c), **f32), torch.empty((P, b_c), **f32)  # the kernel initialises them
     _fwd[(P, Q)](I, T, g_rows, g_cols, m_r, l_r, pos, cmax, csum, s, b_r, b_c, D, I.stride(0), T.stride(0), cb_per,
                  BM=t["BM"], BN=t["BN"], BK=t["BK"], PREC=_prec(I.dtype, tf32), FACTOR=t.get("FACTOR", False), ONE_RB=one_rb,
+                 TMA=t.get("TMA", False) and tma_ok(I, T),
                  num_warps=t["num_warps"],
                  num_stages=t["num_stages"])
     return m_r, l_r, pos, cmax, csum

@@ -69,6 +69,26 @@ def test_contrastive_forward_one_row_block_flattens_its_loops():
             assert row["wgmma"] > 0 and row["loop_sync_tile_loads"] == 0 and row["spill_store_bytes"] == 0, row
 
 
+def test_contrastive_tma_loads_free_registers_and_issue_slots(monkeypatch):
+    """Flag bit 4 (forward) and the G tile's sixth number (panel): operand blocks come through
+    the copy engine (TMA), not as per-thread async copies. The default forward tile (64 x 128,
+    4 warps) drops from 255 registers to a count that lets three programs share an SM (64K
+    registers, 228 KB); the G tile's K step issues fewer instructions for the same MMAs."""
+    base = _reports("loss_forward_launches(65536, 512, '64,128,64,128,4,3')")["forward"]
+    tma = _reports("loss_forward_launches(65536, 512, '64,128,64,128,4,3,4')")["forward"]
+    assert base["loop_async_loads"] > 0 and base["loop_tma_loads"] == 0, base
+    assert tma["loop_tma_loads"] > 0 and tma["loop_async_loads"] == 0 and tma["spill_store_bytes"] == 0, tma
+    assert tma["registers"] * 128 * 3 <= 65536 < base["registers"] * 128 * 3, (base, tma)
+    assert (tma["shared_bytes"] + 1024) * 3 <= 228 * 1024, tma
+    g = {}
+    for flag in ("", ",1"):
+        monkeypatch.setenv("CTVLP_CLIP_PANEL_TILES", f"128,64,64,8,3{flag};128,128,64,8,3")
+        g[flag] = _reports("loss_panel_launches(65536, 512)")["G tile"]
+    assert g[",1"]["loop_tma_loads"] == 2 and g[",1"]["loop_async_loads"] == 0, g
+    assert g[",1"]["loop_sass_instructions"] < g[""]["loop_sass_instructions"], g
+    assert g[",1"]["loop_sass_mma"] == g[""]["loop_sass_mma"] and g[",1"]["spill_store_bytes"] == 0, g
+
+
 def test_contrastive_panel_backward_compiles_to_two_programs_per_sm():
     """The panel backward's kernels at b = 65,536, d = 512, bf16, default tiles: wgmma, async
     operand tiles, no spills, and registers and shared memory that let two programs share an SM

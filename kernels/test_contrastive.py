@@ -127,6 +127,42 @@ def test_forward_one_row_block_per_program(monkeypatch, flag, matched):
 
 
 @pytest.mark.skipif("triton" not in CPU_IMPLS, reason="needs the Triton interpreter")
+@pytest.mark.parametrize("flag,d,tma", [(4, 64, True), (6, 40, True), (7, 64, True), (4, 30, False)])
+def test_forward_tma_descriptors(monkeypatch, flag, d, tma):
+    """Flag bit 4: the forward loads its operand blocks through tensor descriptors, which fill
+    rows past b with zeros (130 rows: the last 32-row block is partial), alone, with a program
+    per row block and with FACTOR. fp32 rows of 30 (120 bytes) are not 16-byte strided, so the
+    copy engine cannot take them: those inputs keep pointer loads, with the same results."""
+    from kernels.compile_report import trace_launches
+    from kernels.contrastive_triton import pick_tiles, triton_forward
+
+    monkeypatch.setenv("CTVLP_CLIP_TILES", f"32,32,32,64,4,1,{flag}")
+    x, g = torch.randn(130, d), torch.arange(130, dtype=torch.int32)
+    (_, _, _, meta), = trace_launches(triton_forward, x, x, torch.tensor([1.0]), g, g, False,
+                                      tiles=pick_tiles(d, x.dtype))
+    assert meta["TMA"] is tma and meta["ONE_RB"] == bool(flag & 2)
+    _check("triton", 130, d, torch.float32, True, 100.0, matched=20 if flag & 1 else 0)
+
+
+@pytest.mark.skipif("triton" not in CPU_IMPLS, reason="needs the Triton interpreter")
+@pytest.mark.parametrize("d,rows", [(64, 64), (40, 0)])
+def test_panel_grad_tile_tma(monkeypatch, d, rows):
+    """The panel's G tile through tensor descriptors (the sixth G-tile number): 64-row panels of
+    130 rows, so a descriptor block reaches past a panel's last row into the next panel's rows,
+    which the tile must mask, not use; and one panel whose last block runs past b."""
+    from kernels.compile_report import trace_launches
+    from kernels.contrastive_panel import panel_backward
+
+    monkeypatch.setenv("CTVLP_CLIP_BACKWARD", "panel")
+    monkeypatch.setenv("CTVLP_CLIP_PANEL_ROWS", str(rows))
+    monkeypatch.setenv("CTVLP_CLIP_PANEL_TILES", "32,32,32,4,1,1;32,32,32,4,1")
+    x, g, v = torch.randn(130, d), torch.arange(130, dtype=torch.int32), torch.ones(130)
+    launches = trace_launches(panel_backward, x, x, torch.tensor([1.0]), g, g, v, v, v, 1.0, False, mm="torch")
+    assert launches[0][3]["TMA"] is True
+    _check("triton", 130, d, torch.float32, True, 20.0)
+
+
+@pytest.mark.skipif("triton" not in CPU_IMPLS, reason="needs the Triton interpreter")
 def test_backward_variants_agree_on_rectangular_blocks():
     """The distributed path's shape: a rank's b_r rows against all b_c columns, dT in fp32. The
     three variants must give the same gradients (two_pass is checked against fp64 above)."""
