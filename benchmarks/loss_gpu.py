@@ -14,7 +14,8 @@ Phases, each under a share of one wall-clock budget (gpu_call.py):
   and on mixed (trained-like, scale 100) inputs. `--phases sweep,panel` also times the forward's
   FACTOR tiles (flag 1) and benches with the fastest forward; with the 2026-11-22 tiles and no
   sweep: `--phases panel --tiles 64,128,64,128,4,3 --bwd-tiles 64,64,64,512,8,2,1`. Forward
-  tiles with flag bit 2 run a program per row block, whose column and K loops Triton flattens.
+  tiles with flag bit 2 run a program per row block, whose column and K loops Triton flattens;
+  bit 4 (and a sixth G-tile number of 1) loads operand blocks through tensor descriptors (TMA).
 `--dry` checks the plumbing on a CPU before a GPU call is spent on it: the Triton interpreter,
 fp32, tiny b, the first and last config of each list (tests/test_gpu_scripts.py).
 Records go to OUTDIR (copy them to benchmarks/results/). Run it with the device tool as
@@ -57,6 +58,10 @@ if "pytest" in phases:
     sh(pt + ["cuda and not fused"], "pytest_cuda_factor.log", 120)
     env["CTVLP_CLIP_TILES"] = "128,64,64,128,4,3,3"  # forward FACTOR, a program per row block (flattened loops)
     sh(pt + ["cuda and not fused"], "pytest_cuda_one_rb.log", 120)
+    # TMA operand loads (flag bit 4; the G tile's sixth number); d = 300 in bf16 is not 16-byte strided
+    env.update(CTVLP_CLIP_TILES="128,64,64,128,4,3,7", CTVLP_CLIP_PANEL_TILES="128,64,64,8,3,1;128,128,64,8,3")
+    sh(pt + ["cuda and not fused"], "pytest_cuda_tma.log", 120)
+    env.pop("CTVLP_CLIP_PANEL_TILES")
 
 timing = r'''
 import json, os, sys, time, torch
@@ -101,7 +106,8 @@ for which, cfgs in (("fwd", sys.argv[1]), ("bwd", sys.argv[2])):
 FWD = ["128,128,64,128,8,3", "128,64,64,128,8,3", "64,64,64,128,4,3", "128,128,32,128,8,4", "64,128,64,128,4,3",
        "128,128,64,128,8,4", "128,64,64,128,4,3", "256,64,64,128,8,3", "64,128,64,128,4,3,1", "128,128,32,128,8,4,1",
        "128,64,64,128,8,3,1", "64,128,64,128,4,3,2", "128,64,64,128,4,3,2", "128,128,64,128,8,3,2",
-       "64,64,64,128,4,3,2", "64,128,64,128,8,3,2", "128,64,64,128,4,3,3", "128,128,64,128,8,3,3"]
+       "64,64,64,128,4,3,2", "64,128,64,128,8,3,2", "128,64,64,128,4,3,3", "128,128,64,128,8,3,3",
+       "64,128,64,128,4,3,4", "128,128,64,128,8,3,4", "64,64,64,128,4,3,6", "64,128,64,128,8,3,6", "128,64,64,128,4,3,7"]
 BWD = ["64,64,64,512,8,3", "128,64,64,256,8,3", "64,64,64,512,8,2,1", "64,32,64,512,8,3,1", "128,64,64,512,8,2,1",
        "64,64,64,512,4,2,1", "128,32,64,512,8,2,1", "128,128,64,128,8,3", "64,128,64,512,8,2,1"]
 if DRY:
@@ -171,11 +177,12 @@ for r in res:
 print("PANEL", json.dumps(res))
 '''
 PANEL = ["128,64,64,8,3;128,128,64,8,3", "128,128,64,8,3;128,128,64,8,3", "128,64,64,8,4;128,256,64,8,3",
-         "64,128,64,4,3;128,128,64,8,4", "128,64,32,8,4;128,128,64,8,3", "128,128,64,8,3;128,256,64,8,3"]
+         "64,128,64,4,3;128,128,64,8,4", "128,64,32,8,4;128,128,64,8,3", "128,128,64,8,3;128,256,64,8,3",
+         "128,64,64,8,3,1;128,128,64,8,3", "128,128,64,8,3,1;128,128,64,8,3", "64,128,64,4,3,1;128,128,64,8,4"]
 if "panel" in phases:
     found = {}
     if DRY:
-        PANEL = PANEL[:1]
+        PANEL = [PANEL[0], PANEL[-1]]
     for b, cfgs, mms, cap in ((B_PANEL[0], PANEL, "triton,torch", 200), (B_PANEL[1], None, None, 120)):
         if cfgs is None:  # the panel height at 65,536, with the best tiles and backend at 16,384
             ok = [x for x in found.get(B_PANEL[0], []) if "ms" in x and x["variant"] == "panel"]

@@ -22,7 +22,7 @@ def test_loss_gpu_script_dry_run_on_cpu(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "SKIPPED" not in r.stdout and "TIMEOUT" not in r.stdout, r.stdout[-3000:]
     logs = {p.name: p.read_text() for p in tmp_path.glob("*.log")}
-    assert {"pytest_cuda_one_rb.log", "sweep.log", "bench.log", "big.log", "fused.log", "panel_256.log",
+    assert {"pytest_cuda_one_rb.log", "pytest_cuda_tma.log", "sweep.log", "bench.log", "big.log", "fused.log", "panel_256.log",
             "panel_512.log", "panel_bench.log", "panel_mixed.log"} <= set(logs)
     for name, text in logs.items():
         assert "Traceback" not in text, (name, text[-2000:])
@@ -35,4 +35,5 @@ def test_loss_gpu_script_dry_run_on_cpu(tmp_path):
     assert set(panel) == {"256", "512"}
     rows = [x for runs in panel.values() for x in runs if x["variant"] == "panel"]
     assert rows and all(x["max_rel_diff_vs_two_pass"] < 1e-5 for x in rows), rows
+    assert any(x["tiles"].split(";")[0].endswith(",1") for x in rows), rows  # a TMA G tile ran
     assert len(list(tmp_path.glob("loss-cpu-*.json"))) == 5  # bench, big, fused, panel bench, panel mixed

@@ -10,6 +10,9 @@ our backward recomputes S once per direction, so the kernels execute 10 b^2 d: t
 reports rates on the 8 b^2 d count, against a bf16 matmul measured in the same run.
 Memory is the peak allocated beyond the inputs (GPU: torch.cuda.max_memory_allocated; CPU:
 peak RSS of a fresh subprocess per measurement, minus the same process's RSS before the loss).
+`bench.loss_ptx=true` adds what the compiler makes of the kernels for an H100 (sm_90a, bf16,
+b = 65,536), on any machine: registers, spills, shared memory, operand loads (async copies or
+TMA) and the SASS main loop, for forward and G tiles each with and without TMA loads.
 """
 from __future__ import annotations
 
@@ -131,14 +134,45 @@ def _measure_cpu(method, b, d, kind) -> dict:
     return {"method": method, "b": b, "status": "ok", **json.loads(r.stdout.strip().splitlines()[-1])}
 
 
+# (forward tiles "BM,BN,BK,BD,warps,stages,flag", panel G tiles "BM,BN,BK,warps,stages,tma"): each
+# pair differs only in the TMA bit, so a record shows what tensor-descriptor loads change
+PTX_FWD = ["64,128,64,128,4,3,0", "64,128,64,128,4,3,4", "128,128,64,128,8,3,0", "128,128,64,128,8,3,4",
+           "64,128,64,128,8,3,2", "64,128,64,128,8,3,6", "64,64,64,128,4,3,2", "64,64,64,128,4,3,6",
+           "128,64,64,128,4,3,3", "128,64,64,128,4,3,7"]
+PTX_GRAD = ["128,64,64,8,3,0", "128,64,64,8,3,1", "128,128,64,8,3,0", "128,128,64,8,3,1", "64,128,64,4,3,0",
+            "64,128,64,4,3,1"]
+
+
+def _ptx_rows(d: int) -> list[dict]:
+    """Static facts of the forward and of the panel's G tile compiled for sm_90a at b = 65,536."""
+    from kernels.compile_report import loss_forward_launches, loss_panel_launches, report
+
+    rows = [{"kernel_role": "forward", "tiles": t, **report(*loss_forward_launches(65536, d, t)["forward"])}
+            for t in PTX_FWD]
+    before = os.environ.get("CTVLP_CLIP_PANEL_TILES")
+    try:
+        for t in PTX_GRAD:
+            os.environ["CTVLP_CLIP_PANEL_TILES"] = f"{t};128,128,64,8,3"
+            rows.append({"kernel_role": "panel G tile", "tiles": t, **report(*loss_panel_launches(65536, d)["G tile"])})
+    finally:
+        if before is None:
+            os.environ.pop("CTVLP_CLIP_PANEL_TILES", None)
+        else:
+            os.environ["CTVLP_CLIP_PANEL_TILES"] = before
+    return rows
+
+
 def run(cfg, progress: bool = True, argv=None) -> dict:
     import torch
 
     bc = cfg.bench
     gpu = torch.cuda.is_available()
     d = bc.loss_dim
+    if bc.loss_ptx and os.environ.get("TRITON_INTERPRET") == "1":
+        raise ValueError("bench.loss_ptx=true compiles for sm_90a and needs the kernels compiled, not interpreted: "
+                         "run it without TRITON_INTERPRET=1")
     dtype = getattr(torch, bc.loss_dtype) if gpu else torch.float32
-    ceil = gpu_ceilings() if gpu else {}
+    ceil = gpu_ceilings() if gpu and bc.loss_sizes else {}
     rows = []
     for b in bc.loss_sizes:
         for m in bc.loss_methods:
@@ -162,11 +196,19 @@ def run(cfg, progress: bool = True, argv=None) -> dict:
     payload = {"d": d, "dtype": str(dtype).replace("torch.", ""), "inputs": bc.loss_inputs, "flops_counted": "8*b^2*d",
                "kernel_env": {k: v for k, v in os.environ.items() if k.startswith("CTVLP_CLIP_")}, "ceilings": ceil,
                "rows": rows}
+    if bc.loss_ptx:
+        payload["ptx_target"] = f"sm_90a (H100), bf16, b = 65,536, d = {d}; compiled here, static facts, no timing"
+        payload["ptx"] = _ptx_rows(d)
     path = write_result(bc.results_dir, "loss", payload, argv)
     cols = ["method", "b", "status", "ms", "peak_extra_MB", "tflops_8b2d", "frac_of_bf16_matmul", "speedup_vs_dense",
             "memory_vs_dense"]
-    print(markdown_table(rows, cols))
+    if rows:
+        print(markdown_table(rows, cols))
     if ceil:
         print(f"ceilings measured in this run: {ceil}")
+    if bc.loss_ptx:
+        print(markdown_table(payload["ptx"], ["kernel_role", "tiles", "registers", "spill_store_bytes", "shared_bytes",
+                                              "loop_async_loads", "loop_tma_loads", "dot_loop_depth",
+                                              "loop_sass_instructions", "loop_sass_mma", "smem_cap"]))
     print(f"wrote {path}")
     return payload

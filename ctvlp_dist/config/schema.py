@@ -107,6 +107,7 @@ class BenchConfig:
     loss_dtype: str = "bfloat16"  # GPU; CPU runs float32
     loss_methods: tuple[str, ...] = ("dense", "chunked", "triton")  # also triton-panel, triton-two_pass, triton-fused
     loss_inputs: str = "random"  # bench loss: random (initialisation) or mixed (trained pairs, scale 100)
+    loss_ptx: bool = False  # bench loss: also the kernels compiled for sm_90a (static facts, no GPU needed)
     conv_batch: int = 8  # bench conv (GPU): scans per layer call
     conv_dtype: str = "bfloat16"  # bench conv (GPU); CPU checks agreement in float32
     # bench conv: single convs, BN blocks, whole tower; "tiles" (the tile sweep) on request
