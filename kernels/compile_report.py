@@ -274,7 +274,7 @@ def loss_forward_launches(b: int, d: int, tiles: str, dtype=torch.bfloat16) -> d
 
 def loss_backward_launches(b: int, d: int, dtype=torch.bfloat16) -> dict:
     """The contrastive loss's two backward passes (dI over row blocks, dT over column blocks) at
-    batch b, width d, with the GPU's default backward tile."""
+    batch b, width d, with the GPU's default backward tile (CTVLP_CLIP_BWD_TILES when set)."""
     from .contrastive_triton import pick_tiles, triton_backward
 
     I = torch.empty(b, d, dtype=dtype, device="meta")

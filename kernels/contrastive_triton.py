@@ -220,9 +220,10 @@ def _g_tile(S, rows, cols, rmask, cmask, LSE_R, LSE_C, NPOS, G_R, G_C, TRANS: tl
 @triton.jit
 def _bwd_rows(I, T, G_R, G_C, LSE_R, LSE_C, NPOS, DI, GS, scale_ptr, coef_ptr, B_R, B_C, D, sI, sT, sDI, CB_PER,
               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, FULL: tl.constexpr,
-              PREC: tl.constexpr, GSCALE: tl.constexpr):
+              PREC: tl.constexpr, GSCALE: tl.constexpr, TMA: tl.constexpr = False):
     """Program (row block, d chunk, column split q): dI partial over its columns into slot q.
-    FULL (BD >= D): the row tile of I is loaded once, and each T tile once for both dots."""
+    FULL (BD >= D): the row tile of I is loaded once, and each T tile once for both dots.
+    TMA (with FULL): those tiles come through tensor descriptors."""
     rb = tl.program_id(0)
     dc = tl.program_id(1)
     q = tl.program_id(2)
@@ -232,7 +233,10 @@ def _bwd_rows(I, T, G_R, G_C, LSE_R, LSE_C, NPOS, DI, GS, scale_ptr, coef_ptr, B
     rmask = rows < B_R
     dd = dc * BD + tl.arange(0, BD)
     dmask = dd < D
-    if FULL:
+    if TMA:
+        I, T = _descriptors(I, T, B_R, B_C, D, sI, sT, BM, BN, BD)
+        a = I.load([rb * BM, 0])
+    elif FULL:
         a = tl.load(I + rows[:, None] * sI + dd[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
     acc = tl.zeros((BM, BD), tl.float32)
     gs = tl.zeros((BM,), tl.float32)
@@ -240,7 +244,10 @@ def _bwd_rows(I, T, G_R, G_C, LSE_R, LSE_C, NPOS, DI, GS, scale_ptr, coef_ptr, B
     for cb in range(cb_lo, tl.minimum(cb_lo + CB_PER, tl.cdiv(B_C, BN))):
         cols = cb * BN + tl.arange(0, BN)
         cmask = cols < B_C
-        t = tl.load(T + cols[:, None] * sT + dd[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0)
+        if TMA:
+            t = T.load([cb * BN, 0])
+        else:
+            t = tl.load(T + cols[:, None] * sT + dd[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0)
         if FULL:
             S = tl.dot(a, tl.trans(t), input_precision=PREC) * s
         else:
@@ -257,8 +264,9 @@ def _bwd_rows(I, T, G_R, G_C, LSE_R, LSE_C, NPOS, DI, GS, scale_ptr, coef_ptr, B
 @triton.jit
 def _bwd_cols(I, T, G_R, G_C, LSE_R, LSE_C, NPOS, DT, scale_ptr, coef_ptr, B_R, B_C, D, sI, sT, sDT, RB_PER,
               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, FULL: tl.constexpr,
-              PREC: tl.constexpr, GSCALE: tl.constexpr):
-    """Program (column block, d chunk, row split q): dT partial over its rows into slot q."""
+              PREC: tl.constexpr, GSCALE: tl.constexpr, TMA: tl.constexpr = False):
+    """Program (column block, d chunk, row split q): dT partial over its rows into slot q.
+    TMA (with FULL): the I and T tiles come through tensor descriptors."""
     cb = tl.program_id(0)
     dc = tl.program_id(1)
     q = tl.program_id(2)
@@ -268,14 +276,20 @@ def _bwd_cols(I, T, G_R, G_C, LSE_R, LSE_C, NPOS, DT, scale_ptr, coef_ptr, B_R, 
     cmask = cols < B_C
     dd = dc * BD + tl.arange(0, BD)
     dmask = dd < D
-    if FULL:
+    if TMA:
+        I, T = _descriptors(I, T, B_R, B_C, D, sI, sT, BM, BN, BD)
+        t = T.load([cb * BN, 0])
+    elif FULL:
         t = tl.load(T + cols[:, None] * sT + dd[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0)
     acc = tl.zeros((BN, BD), tl.float32)
     rb_lo = q * RB_PER
     for rb in range(rb_lo, tl.minimum(rb_lo + RB_PER, tl.cdiv(B_R, BM))):
         rows = rb * BM + tl.arange(0, BM)
         rmask = rows < B_R
-        a = tl.load(I + rows[:, None] * sI + dd[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+        if TMA:
+            a = I.load([rb * BM, 0])
+        else:
+            a = tl.load(I + rows[:, None] * sI + dd[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
         if FULL:  # S^T = T I^T, computed as such
             St = tl.dot(t, tl.trans(a), input_precision=PREC) * s
         else:
@@ -370,7 +384,8 @@ def _as_tiles(c, d: int, itemsize: int = 2) -> dict:
     I and T is loaded once (rows wider than FULL_ROW_BYTES fall back to d chunks of BD). Forward,
     flag bit 1, FACTOR: the column sums reuse the rows' exponentials where the tile allows;
     bit 2, ONE_RB: a program per row block, whose column and K loops Triton flattens (_fwd_rows);
-    bit 4, TMA: operands through tensor descriptors, where the inputs allow (tma_ok)."""
+    bit 4, TMA: operands through tensor descriptors, where the inputs allow (tma_ok), in the
+    forward and, with FULL, in the two-pass backward."""
     flag = int(c[6]) if len(c) > 6 else 0
     full = bool(flag & 1) and _pow2(d) * itemsize <= FULL_ROW_BYTES
     return dict(BM=c[0], BN=c[1], BK=c[2], BD=_pow2(d) if full else min(c[3], _pow2(d)), FULL=full,
@@ -592,7 +607,8 @@ def triton_backward(I, T, s, g_rows, g_cols, lse_r, lse_c, n_rows, coef, tf32: b
         return _backward_fused(I, T, s, g_rows, g_cols, lse_r, lse_c, n_rows, coef, tf32, grad_dtype, t)
     coef_t = torch.as_tensor(coef, dtype=torch.float32, device=I.device).reshape(1)
     common = dict(BM=t["BM"], BN=t["BN"], BK=t["BK"], BD=t["BD"], FULL=t["FULL"], PREC=_prec(I.dtype, tf32),
-                  GSCALE=_gscale(I.dtype), num_warps=t["num_warps"], num_stages=t["num_stages"])
+                  GSCALE=_gscale(I.dtype), TMA=t.get("TMA", False) and t["FULL"] and tma_ok(I, T),
+                  num_warps=t["num_warps"], num_stages=t["num_stages"])
     n_rb, n_cb, n_dc = triton.cdiv(b_r, t["BM"]), triton.cdiv(b_c, t["BN"]), triton.cdiv(D, t["BD"])
     f32 = dict(dtype=torch.float32, device=I.device)
 

@@ -70,10 +70,11 @@ def test_contrastive_forward_one_row_block_flattens_its_loops():
 
 
 def test_contrastive_tma_loads_free_registers_and_issue_slots(monkeypatch):
-    """Flag bit 4 (forward) and the G tile's sixth number (panel): operand blocks come through
-    the copy engine (TMA), not as per-thread async copies. The default forward tile (64 x 128,
-    4 warps) drops from 255 registers to a count that lets three programs share an SM (64K
-    registers, 228 KB); the G tile's K step issues fewer instructions for the same MMAs."""
+    """Flag bit 4 (forward, FULL backward) and the G tile's sixth number (panel): operand blocks
+    come through the copy engine (TMA), not as per-thread async copies. The default forward tile
+    (64 x 128, 4 warps) drops from 255 registers to a count that lets three programs share an SM
+    (64K registers, 228 KB); the G tile's K step and the backward passes' column step issue fewer
+    instructions for the same MMAs, and the dI pass no longer spills."""
     base = _reports("loss_forward_launches(65536, 512, '64,128,64,128,4,3')")["forward"]
     tma = _reports("loss_forward_launches(65536, 512, '64,128,64,128,4,3,4')")["forward"]
     assert base["loop_async_loads"] > 0 and base["loop_tma_loads"] == 0, base
@@ -87,6 +88,15 @@ def test_contrastive_tma_loads_free_registers_and_issue_slots(monkeypatch):
     assert g[",1"]["loop_tma_loads"] == 2 and g[",1"]["loop_async_loads"] == 0, g
     assert g[",1"]["loop_sass_instructions"] < g[""]["loop_sass_instructions"], g
     assert g[",1"]["loop_sass_mma"] == g[""]["loop_sass_mma"] and g[",1"]["spill_store_bytes"] == 0, g
+    bwd = {}
+    for flag in (1, 5):  # the two-pass backward's default FULL tile, then with TMA: the dI pass's spill goes
+        monkeypatch.setenv("CTVLP_CLIP_BWD_TILES", f"64,64,64,512,8,2,{flag}")
+        bwd[flag] = _reports("loss_backward_launches(65536, 512)")
+    for name in ("rows (dI)", "cols (dT)"):
+        plain, tma = bwd[1][name], bwd[5][name]
+        assert tma["loop_tma_loads"] > 0 and tma["spill_store_bytes"] == 0, (name, tma)
+        assert tma["loop_sass_instructions"] < plain["loop_sass_instructions"], (name, plain, tma)
+    assert bwd[1]["rows (dI)"]["spill_store_bytes"] > 0, bwd[1]
 
 
 def test_contrastive_panel_backward_compiles_to_two_programs_per_sm():

@@ -145,6 +145,24 @@ def test_forward_tma_descriptors(monkeypatch, flag, d, tma):
 
 
 @pytest.mark.skipif("triton" not in CPU_IMPLS, reason="needs the Triton interpreter")
+@pytest.mark.parametrize("tiles,d,tma", [("32,32,64,64,4,1,5", 200, True), ("64,32,64,64,4,1,5", 40, True),
+                                         ("32,32,64,64,4,1,4", 200, False)])
+def test_two_pass_backward_tma_descriptors(monkeypatch, tiles, d, tma):
+    """Bit 4 with FULL (bit 1): both backward passes load their whole-d tiles through tensor
+    descriptors, zero-filled past d (d = 200 in 256-wide tiles) and past b (130 rows); BM != BN
+    shows a swapped block shape. Without FULL the tiles are d chunks, which keep pointer loads."""
+    from kernels.compile_report import trace_launches
+    from kernels.contrastive_triton import pick_tiles, triton_backward
+
+    monkeypatch.setenv("CTVLP_CLIP_TILES", tiles)
+    x, g, v = torch.randn(130, d), torch.arange(130, dtype=torch.int32), torch.ones(130)
+    launches = trace_launches(triton_backward, x, x, torch.tensor([1.0]), g, g, v, v, v, 1.0, False,
+                              tiles=pick_tiles(d, x.dtype, "bwd"))
+    assert [meta["TMA"] for _, _, _, meta in launches] == [tma, tma]
+    _check("triton", 130, d, torch.float32, True, 20.0)
+
+
+@pytest.mark.skipif("triton" not in CPU_IMPLS, reason="needs the Triton interpreter")
 @pytest.mark.parametrize("d,rows", [(64, 64), (40, 0)])
 def test_panel_grad_tile_tma(monkeypatch, d, rows):
     """The panel's G tile through tensor descriptors (the sixth G-tile number): 64-row panels of

@@ -87,7 +87,7 @@ def test_bench_loader_writes_result(tmp_path):
 def test_bench_loss_ptx_records_what_tma_loads_change(tmp_path):
     """`bench loss` with no sizes and loss_ptx: the loss kernels compiled for sm_90a here (no GPU),
     each tile with and without TMA loads side by side; in the interpreter it says what to do."""
-    from ctvlp_dist.bench.loss import PTX_FWD, PTX_GRAD
+    from ctvlp_dist.bench.loss import PTX_BWD, PTX_FWD, PTX_GRAD
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([CTVLP, "bench", "loss", "bench.loss_sizes=[]", "bench.loss_ptx=true",
@@ -95,11 +95,17 @@ def test_bench_loss_ptx_records_what_tma_loads_change(tmp_path):
     assert r.returncode == 0, r.stderr
     (res,) = tmp_path.glob("loss-cpu-*.json")
     rec = json.loads(res.read_text())
-    assert rec["rows"] == [] and [x["tiles"] for x in rec["ptx"]] == PTX_FWD + PTX_GRAD
-    for plain, tma in zip(rec["ptx"][::2], rec["ptx"][1::2]):  # each pair differs only in the TMA bit
-        assert plain["loop_async_loads"] > 0 and plain["loop_tma_loads"] == 0, plain
-        assert tma["loop_tma_loads"] > 0 and tma["loop_async_loads"] == 0, tma
-        assert tma["registers"] <= plain["registers"] and tma["spill_store_bytes"] == 0, (plain, tma)
+    assert rec["rows"] == [] and len(rec["ptx"]) == len(PTX_FWD) + 2 * len(PTX_BWD) + len(PTX_GRAD)
+    roles = {}
+    for x in rec["ptx"]:
+        roles.setdefault(x["kernel_role"], []).append(x)
+    assert [x["tiles"] for x in roles["forward"]] == PTX_FWD and [x["tiles"] for x in roles["panel G tile"]] == PTX_GRAD
+    assert [x["tiles"] for x in roles["backward cols (dT)"]] == PTX_BWD
+    for rows in roles.values():
+        for plain, tma in zip(rows[::2], rows[1::2]):  # each pair differs only in the TMA bit
+            assert plain["loop_async_loads"] > tma["loop_async_loads"] and plain["loop_tma_loads"] == 0, plain
+            assert tma["loop_tma_loads"] > 0 and tma["spill_store_bytes"] == 0, tma
+            assert tma["registers"] <= plain["registers"], (plain, tma)
     assert "| kernel_role | tiles | registers |" in r.stdout
     bad = subprocess.run([CTVLP, "bench", "loss", "bench.loss_sizes=[]", "bench.loss_ptx=true"],
                          capture_output=True, text=True, timeout=300, env={**env, "TRITON_INTERPRET": "1"})

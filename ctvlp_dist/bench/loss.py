@@ -134,31 +134,39 @@ def _measure_cpu(method, b, d, kind) -> dict:
     return {"method": method, "b": b, "status": "ok", **json.loads(r.stdout.strip().splitlines()[-1])}
 
 
-# (forward tiles "BM,BN,BK,BD,warps,stages,flag", panel G tiles "BM,BN,BK,warps,stages,tma"): each
-# pair differs only in the TMA bit, so a record shows what tensor-descriptor loads change
+# (forward and two-pass backward tiles "BM,BN,BK,BD,warps,stages,flag", panel G tiles
+# "BM,BN,BK,warps,stages,tma"): each pair differs only in the TMA bit, so a record shows what
+# tensor-descriptor loads change
 PTX_FWD = ["64,128,64,128,4,3,0", "64,128,64,128,4,3,4", "128,128,64,128,8,3,0", "128,128,64,128,8,3,4",
            "64,128,64,128,8,3,2", "64,128,64,128,8,3,6", "64,64,64,128,4,3,2", "64,64,64,128,4,3,6",
            "128,64,64,128,4,3,3", "128,64,64,128,4,3,7"]
+PTX_BWD = ["64,64,64,512,8,2,1", "64,64,64,512,8,2,5"]
 PTX_GRAD = ["128,64,64,8,3,0", "128,64,64,8,3,1", "128,128,64,8,3,0", "128,128,64,8,3,1", "64,128,64,4,3,0",
             "64,128,64,4,3,1"]
 
 
 def _ptx_rows(d: int) -> list[dict]:
-    """Static facts of the forward and of the panel's G tile compiled for sm_90a at b = 65,536."""
-    from kernels.compile_report import loss_forward_launches, loss_panel_launches, report
+    """Static facts of the forward, the two-pass backward and the panel's G tile compiled for
+    sm_90a at b = 65,536."""
+    from kernels.compile_report import loss_backward_launches, loss_forward_launches, loss_panel_launches, report
 
     rows = [{"kernel_role": "forward", "tiles": t, **report(*loss_forward_launches(65536, d, t)["forward"])}
             for t in PTX_FWD]
-    before = os.environ.get("CTVLP_CLIP_PANEL_TILES")
+    saved = {k: os.environ.get(k) for k in ("CTVLP_CLIP_BWD_TILES", "CTVLP_CLIP_PANEL_TILES")}
     try:
+        for t in PTX_BWD:
+            os.environ["CTVLP_CLIP_BWD_TILES"] = t
+            rows += [{"kernel_role": f"backward {name}", "tiles": t, **report(*launch)}
+                     for name, launch in loss_backward_launches(65536, d).items()]
         for t in PTX_GRAD:
             os.environ["CTVLP_CLIP_PANEL_TILES"] = f"{t};128,128,64,8,3"
             rows.append({"kernel_role": "panel G tile", "tiles": t, **report(*loss_panel_launches(65536, d)["G tile"])})
     finally:
-        if before is None:
-            os.environ.pop("CTVLP_CLIP_PANEL_TILES", None)
-        else:
-            os.environ["CTVLP_CLIP_PANEL_TILES"] = before
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return rows
 
 
