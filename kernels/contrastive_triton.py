@@ -396,20 +396,29 @@ def _as_tiles(c, d: int, itemsize: int = 2) -> dict:
 def tma_ok(*xs: torch.Tensor) -> bool:
     """Whether the copy engine can load these [rows, d] matrices: a contiguous last dimension,
     16-byte aligned base and row stride (bf16: d a multiple of 8). Others keep pointer loads.
-    On GPU, device-side descriptors need a scratch allocator, set here once."""
+    On GPU, device-side descriptors need a scratch allocator (_scratch_allocator)."""
     ok = all(x.stride(1) == 1 and x.stride(0) * x.element_size() % 16 == 0 and x.data_ptr() % 16 == 0 for x in xs)
     if ok and not INTERPRET and xs[0].is_cuda:
         _scratch_allocator()
     return ok
 
 
-_ALLOCATOR = []
+def _torch_scratch(size: int, alignment: int, stream):
+    """Triton's scratch memory (128 bytes per descriptor and program) from torch's caching allocator."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def _scratch_allocator():
-    if not _ALLOCATOR:  # 128 bytes per descriptor and program, from torch's caching allocator
-        _ALLOCATOR.append(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-        triton.set_allocator(_ALLOCATOR[0])
+    """Give Triton a scratch allocator in this thread unless one is set. Triton keeps it in a
+    ContextVar, so each thread starts without one, the autograd engine's backward thread too:
+    setting it once at the first forward would leave the backward's TMA kernels failing."""
+    try:
+        from triton.runtime._allocation import NullAllocator, _allocator
+        unset = isinstance(_allocator.get(), NullAllocator)
+    except ImportError:  # another Triton layout: set ours
+        unset = True
+    if unset:
+        triton.set_allocator(_torch_scratch)
 
 
 def _env_tiles(name: str):

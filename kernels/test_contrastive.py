@@ -162,6 +162,39 @@ def test_two_pass_backward_tma_descriptors(monkeypatch, tiles, d, tma):
     _check("triton", 130, d, torch.float32, True, 20.0)
 
 
+def test_scratch_allocator_is_set_in_each_thread_and_keeps_a_users():
+    """The TMA kernels' descriptors need Triton's scratch allocator on GPU. Triton keeps it in a
+    ContextVar, so every thread starts without one, autograd's backward thread on GPU too: after
+    one thread has set it, another must still get it, and an allocator the user set stays."""
+    import threading
+
+    from triton.runtime._allocation import NullAllocator, _allocator
+
+    from kernels import contrastive_triton as ct
+
+    seen = {}
+
+    def user(size, alignment, stream):
+        return torch.empty(size, dtype=torch.int8)
+
+    def first():
+        ct._scratch_allocator()
+
+    def second():
+        seen["before"] = _allocator.get()
+        ct._scratch_allocator()
+        seen["after"] = _allocator.get()
+        triton.set_allocator(user)
+        ct._scratch_allocator()
+        seen["user"] = _allocator.get()
+
+    for fn in (first, second):  # threads, so this process's own allocator is left as it was
+        t = threading.Thread(target=fn)
+        t.start()
+        t.join()
+    assert isinstance(seen["before"], NullAllocator) and seen["after"] is ct._torch_scratch and seen["user"] is user
+
+
 @pytest.mark.skipif("triton" not in CPU_IMPLS, reason="needs the Triton interpreter")
 @pytest.mark.parametrize("d,rows", [(64, 64), (40, 0)])
 def test_panel_grad_tile_tma(monkeypatch, d, rows):
