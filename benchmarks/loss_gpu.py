@@ -1,9 +1,11 @@
 """One device call for the contrastive-loss kernels: correctness, tile sweep, benchmark.
 
-    python3 benchmarks/loss_gpu.py OUTDIR [--phases pytest,sweep,bench,fused,big,panel] [--tiles FWD --bwd-tiles BWD] [--dry]
+    python3 benchmarks/loss_gpu.py OUTDIR [--phases pytest,pytest_new,sweep,bench,fused,big,panel] [--tiles FWD --bwd-tiles BWD] [--dry]
 
 Phases, each under a share of one wall-clock budget (gpu_call.py):
 - pytest: the CUDA tests in kernels/test_contrastive.py (bf16/fp16/fp32 vs fp64), fixed tiles;
+- pytest_new: the same tests under the options no GPU has run yet (forward FACTOR, a program
+  per row block, TMA loads), in a call of their own: with pytest they would not fit one budget;
 - sweep: forward and backward tile configs, each pass alone, at b=16384, d=512, bf16;
 - bench: `ctvlp bench loss` with the best tiles: dense, chunked and Triton, b = 1k..64k;
 - fused: the atomics backward at b = 16k and 64k (Triton only);
@@ -46,22 +48,23 @@ phases = args.phases.split(",")
 print_device()
 tiles = args.tiles or "128,128,64,128,8,3"
 
+# fixed tiles (the autotuner would compile every candidate per (d, dtype))
+pt = [sys.executable, "-m", "pytest", "-q", "-x", "kernels/test_contrastive.py", "-p", "no:cacheprovider", "-k"]
 if "pytest" in phases:
-    # fixed tiles (the autotuner would compile every candidate per (d, dtype)): FULL backward on
-    # every case, then the d-chunked backward on the bf16 ones
-    pt = [sys.executable, "-m", "pytest", "-q", "-x", "kernels/test_contrastive.py", "-p", "no:cacheprovider", "-k"]
+    # FULL backward on every case, then the d-chunked backward on the bf16 ones
     env.update(CTVLP_CLIP_TILES="128,128,64,128,8,3", CTVLP_CLIP_BWD_TILES="64,64,64,512,8,2,1")
     sh(pt + ["cuda"], "pytest_cuda.log", 240)
     env["CTVLP_CLIP_BWD_TILES"] = "64,64,64,128,8,3"
     sh(pt + ["cuda and dtype2"], "pytest_cuda_chunked.log", 100)
+if "pytest_new" in phases:
     env.update(CTVLP_CLIP_TILES="64,128,64,128,4,3,1", CTVLP_CLIP_BWD_TILES="64,64,64,512,8,2,1")  # forward FACTOR
-    sh(pt + ["cuda and not fused"], "pytest_cuda_factor.log", 120)
+    sh(pt + ["cuda and not fused"], "pytest_cuda_factor.log", 150)
     env["CTVLP_CLIP_TILES"] = "128,64,64,128,4,3,3"  # forward FACTOR, a program per row block (flattened loops)
-    sh(pt + ["cuda and not fused"], "pytest_cuda_one_rb.log", 120)
+    sh(pt + ["cuda and not fused"], "pytest_cuda_one_rb.log", 150)
     # TMA operand loads (flag bit 4; the G tile's sixth number); d = 300 in bf16 is not 16-byte strided
     env.update(CTVLP_CLIP_TILES="128,64,64,128,4,3,7", CTVLP_CLIP_BWD_TILES="64,64,64,512,8,2,5",
                CTVLP_CLIP_PANEL_TILES="128,64,64,8,3,1;128,128,64,8,3")
-    sh(pt + ["cuda and not fused"], "pytest_cuda_tma.log", 120)
+    sh(pt + ["cuda and not fused"], "pytest_cuda_tma.log", 150)
     env.pop("CTVLP_CLIP_PANEL_TILES")
 
 timing = r'''

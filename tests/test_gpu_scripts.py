@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_loss_gpu_script_dry_run_on_cpu(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "loss_gpu.py"), str(tmp_path),
-                        "--phases", "pytest,sweep,bench,fused,big,panel", "--dry"],
+                        "--phases", "pytest,pytest_new,sweep,bench,fused,big,panel", "--dry"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "SKIPPED" not in r.stdout and "TIMEOUT" not in r.stdout, r.stdout[-3000:]
