@@ -12,7 +12,7 @@ Memory is the peak allocated beyond the inputs (GPU: torch.cuda.max_memory_alloc
 peak RSS of a fresh subprocess per measurement, minus the same process's RSS before the loss).
 `bench.loss_ptx=true` adds what the compiler makes of the kernels for an H100 (sm_90a, bf16,
 b = 65,536), on any machine: registers, spills, shared memory, operand loads (async copies or
-TMA) and the SASS main loop, for forward and G tiles each with and without TMA loads.
+TMA) and the SASS main loop, for forward, backward and G tiles each with and without TMA loads.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import time
+from unittest import mock
 
 from .record import markdown_table, write_result
 
@@ -152,8 +153,7 @@ def _ptx_rows(d: int) -> list[dict]:
 
     rows = [{"kernel_role": "forward", "tiles": t, **report(*loss_forward_launches(65536, d, t)["forward"])}
             for t in PTX_FWD]
-    saved = {k: os.environ.get(k) for k in ("CTVLP_CLIP_BWD_TILES", "CTVLP_CLIP_PANEL_TILES")}
-    try:
+    with mock.patch.dict(os.environ):  # the launch helpers read their tiles from the environment
         for t in PTX_BWD:
             os.environ["CTVLP_CLIP_BWD_TILES"] = t
             rows += [{"kernel_role": f"backward {name}", "tiles": t, **report(*launch)}
@@ -161,12 +161,6 @@ def _ptx_rows(d: int) -> list[dict]:
         for t in PTX_GRAD:
             os.environ["CTVLP_CLIP_PANEL_TILES"] = f"{t};128,128,64,8,3"
             rows.append({"kernel_role": "panel G tile", "tiles": t, **report(*loss_panel_launches(65536, d)["G tile"])})
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     return rows
 
 
