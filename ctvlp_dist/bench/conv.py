@@ -5,11 +5,12 @@
   12x24^2, 6x12^2 at 64..512 channels) plus the standard 7^3 stride-2 stem, alone;
 - blocks: each residual block in training mode (conv, BN, ReLU, shortcut), the fused Triton
   block (kernels/conv3d_block.py) against the torch block on cuDNN;
-- tower: the whole ResNet3d18 (k2s2, BN), training step (forward + backward) and inference,
-  against cuDNN eager and, with bench.conv_compile, torch.compile(mode="max-autotune"; it replays
-  CUDA graphs itself); inference also replayed as a CUDA graph (embedding extraction without
-  per-launch CPU cost), still against cuDNN eager; our tower runs twice, with the convolutions'
-  flat K loop and their tap loop (conv3d.K_LOOP), so that one run compares them;
+- tower: the whole ResNet3d18 (k2s2, BN), inference first, then a training step (forward +
+  backward), against cuDNN eager and, with bench.conv_compile, torch.compile(mode="max-autotune";
+  it replays CUDA graphs itself); inference also replayed as a CUDA graph (embedding extraction
+  without per-launch CPU cost), still against cuDNN eager; our tower runs under each candidate
+  default (flat or tap K loop, conv3d.K_LOOP; swapped 64-channel tiles, conv3d.SWAP_NARROW),
+  each row with its own agreement with torch and a count of the launches that ran its variant;
 - tiles (not a default part): each kernel of each layer under every tile of the sweep grid,
   against cuDNN's same operation, to choose the tile defaults from measurements;
 - launches (not a default part): every kernel launch of one fused block's training step, timed
@@ -228,6 +229,14 @@ def _cuda_graph(fn):
     return graph.replay
 
 
+def _conv_launch_counts(launches) -> dict:
+    """How many of these launches were convolutions, and how many ran the tap K loop or swapped
+    operands: a tower row's proof that it timed the variant its name says."""
+    conv = [meta for kernel, _, _, meta in launches if kernel.__name__ in _GEMMS]
+    return {"conv_launches": len(conv), "tap_launches": sum(bool(m.get("TAP")) for m in conv),
+            "swapped_launches": sum(bool(m.get("SWAP")) for m in conv)}
+
+
 def _swapping(swap):
     """conv3d.swap_narrow for a tower row: False, True, or a forward tile to swap with."""
     from kernels.conv3d import swap_narrow
@@ -235,16 +244,21 @@ def _swapping(swap):
     return swap_narrow(bool(swap), fwd_tile=swap if isinstance(swap, tuple) else None)
 
 
-def _tower(batch, dtype, device, ceil, compile_too: bool) -> list[dict]:
-    """The whole tower: a training step (BN batch statistics, forward + backward of all
-    parameters and the input) and inference (eval, no autograd: BN folded on the Triton side)."""
+def _tower(batch, dtype, device, ceil, compile_too: bool):
+    """The whole tower, inference first (eval, no autograd: BN folded on the Triton side; the
+    1.5x goal not yet met), then a training step (BN batch statistics, forward + backward of all
+    parameters and the input). Yields one row per (mode, implementation) as soon as it is
+    measured, so that a device call cut short by its budget still logs the rows before the cut.
+    Each Triton row also records its own agreement with the torch tower under its K loop and
+    tiles: a variant that becomes a default must have been checked in bf16 on the chip."""
     import copy
     import time
     from types import SimpleNamespace
 
     import torch
 
-    from kernels.conv3d import SWAP_TILES, k_loop, swap_narrow
+    from kernels.compile_report import trace_launches
+    from kernels.conv3d import SWAP_TILES, k_loop
 
     from ..models.flops import image_tower_train_flops
     from ..models.resnet3d import ResNet3d18
@@ -256,20 +270,9 @@ def _tower(batch, dtype, device, ceil, compile_too: bool) -> list[dict]:
     batch = batch if gpu else 4
     ref, tri = _twins(lambda impl: ResNet3d18("k2s2", "bn", 32, True, impl, width), device, dtype)
     x = torch.randn(batch, 1, *crop, device=device, dtype=dtype)
-    agree = _agree(ref, tri, x)
-    with torch.no_grad():
-        ref.eval(), tri.eval()
-        agree["rel_err_inference"] = _rel(tri(x), ref(x))
-        with k_loop("tap"):
-            agree["rel_err_inference_tap_loop"] = _rel(tri(x), ref(x))
-            with swap_narrow():
-                agree["rel_err_inference_tap_loop_swapped"] = _rel(tri(x), ref(x))
-        ref.train(), tri.train()
-    base = {"in": "x".join(map(str, crop)), "width": width, "batch": batch, **agree}
     xs = x.clone().requires_grad_()
-    base.update(saved_MB_triton=saved_mb(tri, xs), saved_MB_torch=saved_mb(ref, xs))
-    if not gpu:
-        return [{"tower": "train+inference agreement", **base}]
+    base = {"in": "x".join(map(str, crop)), "width": width, "batch": batch,
+            "saved_MB_triton": saved_mb(tri, xs), "saved_MB_torch": saved_mb(ref, xs)}
     train_fl = image_tower_train_flops(SimpleNamespace(stem="k2s2", norm="bn", gn_groups=32, width=width), crop) * batch
     # name -> (module, the K loop of our convolutions: conv3d.K_LOOP, conv3d.SWAP_NARROW: off,
     # on, or on with this forward tile in place of SWAP_NARROW_TILES["fwd"])
@@ -277,61 +280,73 @@ def _tower(batch, dtype, device, ceil, compile_too: bool) -> list[dict]:
               "triton fused, tap K loop": (tri, "tap", False),
               "triton fused, tap K loop, swapped 64-channel tiles": (tri, "tap", True),
               "triton fused, tap K loop, swapped 64-channel tiles, 8-warp forward": (tri, "tap", SWAP_TILES[1])}
-    compile_s = {}
+    first = {}
+    if gpu:
+        first["cudnn_kernel"] = _top_kernel(_train_step(ref, xs, torch.randn(batch, ref.out_dim, device=device,
+                                                                              dtype=dtype)))
     if compile_too:
         comp = copy.deepcopy(ref)
         t0 = time.time()
         try:
             models["torch.compile max-autotune"] = (torch.compile(comp, mode="max-autotune"), "flat", False)
         except Exception as e:  # recorded, not fatal: the other rows still mean something
-            compile_s["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-        compile_s["wrap_s"] = round(time.time() - t0, 1)
+            first["compile_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        first["compile_wrap_s"] = round(time.time() - t0, 1)
     xg = x.clone().requires_grad_()
     g = torch.randn(batch, ref.out_dim, device=device, dtype=dtype)
-    rows = []
     # (mode, FLOPs, replayed as a CUDA graph, the cuDNN-eager mode it is compared with)
-    modes = (("train fwd+bwd", train_fl, False, "train fwd+bwd"), ("inference", train_fl / 3, False, "inference"),
-             ("inference, CUDA graph", train_fl / 3, True, "inference"))
+    modes = [("inference", train_fl / 3, False, "inference"), ("train fwd+bwd", train_fl, False, "train fwd+bwd")]
+    if gpu:
+        modes.insert(1, ("inference, CUDA graph", train_fl / 3, True, "inference"))
+    cudnn_ms = {}
     for mode, fl, graph, base_mode in modes:
         for name, (m, loop, swap) in models.items():
             if graph and name.startswith("torch.compile"):
                 continue  # max-autotune already replays CUDA graphs
-            row = {"tower": mode, "impl": name, **base}
+            row = {"tower": mode, "impl": name, **base, **first}
+            first = {}
+            t0 = time.time()
             try:
                 if mode == "train fwd+bwd":
-                    m.train()
+                    m.train(), ref.train()
+                    if m is not ref:
+                        with k_loop(loop), _swapping(swap):
+                            launched = trace_launches(lambda: row.update(_agree(ref, m, x)))
+                        row.update(_conv_launch_counts(launched))
                     step = _train_step(m, xg, g)
 
                     def fn(step=step, loop=loop, swap=swap):
                         with k_loop(loop), _swapping(swap):
                             step()
                 else:
-                    m.eval()
+                    m.eval(), ref.eval()
 
                     def fn(m=m, loop=loop, swap=swap):
                         with torch.no_grad(), k_loop(loop), _swapping(swap):
-                            m(x)
+                            return m(x)
+                    if m is not ref and not graph:
+                        got = {}
+                        launched = trace_launches(lambda: got.setdefault("y", fn()))
+                        with torch.no_grad():
+                            row["rel_err_inference"] = _rel(got["y"], ref(x))
+                        row.update(_conv_launch_counts(launched))
                     if graph:  # embedding extraction without per-launch CPU cost
                         fn = _cuda_graph(fn)
-                t0 = time.time()
-                fn()  # the first call compiles (torch.compile: autotunes); timed apart
-                torch.cuda.synchronize()
-                row["first_call_s"] = round(time.time() - t0, 1)
-                ms = _cuda_ms(fn, reps=5)
-                row.update(ms=round(ms, 2), scans_per_s=round(batch / ms * 1e3, 1), tflops=round(fl / ms / 1e9, 1),
-                           frac_of_bf16_matmul=round(fl / ms / 1e9 / ceil["bf16_matmul_tflops"], 3))
+                if gpu:
+                    fn()  # the first calls (with the agreement's) compile, torch.compile autotunes: timed apart
+                    torch.cuda.synchronize()
+                    row["first_call_s"] = round(time.time() - t0, 1)
+                    ms = _cuda_ms(fn, reps=5)
+                    row.update(ms=round(ms, 2), scans_per_s=round(batch / ms * 1e3, 1), tflops=round(fl / ms / 1e9, 1),
+                               frac_of_bf16_matmul=round(fl / ms / 1e9 / ceil["bf16_matmul_tflops"], 3))
+                    if name == "cudnn eager" and not graph:
+                        cudnn_ms[mode] = ms
+                    if base_mode in cudnn_ms:
+                        row["speedup_vs_cudnn"] = round(cudnn_ms[base_mode] / ms, 3)
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-            rows.append(row)
-        cud = next((r["ms"] for r in rows if r["tower"] == base_mode and r["impl"] == "cudnn eager" and "ms" in r), None)
-        for r in rows:
-            if r["tower"] == mode and "ms" in r and cud:
-                r["speedup_vs_cudnn"] = round(cud / r["ms"], 3)
-    ref.train()
-    rows[0]["cudnn_kernel"] = _top_kernel(_train_step(ref, xg, g))
-    if compile_s:
-        rows[0]["compile"] = compile_s
-    return rows
+            yield row
+    ref.train(), tri.train()
 
 
 def _tile_sweep(batch, dtype, device, ceil, budget_s: float) -> list[dict]:
