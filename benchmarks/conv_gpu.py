@@ -1,6 +1,7 @@
 """One device call for the conv3d kernels (issue 7): correctness on the chip, then the benchmark.
 
     python3 benchmarks/conv_gpu.py OUTDIR [--phases layers,blocks,tower]          # first call
+    python3 benchmarks/conv_gpu.py OUTDIR --phases tower,pytest_new               # the next GPU call
     python3 benchmarks/conv_gpu.py OUTDIR --phases pytest                         # a call of its own
     python3 benchmarks/conv_gpu.py OUTDIR --phases compile                        # second call
     python3 benchmarks/conv_gpu.py OUTDIR --phases tiles                          # third call
@@ -10,6 +11,8 @@ Phases, each under a share of one wall-clock budget (gpu_call.py):
 - pytest: kernels/test_conv3d.py and test_conv3d_block.py on CUDA (bf16 included, which the
   interpreter cannot check). Compiling every tested variant takes minutes (on 2026-11-23 the
   block tests alone took 290 s for 36 of 37), so it is not a default phase: a call of its own;
+- pytest_new: only the CUDA tests of the candidate defaults (the tap K loop in bf16, the swapped
+  tiles, the fused block under both), about 30 tests: it fits beside the tower in one call;
 - layers, blocks, tower: `ctvlp bench conv` with that part alone (cuDNN eager is the baseline;
   the tower also with the tap K loop, with the tap loop plus swapped 64-channel forward and
   dgrad tiles (conv3d.SWAP_NARROW: a 4-warp forward, and again with the 8-warp one), and
@@ -34,23 +37,32 @@ from gpu_call import Budget, gpu_env, print_device
 ap = argparse.ArgumentParser()
 ap.add_argument("out")
 ap.add_argument("--phases", default="layers,blocks,tower")
+ap.add_argument("--dry", action="store_true", help="CPU plumbing check: pytest phases only collect their tests")
 args = ap.parse_args()
 out = Path(args.out)
 out.mkdir(parents=True, exist_ok=True)
 sh = Budget(out, gpu_env()).sh
+dry = ["--collect-only"] if args.dry else []
 phases = args.phases.split(",")
 print_device()
 
 if "pytest" in phases:  # the kernels first (flat and tap K loops, bf16), then the fused blocks
-    sh([sys.executable, "-m", "pytest", "-q", "kernels/test_conv3d.py", "-p", "no:cacheprovider"], "pytest_conv.log", 200)
-    sh([sys.executable, "-m", "pytest", "-q", "kernels/test_conv3d_block.py", "-p", "no:cacheprovider"],
+    sh([sys.executable, "-m", "pytest", "-q", "kernels/test_conv3d.py", "-p", "no:cacheprovider", *dry], "pytest_conv.log", 200)
+    sh([sys.executable, "-m", "pytest", "-q", "kernels/test_conv3d_block.py", "-p", "no:cacheprovider", *dry],
        "pytest_block.log", 340)
-bench = [sys.executable, "-m", "ctvlp_dist", "bench", "conv", "--quiet", f"bench.results_dir={out}"]
+# not --quiet: each row is printed as it is measured, so a step cut short by its cap still logs
+# the rows before the cut (the record itself is written at the end)
+bench = [sys.executable, "-m", "ctvlp_dist", "bench", "conv", f"bench.results_dir={out}"]
 # Triton compiles on first use; the tower's four Triton configurations (flat, tap, two swapped
-# forwards) each compile their kernels for every layer, so it gets the most time
+# forwards) each compile their kernels for every layer, so it gets the most time (inference
+# rows first: they decide issue 7's open goal)
 for part, cap in (("layers", 100), ("blocks", 120), ("tower", 400)):
     if part in phases:
         sh(bench + [f"bench.conv_parts=[{part}]", "bench.conv_compile=false"], f"{part}.log", cap)
+if "pytest_new" in phases:  # after the tower, whose inference rows decide issue 7; what would become the defaults: tap K loop in bf16, swapped tiles (fp32/fp16)
+    sh([sys.executable, "-m", "pytest", "-q", "kernels/test_conv3d.py", "kernels/test_conv3d_block.py",
+        "-p", "no:cacheprovider", "-k", "(cuda_bf16 and tap) or swapped_operands or swapped_tiles or block_with_tap", *dry],
+       "pytest_new.log", 240)
 if "launches" in phases:
     sh(bench + ["bench.conv_parts=[launches]", "bench.conv_tile_budget_s=230"], "launches.log", 330)
 if "compile" in phases:

@@ -1,9 +1,11 @@
 """The one-call GPU scripts are spent only on a lent GPU, so their plumbing is checked here first:
 `loss_gpu.py --dry` runs every phase on CPU (the Triton interpreter, fp32, tiny b, the first and
 last config of each sweep list). The timings are meaningless; what must hold is that every step
-runs, its records are written and the choices made from them are the fastest rows."""
+runs, its records are written and the choices made from them are the fastest rows.
+`conv_gpu.py --dry` collects the tests its pytest phases would run."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,3 +39,19 @@ def test_loss_gpu_script_dry_run_on_cpu(tmp_path):
     assert rows and all(x["max_rel_diff_vs_two_pass"] < 1e-5 for x in rows), rows
     assert any(x["tiles"].split(";")[0].endswith(",1") for x in rows), rows  # a TMA G tile ran
     assert len(list(tmp_path.glob("loss-cpu-*.json"))) == 5  # bench, big, fused, panel bench, panel mixed
+
+
+def test_conv_gpu_script_selects_the_candidate_default_tests(tmp_path):
+    """`conv_gpu.py --phases pytest_new` (beside the tower in one device call) must select the
+    CUDA tests of what would become the defaults, and only those: collected here, not run."""
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "conv_gpu.py"), str(tmp_path),
+                        "--phases", "pytest_new,pytest", "--dry"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    new = (tmp_path / "pytest_new.log").read_text()
+    ids = [x for x in new.splitlines() if "::" in x]
+    assert "29/141 tests collected" in new, new[-1500:]
+    assert sum("test_cuda_bf16[tap-" in x for x in ids) == 11 and not any("test_cuda_bf16[flat-" in x for x in ids)
+    assert sum("swapped" in x for x in ids) == 14 and sum("block_with_tap" in x for x in ids) == 4
+    for log in ("pytest_conv.log", "pytest_block.log"):  # the full phase: every test, no collection error
+        tail = (tmp_path / log).read_text().strip().splitlines()[-1]
+        assert re.fullmatch(r"\d+ tests collected in [\d.]+s", tail), (log, tail)
