@@ -10,14 +10,18 @@ Phases, each under a share of one wall-clock budget (gpu_call.py):
 - bench: `ctvlp bench loss` with the best tiles: dense, chunked and Triton, b = 1k..64k;
 - fused: the atomics backward at b = 16k and 64k (Triton only);
 - big: Triton alone at b = 262144 and 1048576 (peak memory at 1M is a goal of issue 6);
-- panel: the panel backward (contrastive_panel.py): its tiles and GEMM backend (Triton or
-  cuBLAS) swept at b = 16384 against the two-pass backward in the same process, its panel height
-  at b = 65536, then `bench loss` with triton-two_pass and triton-panel side by side, on random
-  and on mixed (trained-like, scale 100) inputs. `--phases sweep,panel` also times the forward's
-  FACTOR tiles (flag 1) and benches with the fastest forward; with the 2026-11-22 tiles and no
-  sweep: `--phases panel --tiles 64,128,64,128,4,3 --bwd-tiles 64,64,64,512,8,2,1`. Forward
-  tiles with flag bit 2 run a program per row block, whose column and K loops Triton flattens;
-  bit 4 (and a sixth G-tile number of 1) loads operand blocks through tensor descriptors (TMA).
+- panel: the panel backward (contrastive_panel.py), in the order of what decides issue 6: its
+  tiles and GEMM backend (Triton or cuBLAS) swept at b = 16384 against the two-pass backward in
+  the same process; then `bench loss` with dense, triton-two_pass and triton-panel side by side
+  up to b = 65536 (the goal's size); then the panel height at 65536 and that row again with the
+  fastest; last, mixed (trained-like, scale 100) inputs.
+`--phases sweep,panel` is one call: its steps' caps add up to 760 s, so the 560 s budget cuts
+from the end (the least decisive steps: the height rerun and the mixed inputs). The forward sweep holds the 2026-11-22 winners as baselines beside the FACTOR, one-row-block and TMA
+tiles, and the benches use its fastest forward. With the 2026-11-22 tiles and no sweep:
+`--phases panel --tiles 64,128,64,128,4,3 --bwd-tiles 64,64,64,512,8,2,1`. Forward tile flags:
+1 FACTOR (one exponential per element where the tile allows), 2 a program per row block (Triton
+flattens its column and K loops), 4 operand blocks through tensor descriptors (TMA; for the
+G tile, a sixth number of 1).
 `--dry` checks the plumbing on a CPU before a GPU call is spent on it: the Triton interpreter,
 fp32, tiny b, the first and last config of each list (tests/test_gpu_scripts.py).
 Records go to OUTDIR (copy them to benchmarks/results/). Run it with the device tool as
@@ -107,14 +111,15 @@ for which, cfgs in (("fwd", sys.argv[1]), ("bwd", sys.argv[2])):
             r = {"pass": which, "tiles": cfg, "error": f"{type(e).__name__}: {str(e)[:160]}"}
         print(json.dumps(r), flush=True)  # one line per config: the parent reads them as they come
 '''
-FWD = ["128,128,64,128,8,3", "128,64,64,128,8,3", "64,64,64,128,4,3", "128,128,32,128,8,4", "64,128,64,128,4,3",
-       "128,128,64,128,8,4", "128,64,64,128,4,3", "256,64,64,128,8,3", "64,128,64,128,4,3,1", "128,128,32,128,8,4,1",
-       "128,64,64,128,8,3,1", "64,128,64,128,4,3,2", "128,64,64,128,4,3,2", "128,128,64,128,8,3,2",
-       "64,64,64,128,4,3,2", "64,128,64,128,8,3,2", "128,64,64,128,4,3,3", "128,128,64,128,8,3,3",
-       "64,128,64,128,4,3,4", "128,128,64,128,8,3,4", "64,64,64,128,4,3,6", "64,128,64,128,8,3,6", "128,64,64,128,4,3,7"]
-BWD = ["64,64,64,512,8,3", "128,64,64,256,8,3", "64,64,64,512,8,2,1", "64,32,64,512,8,3,1", "128,64,64,512,8,2,1",
-       "64,64,64,512,4,2,1", "128,32,64,512,8,2,1", "128,128,64,128,8,3", "64,128,64,512,8,2,1",
-       "64,64,64,512,8,2,5", "64,64,64,512,8,3,5"]
+# The 2026-11-22 sweep (results/loss-sweep-gpu-20261122T180000.json) already ranked the plain
+# tiles: only its winners stay, as the same-run baselines (first in each list), beside the
+# options no GPU has timed: FACTOR (flag 1), a program per row block (2), TMA loads (4)
+FWD = ["64,128,64,128,4,3", "64,128,64,128,4,3,1", "128,128,32,128,8,4,1", "128,64,64,128,8,3,1",
+       "64,128,64,128,4,3,2", "128,64,64,128,4,3,2", "128,128,64,128,8,3,2", "64,64,64,128,4,3,2",
+       "64,128,64,128,8,3,2", "128,64,64,128,4,3,3", "128,128,64,128,8,3,3", "64,128,64,128,4,3,4",
+       "64,128,64,128,4,3,5", "128,128,64,128,8,3,4", "64,64,64,128,4,3,6", "64,128,64,128,8,3,6",
+       "128,64,64,128,4,3,7"]
+BWD = ["64,64,64,512,8,2,1", "64,64,64,512,8,2,5", "64,64,64,512,8,3,5"]
 if DRY:
     FWD, BWD = [FWD[0], FWD[-1]], [BWD[0], BWD[-1]]
 B_SWEEP, B_PANEL, B_BENCH, B_MID, B_BIG = (256, (256, 512), "[256]", "[512]", "[512]") if DRY else (
@@ -122,7 +127,7 @@ B_SWEEP, B_PANEL, B_BENCH, B_MID, B_BIG = (256, (256, 512), "[256]", "[512]", "[
 DTYPE = "float32" if DRY else "bfloat16"  # as the inline scripts choose it
 bwd_tiles = args.bwd_tiles or "64,64,64,512,8,3"
 if "sweep" in phases and not args.tiles:
-    sh([sys.executable, "-c", sweep_code, ";".join(FWD), ";".join(BWD), str(B_SWEEP)], "sweep.log", 300)
+    sh([sys.executable, "-c", sweep_code, ";".join(FWD), ";".join(BWD), str(B_SWEEP)], "sweep.log", 200)
     # one JSON line per config, so the configs timed before a timeout still count
     log = out / "sweep.log"
     sweep = [json.loads(x) for x in log.read_text().splitlines() if x.startswith('{"pass"')] if log.exists() else []
@@ -137,7 +142,8 @@ if "sweep" in phases and not args.tiles:
 env["CTVLP_CLIP_BWD_TILES"] = bwd_tiles
 env["CTVLP_CLIP_TILES"] = tiles
 print("tiles: fwd", tiles, "bwd", bwd_tiles, flush=True)
-base = [sys.executable, "-m", "ctvlp_dist", "bench", "loss", "--quiet", f"bench.results_dir={out}"]
+# not --quiet: each row is printed as it is measured, so a step cut short still logs its rows
+base = [sys.executable, "-m", "ctvlp_dist", "bench", "loss", f"bench.results_dir={out}"]
 if "bench" in phases:
     sh(base + [f"bench.loss_sizes={B_BENCH}"], "bench.log", 240)
 if "big" in phases:
@@ -184,26 +190,40 @@ print("PANEL", json.dumps(res))
 PANEL = ["128,64,64,8,3;128,128,64,8,3", "128,128,64,8,3;128,128,64,8,3", "128,64,64,8,4;128,256,64,8,3",
          "64,128,64,4,3;128,128,64,8,4", "128,64,32,8,4;128,128,64,8,3", "128,128,64,8,3;128,256,64,8,3",
          "128,64,64,8,3,1;128,128,64,8,3", "128,128,64,8,3,1;128,128,64,8,3", "64,128,64,4,3,1;128,128,64,8,4"]
-if "panel" in phases:
+if "panel" in phases:  # in the order of what decides issue 6, so that a short budget cuts the least
     found = {}
     if DRY:
         PANEL = [PANEL[0], PANEL[-1]]
-    for b, cfgs, mms, cap in ((B_PANEL[0], PANEL, "triton,torch", 200), (B_PANEL[1], None, None, 120)):
-        if cfgs is None:  # the panel height at 65,536, with the best tiles and backend at 16,384
-            ok = [x for x in found.get(B_PANEL[0], []) if "ms" in x and x["variant"] == "panel"]
-            best = min(ok, key=lambda x: x["ms"]) if ok else {"tiles": PANEL[0], "mm": "triton"}
-            cfgs, mms = [best["tiles"] + f"@{r}" for r in (2048, 4096, 8192)], best["mm"]
+
+    def panel_run(b, cfgs, mms, cap):
         r = sh([sys.executable, "-c", panel_code, "|".join(cfgs), mms, str(b)], f"panel_{b}.log", cap)
         if r and "PANEL" in r.stdout:
             found[b] = json.loads([x for x in r.stdout.splitlines() if x.startswith("PANEL")][-1][6:])
-    (out / "panel.json").write_text(json.dumps({"d": 512, "dtype": DTYPE, "runs": found}, indent=1))
-    ok = [x for x in found.get(B_PANEL[1], []) + found.get(B_PANEL[0], []) if "ms" in x and x["variant"] == "panel"]
-    if ok:  # the largest gain over the two-pass backward timed in the same process
-        best = max(ok, key=lambda x: x["speedup_vs_two_pass"])
+
+    def best_panel():  # the largest gain over the two-pass backward timed in the same process
+        ok = [x for x in found.get(B_PANEL[0], []) if "ms" in x and x["variant"] == "panel"]
+        return max(ok, key=lambda x: x["speedup_vs_two_pass"]) if ok else None
+
+    def use(best):
         env.update(CTVLP_CLIP_PANEL_TILES=best["tiles"], CTVLP_CLIP_PANEL_MM=best["mm"])
         if best in found.get(B_PANEL[1], []):
             env["CTVLP_CLIP_PANEL_ROWS"] = str(best["panel_rows"])
+
+    # 1. panel tiles and GEMM backend at 16,384; 2. the goal's measurement (b = 65,536, beside
+    # dense and the two-pass backward, with the sweep's forward); 3. the panel height at 65,536,
+    # then the 65,536 row again with the fastest; 4. trained-like inputs
+    panel_run(B_PANEL[0], PANEL, "triton,torch", 150)
+    best = best_panel()
+    if best:
+        use(best)
     methods = "bench.loss_methods=[dense,triton-two_pass,triton-panel]"
-    sh(base + [f"bench.loss_sizes={B_BENCH}", methods], "panel_bench.log", 200)
+    sh(base + [f"bench.loss_sizes={B_BENCH}", methods], "panel_bench.log", 150)
+    best = best or {"tiles": PANEL[0], "mm": "triton"}
+    panel_run(B_PANEL[1], [best["tiles"] + f"@{r}" for r in (2048, 4096, 8192)], best["mm"], 100)
+    (out / "panel.json").write_text(json.dumps({"d": 512, "dtype": DTYPE, "runs": found}, indent=1))
+    rows_goal = [x for x in found.get(B_PANEL[1], []) if "ms" in x and x["variant"] == "panel"]
+    if rows_goal:  # the goal's size again, with its fastest panel height
+        use(min(rows_goal, key=lambda x: x["ms"]))
+        sh(base + [f"bench.loss_sizes=[{B_PANEL[1]}]", "bench.loss_methods=[triton-panel]"], "panel_rows_bench.log", 60)
     sh(base + [f"bench.loss_sizes={B_MID}", "bench.loss_methods=[triton-two_pass,triton-panel]",
-               "bench.loss_inputs=mixed"], "panel_mixed.log", 120)
+               "bench.loss_inputs=mixed"], "panel_mixed.log", 100)

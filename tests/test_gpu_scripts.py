@@ -25,7 +25,7 @@ def test_loss_gpu_script_dry_run_on_cpu(tmp_path):
     assert "SKIPPED" not in r.stdout and "TIMEOUT" not in r.stdout, r.stdout[-3000:]
     logs = {p.name: p.read_text() for p in tmp_path.glob("*.log")}
     assert {"pytest_cuda_one_rb.log", "pytest_cuda_tma.log", "sweep.log", "bench.log", "big.log", "fused.log", "panel_256.log",
-            "panel_512.log", "panel_bench.log", "panel_mixed.log"} <= set(logs)
+            "panel_512.log", "panel_bench.log", "panel_rows_bench.log", "panel_mixed.log"} <= set(logs)
     for name, text in logs.items():
         assert "Traceback" not in text, (name, text[-2000:])
     sweep = json.loads((tmp_path / "sweep.json").read_text())
@@ -38,7 +38,8 @@ def test_loss_gpu_script_dry_run_on_cpu(tmp_path):
     rows = [x for runs in panel.values() for x in runs if x["variant"] == "panel"]
     assert rows and all(x["max_rel_diff_vs_two_pass"] < 1e-5 for x in rows), rows
     assert any(x["tiles"].split(";")[0].endswith(",1") for x in rows), rows  # a TMA G tile ran
-    assert len(list(tmp_path.glob("loss-cpu-*.json"))) == 5  # bench, big, fused, panel bench, panel mixed
+    # bench, big, fused, panel bench, the goal's size with the fastest panel height, panel mixed
+    assert len(list(tmp_path.glob("loss-cpu-*.json"))) == 6
 
 
 def test_conv_gpu_script_selects_the_candidate_default_tests(tmp_path):
