@@ -217,3 +217,27 @@ def test_bench_loss_on_cpu_records_methods_and_inputs(tmp_path):
     assert float(s) == 100.0 and 0 <= float(cos.min()) < 0.05 and 0.85 < float(cos.max()) <= 0.9 + 1e-6
     with pytest.raises(ValueError, match="random or mixed"):
         _inputs(4, 4, torch.float32, "cpu", kind="trained")
+
+
+def test_forward_l2_bytes_count_each_tiles_re_reads():
+    """The L2 traffic of layer1's forward (8 x 48 x 96^2 voxels, 64 -> 64 channels, 3^3), hand-counted:
+    activation once per tap and per channel tile (M x 1,728 x 2 B), weight once per voxel tile,
+    output once. A 512-voxel tile reads the weight a quarter as often as a 128-voxel one."""
+    import torch
+
+    from ctvlp_dist.bench.conv import fwd_l2_bytes
+    from kernels.compile_report import capture
+    from kernels.conv3d import conv3d_forward, tile_override
+
+    x = torch.empty(8, 64, 48, 96, 96, dtype=torch.bfloat16, device="meta").contiguous(
+        memory_format=torch.channels_last_3d)
+    w = torch.empty(64, 64, 3, 3, 3, dtype=torch.bfloat16, device="meta")
+    M, act, out = 8 * 48 * 96 * 96, 8 * 48 * 96 * 96 * 1728 * 2, 8 * 48 * 96 * 96 * 64 * 2
+    for tile, m_tiles in (((128, 64, 64, 4, 3), 27_648), ((512, 64, 32, 8, 3, "swap"), 6_912)):
+        assert M // tile[0] == m_tiles
+        with tile_override(tile, "fwd"):
+            launch = capture(conv3d_forward, x, w, None, 1, 1)[0]
+            with_res = capture(conv3d_forward, x, w, None, 1, 1, residual=x)[0]
+        assert fwd_l2_bytes(*launch) == act + m_tiles * 1728 * 64 * 2 + out
+        assert fwd_l2_bytes(*with_res) == fwd_l2_bytes(*launch) + out  # the residual is read once
+    assert act + 27_648 * 1728 * 64 * 2 + out == 18_798_870_528  # 18.8 GB: 41x the 0.45 GB activation

@@ -62,7 +62,8 @@ def _layer(name, cin, cout, sp, k, s, p, batch, dtype, device, scale=1, ceil=Non
     import torch
     import torch.nn.functional as F
 
-    from kernels.conv3d import conv3d_triton
+    from kernels.compile_report import capture
+    from kernels.conv3d import conv3d_forward, conv3d_triton
 
     sp = tuple(max(k, x // scale) for x in sp)
     x = torch.randn(batch, cin, *sp, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last_3d)
@@ -70,7 +71,9 @@ def _layer(name, cin, cout, sp, k, s, p, batch, dtype, device, scale=1, ceil=Non
     y_ref = F.conv3d(x, w, None, s, p)
     y = conv3d_triton(x, w, None, s, p)
     err = float((y.float() - y_ref.float()).norm() / y_ref.float().norm())
-    row = {"layer": name, "in": "x".join(map(str, sp)), "cin": cin, "cout": cout, "rel_err_vs_torch": round(err, 5)}
+    l2 = fwd_l2_bytes(*capture(conv3d_forward, x.to("meta"), w.to("meta"), None, s, p)[0])
+    row = {"layer": name, "in": "x".join(map(str, sp)), "cin": cin, "cout": cout, "rel_err_vs_torch": round(err, 5),
+           "l2_MB_fwd": round(l2 / 2 ** 20, 1)}
     if device != "cuda":
         return row
     M, K = y[:, 0].numel(), cin * k ** 3
@@ -99,6 +102,10 @@ def _layer(name, cin, cout, sp, k, s, p, batch, dtype, device, scale=1, ceil=Non
         row["roofline_fwd_ms"] = round(bound, 3)
         row["triton_frac_of_roofline"] = round(bound / t["triton_fwd_ms"], 3)
         row["cudnn_frac_of_roofline"] = round(bound / t["cudnn_fwd_ms"], 3)
+    row["triton_fwd_l2_GBps"] = round(l2 / t["triton_fwd_ms"] / 1e6, 1)
+    if ceil.get("l2_read_GBps"):  # the same bytes at the L2 read ceiling: our tiles' re-reads, not the layer's
+        row["l2_bound_ms"] = round(l2 / ceil["l2_read_GBps"] / 1e6, 3)
+        row["triton_frac_of_l2_bound"] = round(row["l2_bound_ms"] / t["triton_fwd_ms"], 3)
     row["fwd_speedup_vs_cudnn"] = round(t["cudnn_fwd_ms"] / t["triton_fwd_ms"], 3)
     row["fwdbwd_speedup_vs_cudnn"] = round(t["cudnn_fwdbwd_ms"] / t["triton_fwdbwd_ms"], 3)
     row["cudnn_kernel"] = _top_kernel(lambda: F.conv3d(x, w, None, s, p))
@@ -279,7 +286,7 @@ def _tower(batch, dtype, device, ceil, compile_too: bool):
     models = {"cudnn eager": (ref, "flat", False), "triton fused": (tri, "flat", False),
               "triton fused, tap K loop": (tri, "tap", False),
               "triton fused, tap K loop, swapped 64-channel tiles": (tri, "tap", True),
-              "triton fused, tap K loop, swapped 64-channel tiles, 8-warp forward": (tri, "tap", SWAP_TILES[1])}
+              "triton fused, tap K loop, swapped 64-channel tiles, 512-voxel forward": (tri, "tap", SWAP_TILES[-1])}
     first = {}
     if gpu:
         first["cudnn_kernel"] = _top_kernel(_train_step(ref, xs, torch.randn(batch, ref.out_dim, device=device,
@@ -523,6 +530,20 @@ def _launch_name(kernel, meta) -> dict:
             "tile": _tile_name(_meta_tile(meta)) if "BM" in meta else ""}
 
 
+def fwd_l2_bytes(kernel, grid, args, meta) -> int:
+    """Bytes a forward launch moves through L2 (its async copies bypass L1), counted from its
+    grid: every output-channel tile re-reads the activation once per tap (M x K), every voxel
+    tile re-reads its weight columns (K x BN), and the output (and a residual) pass once. Rows
+    a padding mask skips are counted too (a few percent at 3^3): an upper bound. At layer1 this
+    is about 40x the fewest bytes, which is why L2, not HBM, is the byte ceiling to compare with."""
+    v = dict(zip(kernel.arg_names, args), **meta)
+    e = v["X"].element_size()
+    M = math.prod(v[k] for k in ("Nb", "Do", "Ho", "Wo"))
+    K = v["Cin"] * v["KD"] * v["KH"] * v["KW"]
+    m_tiles, n_tiles = grid[:2]
+    return e * (n_tiles * M * K + m_tiles * n_tiles * K * v["BN"] + M * v["Cout"] * (1 + bool(v["HAS_RES"])))
+
+
 def _gemm_flops(kernel, args, meta) -> int:
     """2 M N K of a conv GEMM launch (forward, dgrad and wgrad of one convolution are equal)."""
     v = dict(zip(kernel.arg_names, args), **meta)
@@ -550,6 +571,8 @@ def _ptx_rows() -> list[dict]:
                     if swap and variant.startswith("wgrad"):
                         continue
                     r = report(*launch)
+                    if launch[0].__name__ == "_conv_fwd":
+                        r["l2_MB"] = round(fwd_l2_bytes(*launch) / 2 ** 20, 1)
                     rows.append({"layer": name, "variant": variant, "k_loop": loop,
                                  "tile": _tile_name(tile or _meta_tile(r)), **r})
     return rows
@@ -605,7 +628,8 @@ def run(cfg, progress: bool = True, argv=None) -> dict:
     if "rows" in out:
         cols = ["layer", "in", "cin", "cout", "rel_err_vs_torch"] + (
             ["triton_fwd_ms", "cudnn_fwd_ms", "triton_fwd_tflops", "cudnn_fwd_tflops", "triton_fwd_GBps",
-             "triton_frac_of_roofline", "cudnn_frac_of_roofline", "fwd_speedup_vs_cudnn",
+             "triton_frac_of_roofline", "cudnn_frac_of_roofline", "l2_MB_fwd", "triton_fwd_l2_GBps",
+             "triton_frac_of_l2_bound", "fwd_speedup_vs_cudnn",
              "triton_fwdbwd_ms", "cudnn_fwdbwd_ms", "fwdbwd_speedup_vs_cudnn", "cudnn_kernel"] if gpu else [])
         print(markdown_table(out["rows"], cols))
     if "blocks" in out:
@@ -630,6 +654,6 @@ def run(cfg, progress: bool = True, argv=None) -> dict:
     if "ptx" in out:
         print(markdown_table(out["ptx"], ["layer", "variant", "k_loop", "tile", "wgmma", "loop_async_loads",
                                           "loop_sync_tile_loads", "loop_sass_instructions", "loop_sass_mma", "registers",
-                                          "spill_store_bytes", "shared_bytes", "smem_cap"]))
+                                          "spill_store_bytes", "shared_bytes", "smem_cap", "l2_MB"]))
     print(f"wrote {path}")
     return out

@@ -67,7 +67,15 @@ def gpu_ceilings() -> dict:
     x = torch.empty(2 ** 30 // 2, device="cuda", dtype=torch.bfloat16).normal_()
     y = torch.empty_like(x)
     tc = _cuda_time(lambda: y.copy_(x), reps=10)
-    return {"bf16_matmul_tflops": round(2 * 8192 ** 3 / t / 1e12, 1), "copy_GBps": round(2 * x.numel() * 2 / tc / 1e9, 1)}
+    out = {"bf16_matmul_tflops": round(2 * 8192 ** 3 / t / 1e12, 1), "copy_GBps": round(2 * x.numel() * 2 / tc / 1e9, 1)}
+    a = b = x = y = None  # free 1.5 GB before the probe
+    try:  # the rate our tiles' operand re-reads are bound by (kernels/l2_probe.py); not fatal if it fails
+        from kernels.l2_probe import l2_read_GBps
+
+        out["l2_read_GBps"] = round(l2_read_GBps(), 1)
+    except Exception as e:
+        out["l2_read_error"] = f"{type(e).__name__}: {str(e)[:160]}"
+    return out
 
 
 def _cuda_time(fn, reps=5, warmup=2) -> float:
