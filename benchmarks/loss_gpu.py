@@ -96,6 +96,11 @@ g = torch.arange(b, device=dev, dtype=torch.int32)
 n_rows = torch.ones(b, device=dev)
 lse_r, cmax, csum, _ = ct.triton_forward(I, T, s1, g, g, True, tiles=ct.pick_tiles(d, I.dtype))
 lse_c = ct.merge_column_stats(cmax, csum)
+ceil = {}
+if dev == "cuda":  # matmul, copy and L2-read ceilings in this process: each row's rates against them
+    from ctvlp_dist.bench.loss import gpu_ceilings
+    ceil = gpu_ceilings()
+    print(json.dumps({"ceilings": ceil}), flush=True)
 for which, cfgs in (("fwd", sys.argv[1]), ("bwd", sys.argv[2])):
     for cfg in cfgs.split(";"):
         t = ct._as_tiles([int(x) for x in cfg.split(",")], d, I.dtype.itemsize)
@@ -106,7 +111,11 @@ for which, cfgs in (("fwd", sys.argv[1]), ("bwd", sys.argv[2])):
         try:
             ms = _time(fn) * 1e3
             flops = (2 if which == "fwd" else 6) * b * b * d  # counted: fwd S; bwd S once + two gradient dots
-            r = {"pass": which, "tiles": cfg, "ms": round(ms, 3), "tflops_counted": round(flops / ms / 1e9, 1)}
+            l2 = ct.l2_bytes(b, b, d, I.element_size(), t, which)  # operand bytes through L2, counted
+            r = {"pass": which, "tiles": cfg, "ms": round(ms, 3), "tflops_counted": round(flops / ms / 1e9, 1),
+                 "l2_GB": round(l2 / 1e9, 2), "l2_GBps": round(l2 / ms / 1e6, 1)}
+            if ceil.get("l2_read_GBps"):
+                r["frac_of_l2_read"] = round(r["l2_GBps"] / ceil["l2_read_GBps"], 3)
         except Exception as e:
             r = {"pass": which, "tiles": cfg, "error": f"{type(e).__name__}: {str(e)[:160]}"}
         print(json.dumps(r), flush=True)  # one line per config: the parent reads them as they come
@@ -137,7 +146,8 @@ if "sweep" in phases and not args.tiles:
             tiles = min(ok, key=lambda x: x["ms"])["tiles"]
         elif ok:
             bwd_tiles = min(ok, key=lambda x: x["ms"])["tiles"]
-    (out / "sweep.json").write_text(json.dumps({"b": B_SWEEP, "d": 512, "dtype": DTYPE, "configs": sweep,
+    ceil = [json.loads(x)["ceilings"] for x in log.read_text().splitlines() if x.startswith('{"ceilings"')] if log.exists() else []
+    (out / "sweep.json").write_text(json.dumps({"b": B_SWEEP, "d": 512, "dtype": DTYPE, "ceilings": ceil[:1], "configs": sweep,
                                                 "best_fwd": tiles, "best_bwd": bwd_tiles}, indent=1))
 env["CTVLP_CLIP_BWD_TILES"] = bwd_tiles
 env["CTVLP_CLIP_TILES"] = tiles

@@ -393,6 +393,23 @@ def _as_tiles(c, d: int, itemsize: int = 2) -> dict:
                 num_warps=c[4], num_stages=c[5])
 
 
+def l2_bytes(b_r: int, b_c: int, d: int, itemsize: int, t: dict, which: str = "fwd") -> int:
+    """Operand bytes a pass moves through L2 (counted from its tiles, not measured): every S tile
+    with a K loop loads its BM x d rows of I and BN x d rows of T; FULL backward tiles keep one
+    operand block for the whole program and stream the other; a d-chunked backward recomputes
+    S per output-d chunk and loads the chunk of the dot operand besides. At b = 16,384 the
+    default 64 x 128 forward moves 6.4 GB through L2 for 34 MB of inputs, so its ceiling is
+    L2's read rate, not HBM's (kernels/l2_probe.py measures it)."""
+    n_rb, n_cb = -(-b_r // t["BM"]), -(-b_c // t["BN"])
+    if which == "fwd":
+        return n_rb * n_cb * (t["BM"] + t["BN"]) * d * itemsize
+    if t["FULL"]:  # rows pass: I block once, T streamed per row block; cols pass: the reverse
+        return (n_rb * b_c + b_r + n_cb * b_r + b_c) * d * itemsize
+    n_dc = -(-d // t["BD"])
+    per_tile = (t["BM"] + t["BN"]) * d + (t["BN"] + t["BM"]) * t["BD"] // 2  # S, then the dot's operand chunk
+    return 2 * n_dc * n_rb * n_cb * per_tile * itemsize
+
+
 def tma_ok(*xs: torch.Tensor) -> bool:
     """Whether the copy engine can load these [rows, d] matrices: a contiguous last dimension,
     16-byte aligned base and row stride (bf16: d a multiple of 8). Others keep pointer loads.

@@ -375,3 +375,19 @@ def test_one_exponential_softmax_pair_and_its_guard(trans):
         got = (out.T if trans else out).double()
         close = bool(torch.isfinite(got).all()) and torch.allclose(got, ref, rtol=1e-5, atol=1e-30)
         assert close is ok, (wide, span, (got - ref).abs().max())
+
+
+def test_l2_bytes_count_what_each_tile_reloads():
+    """Hand counts at b = 16,384, d = 512, bf16 (the GPU sweep's size): the 64 x 128 forward loads
+    both operand blocks per tile, (1/128 + 1/64) b^2 d 2 bytes; the FULL backward streams one
+    operand per program, (1/64 + 1/64) b^2 d 2 plus each block once; the d-chunked backward
+    recomputes S for each of its 4 output chunks (BD 128)."""
+    from kernels.contrastive_triton import _as_tiles, l2_bytes
+
+    b, d = 16384, 512
+    assert l2_bytes(b, b, d, 2, _as_tiles((64, 128, 64, 128, 4, 3), d), "fwd") == 256 * 128 * 192 * 512 * 2
+    assert 256 * 128 * 192 * 512 * 2 == 6_442_450_944
+    full = _as_tiles((64, 64, 64, 512, 8, 2, 1), d)
+    assert full["FULL"] and l2_bytes(b, b, d, 2, full, "bwd") == (256 * b * 2 + 2 * b) * 512 * 2
+    chunked = _as_tiles((64, 64, 64, 128, 8, 3), d)
+    assert not chunked["FULL"] and l2_bytes(b, b, d, 2, chunked, "bwd") == 4 * 256 * 256 * (2 * 128 * 512 + 128 * 128) * 2

@@ -533,15 +533,16 @@ def _launch_name(kernel, meta) -> dict:
 def fwd_l2_bytes(kernel, grid, args, meta) -> int:
     """Bytes a forward launch moves through L2 (its async copies bypass L1), counted from its
     grid: every output-channel tile re-reads the activation once per tap (M x K), every voxel
-    tile re-reads its weight columns (K x BN), and the output (and a residual) pass once. Rows
-    a padding mask skips are counted too (a few percent at 3^3): an upper bound. At layer1 this
+    tile re-reads the weight (K x Cout; masked channel columns load nothing), and the output
+    (and a residual) pass once. Rows a padding mask skips are counted too (a few percent at
+    3^3): an upper bound. At layer1 this
     is about 40x the fewest bytes, which is why L2, not HBM, is the byte ceiling to compare with."""
     v = dict(zip(kernel.arg_names, args), **meta)
     e = v["X"].element_size()
     M = math.prod(v[k] for k in ("Nb", "Do", "Ho", "Wo"))
     K = v["Cin"] * v["KD"] * v["KH"] * v["KW"]
     m_tiles, n_tiles = grid[:2]
-    return e * (n_tiles * M * K + m_tiles * n_tiles * K * v["BN"] + M * v["Cout"] * (1 + bool(v["HAS_RES"])))
+    return e * (n_tiles * M * K + m_tiles * K * v["Cout"] + M * v["Cout"] * (1 + bool(v["HAS_RES"])))
 
 
 def _gemm_flops(kernel, args, meta) -> int:
