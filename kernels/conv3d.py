@@ -50,8 +50,8 @@ TILE_GRID = [(128, 64, 32, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (64
 # (m64n128), and to 0.8 with one warpgroup over 256 voxels (m64n256); for 128, from 0.89
 # (256 x 128) to 1.0 (m64n256). The last, two warpgroups over 512 voxels (cap 0.84; 207-250
 # registers, no spill, so one 8-warp CTA per SM, as many warps as two of the 4-warp tile), reads
-# layer1's weight through L2 a quarter as often as the 128-voxel default: 13.6 GB per inference
-# forward against 17.9 (bench conv's fwd_l2_bytes). No GPU run yet.
+# layer1's weight through L2 a quarter as often as the 128-voxel default: 14.2 GB per forward
+# against 18.8 (bench conv's fwd_l2_bytes). No GPU run yet.
 SWAP_TILES = [(128, 64, 64, 4, 3, "swap"), (256, 64, 64, 8, 3, "swap"), (256, 64, 64, 8, 2, "swap"),
               (256, 128, 64, 8, 3, "swap"), (256, 64, 32, 4, 4, "swap"), (512, 64, 32, 8, 3, "swap")]
 KINDS = ("fwd", "dgrad", "wgrad")

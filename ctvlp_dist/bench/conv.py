@@ -73,7 +73,7 @@ def _layer(name, cin, cout, sp, k, s, p, batch, dtype, device, scale=1, ceil=Non
     err = float((y.float() - y_ref.float()).norm() / y_ref.float().norm())
     l2 = fwd_l2_bytes(*capture(conv3d_forward, x.to("meta"), w.to("meta"), None, s, p)[0])
     row = {"layer": name, "in": "x".join(map(str, sp)), "cin": cin, "cout": cout, "rel_err_vs_torch": round(err, 5),
-           "l2_MB_fwd": round(l2 / 2 ** 20, 1)}
+           "l2_GB_fwd": round(l2 / 1e9, 2)}
     if device != "cuda":
         return row
     M, K = y[:, 0].numel(), cin * k ** 3
@@ -573,7 +573,7 @@ def _ptx_rows() -> list[dict]:
                         continue
                     r = report(*launch)
                     if launch[0].__name__ == "_conv_fwd":
-                        r["l2_MB"] = round(fwd_l2_bytes(*launch) / 2 ** 20, 1)
+                        r["l2_GB"] = round(fwd_l2_bytes(*launch) / 1e9, 2)
                     rows.append({"layer": name, "variant": variant, "k_loop": loop,
                                  "tile": _tile_name(tile or _meta_tile(r)), **r})
     return rows
@@ -629,7 +629,7 @@ def run(cfg, progress: bool = True, argv=None) -> dict:
     if "rows" in out:
         cols = ["layer", "in", "cin", "cout", "rel_err_vs_torch"] + (
             ["triton_fwd_ms", "cudnn_fwd_ms", "triton_fwd_tflops", "cudnn_fwd_tflops", "triton_fwd_GBps",
-             "triton_frac_of_roofline", "cudnn_frac_of_roofline", "l2_MB_fwd", "triton_fwd_l2_GBps",
+             "triton_frac_of_roofline", "cudnn_frac_of_roofline", "l2_GB_fwd", "triton_fwd_l2_GBps",
              "triton_frac_of_l2_bound", "fwd_speedup_vs_cudnn",
              "triton_fwdbwd_ms", "cudnn_fwdbwd_ms", "fwdbwd_speedup_vs_cudnn", "cudnn_kernel"] if gpu else [])
         print(markdown_table(out["rows"], cols))
@@ -655,6 +655,6 @@ def run(cfg, progress: bool = True, argv=None) -> dict:
     if "ptx" in out:
         print(markdown_table(out["ptx"], ["layer", "variant", "k_loop", "tile", "wgmma", "loop_async_loads",
                                           "loop_sync_tile_loads", "loop_sass_instructions", "loop_sass_mma", "registers",
-                                          "spill_store_bytes", "shared_bytes", "smem_cap", "l2_MB"]))
+                                          "spill_store_bytes", "shared_bytes", "smem_cap", "l2_GB"]))
     print(f"wrote {path}")
     return out
