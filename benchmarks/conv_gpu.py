@@ -12,7 +12,8 @@ Phases, each under a share of one wall-clock budget (gpu_call.py):
   interpreter cannot check). Compiling every tested variant takes minutes (on 2026-11-23 the
   block tests alone took 290 s for 36 of 37), so it is not a default phase: a call of its own;
 - pytest_new: only the CUDA tests of the candidate defaults (the tap K loop in bf16, the swapped
-  tiles, the fused block under both), about 30 tests: it fits beside the tower in one call;
+  tiles, the fused block under both, the activations through L1), 31 tests: it fits beside the
+  tower in one call;
 - layers, blocks, tower: `ctvlp bench conv` with that part alone (cuDNN eager is the baseline;
   the tower also with the tap K loop, with the tap loop plus swapped 64-channel forward and
   dgrad tiles (conv3d.SWAP_NARROW: a 4-warp forward, and again with the 8-warp one), and
@@ -59,9 +60,9 @@ bench = [sys.executable, "-m", "ctvlp_dist", "bench", "conv", f"bench.results_di
 for part, cap in (("layers", 100), ("blocks", 120), ("tower", 400)):
     if part in phases:
         sh(bench + [f"bench.conv_parts=[{part}]", "bench.conv_compile=false"], f"{part}.log", cap)
-if "pytest_new" in phases:  # after the tower, whose inference rows decide issue 7; what would become the defaults: tap K loop in bf16, swapped tiles (fp32/fp16)
+if "pytest_new" in phases:  # after the tower, whose inference rows decide issue 7: the candidate defaults' tests
     sh([sys.executable, "-m", "pytest", "-q", "kernels/test_conv3d.py", "kernels/test_conv3d_block.py",
-        "-p", "no:cacheprovider", "-k", "(cuda_bf16 and tap) or swapped_operands or swapped_tiles or block_with_tap", *dry],
+        "-p", "no:cacheprovider", "-k", "(cuda_bf16 and tap) or swapped_operands or swapped_tiles or block_with_tap or through_l1", *dry],
        "pytest_new.log", 240)
 if "launches" in phases:
     sh(bench + ["bench.conv_parts=[launches]", "bench.conv_tile_budget_s=230"], "launches.log", 330)

@@ -142,7 +142,10 @@ def _sass_loop(cubin: bytes, tool_dir: str) -> dict:
             if any("GMMA" in x for x in body) and len(body) > len(best):
                 best = body
     mma = sum("GMMA" in x for x in best)
-    return {"loop_sass_instructions": len(best), "loop_sass_mma": mma, **_smem_traffic(best)}
+    copies = [x for x in best if x.startswith("LDGSTS")]
+    return {"loop_sass_instructions": len(best), "loop_sass_mma": mma, **_smem_traffic(best),
+            # async copies that allocate in L1 (no .BYPASS: a .ca copy; l1_copies.py) among the loop's copies
+            "loop_l1_copies": sum(".BYPASS" not in x for x in copies), "loop_copies": len(copies)}
 
 
 _ELEM_BYTES = {"BF16": 2, "F16": 2, "TF32": 4, "F32": 4, "E4M3": 1, "E5M2": 1}

@@ -25,7 +25,7 @@ from ._device import num_sms
 from .conv3d_ref import bn_affine, fold_bn, reference_conv3d, update_running_stats
 
 __all__ = ["conv3d_forward", "conv3d_triton", "conv_block_inference", "reference_conv3d", "bn_affine",
-           "update_running_stats", "fold_bn", "tile_override", "k_loop", "swap_narrow", "TILE_GRID",
+           "update_running_stats", "fold_bn", "tile_override", "k_loop", "swap_narrow", "act_l1", "TILE_GRID",
            "SWAP_TILES", "SWAP_NARROW_TILES"]
 
 
@@ -76,6 +76,10 @@ K_LOOP = "flat"
 # Forward and dgrad launches with at most 64 output channels take SWAP_NARROW_TILES when set;
 # off until a GPU run times it (bench conv tower's "swapped" rows).
 SWAP_NARROW = False
+# The tap-loop forward's activation copies allocate in L1 (l1_copies.py) when set, so that the
+# next kw tap's re-reads of nearly the same lines can hit there instead of L2; off until a GPU
+# run times it (bench conv tower's "L1" row).
+ACT_L1 = False
 
 
 def _check_loop(mode: str) -> str:
@@ -99,6 +103,17 @@ def k_loop(mode: str):
         yield
     finally:
         K_LOOP = old
+
+
+@contextmanager
+def act_l1(on: bool = True):
+    """Run the forwards with ACT_L1 set (or cleared) inside the block."""
+    global ACT_L1
+    old, ACT_L1 = ACT_L1, bool(on)
+    try:
+        yield
+    finally:
+        ACT_L1 = old
 
 
 @contextmanager
@@ -219,11 +234,16 @@ def conv3d_forward(x, w, bias=None, stride=1, padding=0, *, residual=None, relu=
     sc = in_scale.float().contiguous() if in_scale is not None else y
     sh = in_shift.float().contiguous() if in_shift is not None else y
     grid = (triton.cdiv(M, t["BM"]), triton.cdiv(Cout, t["BN"]))
+    tap = _tap(Cin, t["BK"], w.shape[2:])
+    if tap and ACT_L1:
+        from .l1_copies import install
+
+        install()  # before the marked kernel can compile
     _conv_fwd[grid](x, wk, y, bias if bias is not None else y, res, sc, sh, st,
                     Nb, Cin, *x.shape[2:], Cout, Do, Ho, Wo, *x.stride(), *y.stride(), *res.stride(),
                     *stride, *padding, *w.shape[2:], HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=relu,
-                    STATS_ON=stats, PROLOGUE=in_scale is not None, PREC=_prec(x.dtype),
-                    TAP=_tap(Cin, t["BK"], w.shape[2:]), **t)
+                    STATS_ON=stats, PROLOGUE=in_scale is not None, PREC=_prec(x.dtype), TAP=tap,
+                    ACT_CACHE=".ca" if tap and ACT_L1 else "", **t)
     return (y, merge_moments(st, M, t["BM"])) if stats else y
 
 

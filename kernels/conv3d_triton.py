@@ -129,12 +129,13 @@ def _conv_fwd(X, Wt, Y, BIAS, RES, SC_IN, SH_IN, STATS,
               KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
               HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, STATS_ON: tl.constexpr,
               PROLOGUE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
-              TAP: tl.constexpr = False, SWAP: tl.constexpr = False):
+              TAP: tl.constexpr = False, SWAP: tl.constexpr = False, ACT_CACHE: tl.constexpr = ""):
     """TAP (Cin a multiple of BK): each K step lies within one tap, so the tap's coordinates are
     scalars and the A tile's address and padding mask are a row vector plus a channel range,
     instead of a (row, k) grid of divisions and compares (one flat loop still, pipelined).
     SWAP: the transposed product, Y^T = W X^T, with the output channels as the MMA's M side
-    (_dot_swappable)."""
+    (_dot_swappable). ACT_CACHE ".ca" (tap loop) marks the activation copies for L1, where the
+    next kw tap re-reads nearly the same lines (l1_copies.py makes the PTX do so)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     M = Nb * Do * Ho * Wo
@@ -167,7 +168,7 @@ def _conv_fwd(X, Wt, Y, BIAS, RES, SC_IN, SH_IN, STATS,
             # the tap's offset joins the channel offsets (one vector per thread), so each row costs
             # one address add
             a = tl.load(row0[:, None] + ((kd * sxd + kh * sxh + kw * sxw) + ci * sxc)[None, :], mask=rin[:, None],
-                        other=0.0)
+                        other=0.0, cache_modifier=ACT_CACHE)
             if PROLOGUE:
                 a = _bn_relu_prologue(a, rin[:, None], SC_IN, SH_IN, ci, ci < Cin)
             b = tl.load(Wt + co[None, :] * K + (k0 + tl.arange(0, BK))[:, None], mask=comask[None, :], other=0.0)

@@ -115,6 +115,33 @@ def test_forward_tap_loop(case, dtype, monkeypatch):
         conv3d_forward(x, w, b, s, p)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_forward_with_activations_through_l1(dtype):
+    """conv3d.ACT_L1 marks the tap loop's activation copies for L1 (ACT_CACHE ".ca"; l1_copies.py
+    rewrites the PTX on the GPU): the same convolution with every epilogue and the prologue,
+    swapped or not, against fp64; the flat loop (Cin no multiple of BK) takes no mark."""
+    from kernels.compile_report import capture
+
+    cin, cout, sp, k, s, p = TAP_CASES[0]
+    x = _x(2, cin, sp, dtype)
+    w = (torch.randn(cout, cin, k, k, k, device=DEV) / (cin * k ** 3) ** 0.5).to(dtype)
+    b = torch.randn(cout, device=DEV)
+    scale, shift = torch.rand(cin, device=DEV) + 0.5, torch.randn(cin, device=DEV) + 0.5
+    ref, ref_st = reference_conv3d(x.double(), w.double(), b.double(), s, p, in_scale=scale.double(),
+                                   in_shift=shift.double())
+    res = torch.randn_like(ref).to(dtype)
+    for tile in ((64, 64, 32, 4, 1), (64, 64, 32, 4, 1, "swap")):
+        with conv3d.k_loop("tap"), conv3d.act_l1(), tile_override(tile, "fwd"):
+            meta = capture(conv3d_forward, x.to("meta"), w.to("meta"), None, s, p)[0][3]
+            odd = capture(conv3d_forward, x[:, :cin - 1].to("meta"), w[:, :cin - 1].to("meta"), None, s, p)[0][3]
+            assert meta["TAP"] and meta["ACT_CACHE"] == ".ca" and odd["ACT_CACHE"] == ""
+            y, st = conv3d_forward(x, w, b, s, p, residual=res, relu=True, stats=True, in_scale=scale, in_shift=shift)
+        assert _err(y, torch.relu(ref + res.double())) < TOL[dtype]
+        assert _err(st, ref_st) < TOL[dtype] * 10
+    with conv3d.k_loop("tap"):  # restored on exit: no mark
+        assert not conv3d.ACT_L1 and capture(conv3d_forward, x.to("meta"), w.to("meta"), None, s, p)[0][3]["ACT_CACHE"] == ""
+
+
 # (case, K loop): the flat loop on odd channels and strides, the tap loop (Cin a multiple of BK)
 SWAP_CASES = [(CASES[0], "flat"), (CASES[1], "flat"), (CASES[3], "flat"), ((64, 5, (4, 3, 5), 3, 1, 1), "tap"),
               ((32, 70, (3, 5, 4), 3, 2, 1), "tap")]  # 70 channels: two swapped channel tiles, the second masked

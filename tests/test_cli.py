@@ -136,7 +136,7 @@ def test_bench_conv_tower_and_tiles_on_cpu_check_agreement(tmp_path):
     # inference first (its goal is the open one), then training; each Triton row checks itself
     # against the torch tower under its own K loop and tiles, and counts what its launches ran
     rows = {(row["tower"], row["impl"]): row for row in rec["tower"]}
-    assert [m for m, _ in rows] == ["inference"] * 5 + ["train fwd+bwd"] * 5
+    assert [m for m, _ in rows] == ["inference"] * 6 + ["train fwd+bwd"] * 5  # the L1 row: inference alone
     assert not any("error" in row for row in rows.values()), rec["tower"]
     for (mode, impl), row in rows.items():
         assert 0 < row["saved_MB_triton"] < 0.9 * row["saved_MB_torch"]  # the fused blocks keep fewer activations
@@ -147,6 +147,7 @@ def test_bench_conv_tower_and_tiles_on_cpu_check_agreement(tmp_path):
         assert all(0 <= e < 1e-4 for e in errs), row
         assert row["conv_launches"] == (20 if mode == "inference" else 60), row  # 20 convolutions; 3 GEMMs each to train
         assert (row["tap_launches"] > 0) == ("tap K loop" in impl), row
+        assert row["l1_launches"] == (row["tap_launches"] if "through L1" in impl else 0), row  # tap forwards only
         # width 8: every convolution has at most 64 output channels, so all but the wgrads swap
         assert row["swapped_launches"] == (row["conv_launches"] * 2 // 3 if mode != "inference" else 20) * (
             "swapped" in impl), row

@@ -50,9 +50,10 @@ def test_conv_gpu_script_selects_the_candidate_default_tests(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     new = (tmp_path / "pytest_new.log").read_text()
     ids = [x for x in new.splitlines() if "::" in x]
-    assert re.search(r"^29/\d+ tests collected", new, re.M), new[-1500:]
+    assert re.search(r"^31/\d+ tests collected", new, re.M), new[-1500:]
     assert sum("test_cuda_bf16[tap-" in x for x in ids) == 11 and not any("test_cuda_bf16[flat-" in x for x in ids)
     assert sum("swapped" in x for x in ids) == 14 and sum("block_with_tap" in x for x in ids) == 4
+    assert sum("through_l1" in x for x in ids) == 2
     for log in ("pytest_conv.log", "pytest_block.log"):  # the full phase: every test, no collection error
         tail = (tmp_path / log).read_text().strip().splitlines()[-1]
         assert re.fullmatch(r"\d+ tests collected in [\d.]+s", tail), (log, tail)

@@ -241,14 +241,25 @@ def _conv_launch_counts(launches) -> dict:
     operands: a tower row's proof that it timed the variant its name says."""
     conv = [meta for kernel, _, _, meta in launches if kernel.__name__ in _GEMMS]
     return {"conv_launches": len(conv), "tap_launches": sum(bool(m.get("TAP")) for m in conv),
-            "swapped_launches": sum(bool(m.get("SWAP")) for m in conv)}
+            "swapped_launches": sum(bool(m.get("SWAP")) for m in conv),
+            "l1_launches": sum(m.get("ACT_CACHE") == ".ca" for m in conv)}
 
 
-def _swapping(swap):
-    """conv3d.swap_narrow for a tower row: False, True, or a forward tile to swap with."""
-    from kernels.conv3d import swap_narrow
+INFERENCE_ONLY = "triton fused, tap K loop, swapped 64-channel tiles, 512-voxel forward, activations through L1"
 
-    return swap_narrow(bool(swap), fwd_tile=swap if isinstance(swap, tuple) else None)
+
+def _variant(loop: str, swap, l1: bool = False):
+    """The convolutions' options for a tower row: the K loop (conv3d.K_LOOP), SWAP_NARROW (False,
+    True, or a forward tile to swap with) and ACT_L1."""
+    from contextlib import ExitStack
+
+    from kernels.conv3d import act_l1, k_loop, swap_narrow
+
+    stack = ExitStack()
+    stack.enter_context(k_loop(loop))
+    stack.enter_context(swap_narrow(bool(swap), fwd_tile=swap if isinstance(swap, tuple) else None))
+    stack.enter_context(act_l1(l1))
+    return stack
 
 
 def _tower(batch, dtype, device, ceil, compile_too: bool):
@@ -265,7 +276,7 @@ def _tower(batch, dtype, device, ceil, compile_too: bool):
     import torch
 
     from kernels.compile_report import trace_launches
-    from kernels.conv3d import SWAP_TILES, k_loop
+    from kernels.conv3d import SWAP_TILES
 
     from ..models.flops import image_tower_train_flops
     from ..models.resnet3d import ResNet3d18
@@ -283,10 +294,13 @@ def _tower(batch, dtype, device, ceil, compile_too: bool):
     train_fl = image_tower_train_flops(SimpleNamespace(stem="k2s2", norm="bn", gn_groups=32, width=width), crop) * batch
     # name -> (module, the K loop of our convolutions: conv3d.K_LOOP, conv3d.SWAP_NARROW: off,
     # on, or on with this forward tile in place of SWAP_NARROW_TILES["fwd"])
-    models = {"cudnn eager": (ref, "flat", False), "triton fused": (tri, "flat", False),
-              "triton fused, tap K loop": (tri, "tap", False),
-              "triton fused, tap K loop, swapped 64-channel tiles": (tri, "tap", True),
-              "triton fused, tap K loop, swapped 64-channel tiles, 512-voxel forward": (tri, "tap", SWAP_TILES[-1])}
+    # name -> (module, conv options for _variant: K loop, SWAP_NARROW, ACT_L1). The last row (its
+    # option changes only the forwards' loads) runs in the inference modes alone, to spare time.
+    models = {"cudnn eager": (ref, ("flat", False)), "triton fused": (tri, ("flat", False)),
+              "triton fused, tap K loop": (tri, ("tap", False)),
+              "triton fused, tap K loop, swapped 64-channel tiles": (tri, ("tap", True)),
+              "triton fused, tap K loop, swapped 64-channel tiles, 512-voxel forward": (tri, ("tap", SWAP_TILES[-1])),
+              INFERENCE_ONLY: (tri, ("tap", SWAP_TILES[-1], True))}
     first = {}
     if gpu:
         first["cudnn_kernel"] = _top_kernel(_train_step(ref, xs, torch.randn(batch, ref.out_dim, device=device,
@@ -295,7 +309,7 @@ def _tower(batch, dtype, device, ceil, compile_too: bool):
         comp = copy.deepcopy(ref)
         t0 = time.time()
         try:
-            models["torch.compile max-autotune"] = (torch.compile(comp, mode="max-autotune"), "flat", False)
+            models["torch.compile max-autotune"] = (torch.compile(comp, mode="max-autotune"), ("flat", False))
         except Exception as e:  # recorded, not fatal: the other rows still mean something
             first["compile_error"] = f"{type(e).__name__}: {str(e)[:200]}"
         first["compile_wrap_s"] = round(time.time() - t0, 1)
@@ -307,9 +321,11 @@ def _tower(batch, dtype, device, ceil, compile_too: bool):
         modes.insert(1, ("inference, CUDA graph", train_fl / 3, True, "inference"))
     cudnn_ms = {}
     for mode, fl, graph, base_mode in modes:
-        for name, (m, loop, swap) in models.items():
+        for name, (m, opts) in models.items():
             if graph and name.startswith("torch.compile"):
                 continue  # max-autotune already replays CUDA graphs
+            if mode == "train fwd+bwd" and name == INFERENCE_ONLY:
+                continue
             row = {"tower": mode, "impl": name, **base, **first}
             first = {}
             t0 = time.time()
@@ -317,19 +333,19 @@ def _tower(batch, dtype, device, ceil, compile_too: bool):
                 if mode == "train fwd+bwd":
                     m.train(), ref.train()
                     if m is not ref:
-                        with k_loop(loop), _swapping(swap):
+                        with _variant(*opts):
                             launched = trace_launches(lambda: row.update(_agree(ref, m, x)))
                         row.update(_conv_launch_counts(launched))
                     step = _train_step(m, xg, g)
 
-                    def fn(step=step, loop=loop, swap=swap):
-                        with k_loop(loop), _swapping(swap):
+                    def fn(step=step, opts=opts):
+                        with _variant(*opts):
                             step()
                 else:
                     m.eval(), ref.eval()
 
-                    def fn(m=m, loop=loop, swap=swap):
-                        with torch.no_grad(), k_loop(loop), _swapping(swap):
+                    def fn(m=m, opts=opts):
+                        with torch.no_grad(), _variant(*opts):
                             return m(x)
                     if m is not ref and not graph:
                         got = {}
@@ -578,6 +594,33 @@ def _ptx_rows() -> list[dict]:
                         r["l2_GB"] = round(fwd_l2_bytes(*launch) / 1e9, 2)
                     rows.append({"layer": name, "variant": variant, "k_loop": loop,
                                  "tile": _tile_name(tile or _meta_tile(r)), **r})
+    rows += _ptx_inference_rows()
+    return rows
+
+
+def _ptx_inference_rows() -> list[dict]:
+    """Layer1's inference forward (bias, residual, ReLU; BN folded) at the default tile and the
+    512-voxel swapped one, tap loop, with and without ACT_L1: what the L1-allocating copies cost
+    in registers and issue (nothing, if they are a free choice) and how many of the loop's copies
+    take L1."""
+    import torch
+
+    from kernels.compile_report import capture, report
+    from kernels.conv3d import SWAP_TILES, act_l1, conv3d_forward, k_loop, tile_override
+
+    name, cin, cout, sp, k, s, p = LAYERS[2]
+    x = torch.empty(8, cin, *sp, dtype=torch.bfloat16, device="meta").contiguous(memory_format=torch.channels_last_3d)
+    w = torch.empty(cout, cin, k, k, k, dtype=torch.bfloat16, device="meta")
+    b = torch.empty(cout, device="meta")
+    rows = []
+    for tile in (None, SWAP_TILES[-1]):
+        for l1 in (False, True):
+            with k_loop("tap"), act_l1(l1), tile_override(tile, "fwd") if tile else nullcontext():
+                launch = capture(conv3d_forward, x, w, b, s, p, residual=x, relu=True)[0]
+            r = report(*launch)
+            rows.append({"layer": name, "variant": "inference fwd+bias+residual+relu" + (", activations through L1" if l1 else ""),
+                         "k_loop": "tap", "tile": _tile_name(tile or _meta_tile(r)), **r,
+                         "l2_GB": round(fwd_l2_bytes(*launch) / 1e9, 2)})
     return rows
 
 
@@ -657,6 +700,6 @@ def run(cfg, progress: bool = True, argv=None) -> dict:
     if "ptx" in out:
         print(markdown_table(out["ptx"], ["layer", "variant", "k_loop", "tile", "wgmma", "loop_async_loads",
                                           "loop_sync_tile_loads", "loop_sass_instructions", "loop_sass_mma", "registers",
-                                          "spill_store_bytes", "shared_bytes", "smem_cap", "l2_GB"]))
+                                          "spill_store_bytes", "shared_bytes", "smem_cap", "l2_GB", "loop_l1_copies"]))
     print(f"wrote {path}")
     return out
