@@ -4,8 +4,9 @@
 
 Phases, each under a share of one wall-clock budget (gpu_call.py):
 - pytest: the CUDA tests in kernels/test_contrastive.py (bf16/fp16/fp32 vs fp64), fixed tiles;
-- pytest_new: the same tests under the options no GPU has run yet (forward FACTOR, a program
-  per row block, TMA loads), in a call of their own: with pytest they would not fit one budget;
+- pytest_new: the same tests under the options no GPU has run yet (forward FACTOR with its
+  copies through L1, a program per row block, TMA loads), in a call of their own: with pytest
+  they would not fit one budget;
 - sweep: forward and backward tile configs, each pass alone, at b=16384, d=512, bf16;
 - bench: `ctvlp bench loss` with the best tiles: dense, chunked and Triton, b = 1k..64k;
 - fused: the atomics backward at b = 16k and 64k (Triton only);
@@ -21,7 +22,7 @@ tiles, and the benches use its fastest forward. With the 2026-11-22 tiles and no
 `--phases panel --tiles 64,128,64,128,4,3 --bwd-tiles 64,64,64,512,8,2,1`. Forward tile flags:
 1 FACTOR (one exponential per element where the tile allows), 2 a program per row block (Triton
 flattens its column and K loops), 4 operand blocks through tensor descriptors (TMA; for the
-G tile, a sixth number of 1).
+G tile, a sixth number of 1), 8 copies through L1 (kernels/l1_copies.py).
 `--dry` checks the plumbing on a CPU before a GPU call is spent on it: the Triton interpreter,
 fp32, tiny b, the first and last config of each list (tests/test_gpu_scripts.py).
 Records go to OUTDIR (copy them to benchmarks/results/). Run it with the device tool as
@@ -61,7 +62,8 @@ if "pytest" in phases:
     env["CTVLP_CLIP_BWD_TILES"] = "64,64,64,128,8,3"
     sh(pt + ["cuda and dtype2"], "pytest_cuda_chunked.log", 100)
 if "pytest_new" in phases:
-    env.update(CTVLP_CLIP_TILES="64,128,64,128,4,3,1", CTVLP_CLIP_BWD_TILES="64,64,64,512,8,2,1")  # forward FACTOR
+    # forward FACTOR, its copies through L1
+    env.update(CTVLP_CLIP_TILES="64,128,64,128,4,3,9", CTVLP_CLIP_BWD_TILES="64,64,64,512,8,2,1")
     sh(pt + ["cuda and not fused"], "pytest_cuda_factor.log", 150)
     env["CTVLP_CLIP_TILES"] = "128,64,64,128,4,3,3"  # forward FACTOR, a program per row block (flattened loops)
     sh(pt + ["cuda and not fused"], "pytest_cuda_one_rb.log", 150)
@@ -122,12 +124,13 @@ for which, cfgs in (("fwd", sys.argv[1]), ("bwd", sys.argv[2])):
 '''
 # The 2026-11-22 sweep (results/loss-sweep-gpu-20261122T180000.json) already ranked the plain
 # tiles: only its winners stay, as the same-run baselines (first in each list), beside the
-# options no GPU has timed: FACTOR (flag 1), a program per row block (2), TMA loads (4)
+# options no GPU has timed: FACTOR (flag 1), a program per row block (2), TMA loads (4), copies
+# through L1 (8)
 FWD = ["64,128,64,128,4,3", "64,128,64,128,4,3,1", "128,128,32,128,8,4,1", "128,64,64,128,8,3,1",
        "64,128,64,128,4,3,2", "128,64,64,128,4,3,2", "128,128,64,128,8,3,2", "64,64,64,128,4,3,2",
        "64,128,64,128,8,3,2", "128,64,64,128,4,3,3", "128,128,64,128,8,3,3", "64,128,64,128,4,3,4",
        "64,128,64,128,4,3,5", "128,128,64,128,8,3,4", "64,64,64,128,4,3,6", "64,128,64,128,8,3,6",
-       "128,64,64,128,4,3,7"]
+       "64,128,64,128,4,3,8", "64,128,64,128,4,3,9", "128,64,64,128,4,3,10", "128,64,64,128,4,3,7"]
 BWD = ["64,64,64,512,8,2,1", "64,64,64,512,8,2,5", "64,64,64,512,8,3,5"]
 if DRY:
     FWD, BWD = [FWD[0], FWD[-1]], [BWD[0], BWD[-1]]

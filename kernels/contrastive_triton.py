@@ -28,11 +28,13 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 @triton.jit
 def _s_tile(I, T, rows, cols, rmask, cmask, s, D, sI, sT, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-            PREC: tl.constexpr, r0=0, c0=0, TMA: tl.constexpr = False):
+            PREC: tl.constexpr, r0=0, c0=0, TMA: tl.constexpr = False, I_CACHE: tl.constexpr = ""):
     """s * I[rows] @ T[cols]^T in fp32, looping over d in BK chunks. TMA: I and T are tensor
     descriptors (_descriptors) and the tile is rows [r0, r0 + BM) x cols [c0, c0 + BN): the copy
     engine loads each operand block with no per-thread address arithmetic and fills rows past
-    the end with zeros; rows the caller masks (a panel's rows past R) are loaded and masked later."""
+    the end with zeros; rows the caller masks (a panel's rows past R) are loaded and masked later.
+    I_CACHE ".ca" marks the I loads for L1 (l1_copies.py): a forward program reloads the same
+    row block for every column tile."""
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     if TMA:
         for k0 in range(0, D, BK):
@@ -42,7 +44,8 @@ def _s_tile(I, T, rows, cols, rmask, cmask, s, D, sI, sT, BM: tl.constexpr, BN: 
         for k0 in range(0, D, BK):
             kk = k0 + ks
             kmask = kk < D
-            a = tl.load(I + rows[:, None] * sI + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            a = tl.load(I + rows[:, None] * sI + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0,
+                        cache_modifier=I_CACHE)
             b = tl.load(T + cols[:, None] * sT + kk[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
             acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC)
     return acc * s
@@ -73,7 +76,7 @@ def _col_sums_own_max(S, t_max):
 @triton.jit
 def _fwd_rows(I, T, G_R, G_C, M_R, L_R, POS, CMAX, CSUM, s, B_R, B_C, D, sI, sT, rb, pid, q, cb_lo, cb_hi,
               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, FACTOR: tl.constexpr,
-              SPAN: tl.constexpr, ONE_RB: tl.constexpr, TMA: tl.constexpr):
+              SPAN: tl.constexpr, ONE_RB: tl.constexpr, TMA: tl.constexpr, I_CACHE: tl.constexpr):
     """Row block rb against column blocks [cb_lo, cb_hi): row partials (max, sum, pos) to slot q,
     each tile's column partials merged into slot pid. ONE_RB (rb == pid, the program's only row
     block): the slot starts empty, so nothing is read back, and the column loop with its K loop
@@ -92,7 +95,7 @@ def _fwd_rows(I, T, G_R, G_C, M_R, L_R, POS, CMAX, CSUM, s, B_R, B_C, D, sI, sT,
             g_c = tl.load(G_C + cols, mask=cmask, other=-2)
         if FACTOR and not ONE_RB:
             p_max, p_sum = _col_partials(CMAX, CSUM, pid, B_C, cols, cmask, rb)
-        S = _s_tile(I, T, rows, cols, rmask, cmask, s, D, sI, sT, BM, BN, BK, PREC, rb * BM, cb * BN, TMA)
+        S = _s_tile(I, T, rows, cols, rmask, cmask, s, D, sI, sT, BM, BN, BK, PREC, rb * BM, cb * BN, TMA, I_CACHE)
         valid = rmask[:, None] & cmask[None, :]
         S = tl.where(valid, S, -float("inf"))
         # rows: online log-sum-exp
@@ -134,7 +137,8 @@ def _fwd_rows(I, T, G_R, G_C, M_R, L_R, POS, CMAX, CSUM, s, B_R, B_C, D, sI, sT,
 @triton.jit
 def _fwd(I, T, G_R, G_C, M_R, L_R, POS, CMAX, CSUM, scale_ptr, B_R, B_C, D, sI, sT, CB_PER,
          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, FACTOR: tl.constexpr = False,
-         SPAN: tl.constexpr = 50.0, ONE_RB: tl.constexpr = False, TMA: tl.constexpr = False):
+         SPAN: tl.constexpr = 50.0, ONE_RB: tl.constexpr = False, TMA: tl.constexpr = False,
+         I_CACHE: tl.constexpr = ""):
     """Program (p, q) owns row blocks p, p + P, ... (only p when ONE_RB) against column blocks
     [q CB_PER, (q+1) CB_PER). Row partials (max, sum, pos) go to slot q of [Q, b_r], column
     partials to slot p of [P, b_c].
@@ -142,7 +146,7 @@ def _fwd(I, T, G_R, G_C, M_R, L_R, POS, CMAX, CSUM, scale_ptr, B_R, B_C, D, sI, 
     exp(m_i - ref) with ref the tile's largest row max, when every column's tile max lies within
     SPAN of ref (so no column sum underflows); else, or without FACTOR, one more exponential per
     element relative to each column's own tile max. The merge takes either reference.
-    TMA: the operands are loaded through tensor descriptors (_s_tile)."""
+    TMA: the operands are loaded through tensor descriptors (_s_tile). I_CACHE: _s_tile's."""
     pid = tl.program_id(0)
     q = tl.program_id(1)
     s = tl.load(scale_ptr).to(tl.float32)
@@ -152,11 +156,11 @@ def _fwd(I, T, G_R, G_C, M_R, L_R, POS, CMAX, CSUM, scale_ptr, B_R, B_C, D, sI, 
         I, T = _descriptors(I, T, B_R, B_C, D, sI, sT, BM, BN, BK)
     if ONE_RB:
         _fwd_rows(I, T, G_R, G_C, M_R, L_R, POS, CMAX, CSUM, s, B_R, B_C, D, sI, sT, pid, pid, q, cb_lo, cb_hi,
-                  BM, BN, BK, PREC, FACTOR, SPAN, True, TMA)
+                  BM, BN, BK, PREC, FACTOR, SPAN, True, TMA, I_CACHE)
     else:
         for rb in range(pid, tl.cdiv(B_R, BM), tl.num_programs(0)):
             _fwd_rows(I, T, G_R, G_C, M_R, L_R, POS, CMAX, CSUM, s, B_R, B_C, D, sI, sT, rb, pid, q, cb_lo, cb_hi,
-                      BM, BN, BK, PREC, FACTOR, SPAN, False, TMA)
+                      BM, BN, BK, PREC, FACTOR, SPAN, False, TMA, I_CACHE)
 
 
 @triton.jit
@@ -385,11 +389,12 @@ def _as_tiles(c, d: int, itemsize: int = 2) -> dict:
     flag bit 1, FACTOR: the column sums reuse the rows' exponentials where the tile allows;
     bit 2, ONE_RB: a program per row block, whose column and K loops Triton flattens (_fwd_rows);
     bit 4, TMA: operands through tensor descriptors, where the inputs allow (tma_ok), in the
-    forward and, with FULL, in the two-pass backward."""
+    forward and, with FULL, in the two-pass backward; bit 8, L1 (forward, pointer loads): the
+    program's copies allocate in L1 (l1_copies.py), where its row block's reloads may hit."""
     flag = int(c[6]) if len(c) > 6 else 0
     full = bool(flag & 1) and _pow2(d) * itemsize <= FULL_ROW_BYTES
     return dict(BM=c[0], BN=c[1], BK=c[2], BD=_pow2(d) if full else min(c[3], _pow2(d)), FULL=full,
-                FACTOR=bool(flag & 1), ONE_RB=bool(flag & 2), TMA=bool(flag & 4),
+                FACTOR=bool(flag & 1), ONE_RB=bool(flag & 2), TMA=bool(flag & 4), L1=bool(flag & 8),
                 num_warps=c[4], num_stages=c[5])
 
 
@@ -460,9 +465,9 @@ def pick_tiles(d: int, dtype: torch.dtype, which: str = "fwd") -> dict:
 
 # Candidate tiles (BM, BN, BK, BD, warps, stages[, flag]) for the autotuner on GPU, per pass.
 # The 2026-11-22 H100 sweep (bf16, d=512, benchmarks/README.md) ranked the first of each fastest.
-# The forward's FACTOR (flag bit 1), one-row-block (bit 2) and TMA (bit 4) tiles join these once
-# a GPU run has timed and tested them (benchmarks/loss_gpu.py sweeps them); until then the GPU
-# default runs only measured code.
+# The forward's FACTOR (flag bit 1), one-row-block (bit 2), TMA (bit 4) and L1 (bit 8) tiles
+# join these once a GPU run has timed and tested them (benchmarks/loss_gpu.py sweeps them);
+# until then the GPU default runs only measured code.
 FWD_CANDIDATES = [(64, 128, 64, 128, 4, 3), (128, 128, 32, 128, 8, 4), (64, 64, 64, 128, 4, 3), (128, 64, 64, 128, 4, 3),
                   (128, 128, 64, 128, 8, 3)]
 BWD_CANDIDATES = [(64, 64, 64, 512, 8, 2, 1), (64, 64, 64, 512, 8, 3), (64, 32, 64, 512, 8, 3, 1), (128, 64, 64, 256, 8, 3),
@@ -578,12 +583,18 @@ def _launch_forward(I, T, s, g_rows, g_cols, tf32, tiles):
     t = tiles or tiles_for(I, T, s, g_rows, g_cols, tf32, "fwd")
     n_rb, n_cb = triton.cdiv(b_r, t["BM"]), triton.cdiv(b_c, t["BN"])
     P, cb_per, Q, one_rb = _fwd_grid(n_rb, n_cb, b_c, I.device, t.get("ONE_RB", False))
+    tma = t.get("TMA", False) and tma_ok(I, T)
+    l1 = t.get("L1", False) and not tma  # the copy engine's loads do not go through L1
+    if l1:
+        from .l1_copies import install
+
+        install()  # before the marked kernel can compile
     f32 = dict(dtype=torch.float32, device=I.device)
     m_r, l_r, pos = (torch.empty((Q, b_r), **f32) for _ in range(3))
     cmax, csum = torch.empty((P, b_c), **f32), torch.empty((P, b_c), **f32)  # the kernel initialises them
     _fwd[(P, Q)](I, T, g_rows, g_cols, m_r, l_r, pos, cmax, csum, s, b_r, b_c, D, I.stride(0), T.stride(0), cb_per,
                  BM=t["BM"], BN=t["BN"], BK=t["BK"], PREC=_prec(I.dtype, tf32), FACTOR=t.get("FACTOR", False), ONE_RB=one_rb,
-                 TMA=t.get("TMA", False) and tma_ok(I, T),
+                 TMA=tma, I_CACHE=".ca" if l1 else "",
                  num_warps=t["num_warps"],
                  num_stages=t["num_stages"])
     return m_r, l_r, pos, cmax, csum

@@ -145,6 +145,23 @@ def test_forward_tma_descriptors(monkeypatch, flag, d, tma):
 
 
 @pytest.mark.skipif("triton" not in CPU_IMPLS, reason="needs the Triton interpreter")
+@pytest.mark.parametrize("flag,l1", [(8, True), (10, True), (12, False)])
+def test_forward_l1_mark(monkeypatch, flag, l1):
+    """Flag bit 8: the forward marks its I loads .ca (l1_copies.py makes the GPU's copies allocate
+    in L1), alone and with a program per row block; with TMA (bit 4) nothing is marked, since the
+    copy engine's loads skip L1. The same loss and gradients against fp64."""
+    from kernels.compile_report import trace_launches
+    from kernels.contrastive_triton import pick_tiles, triton_forward
+
+    monkeypatch.setenv("CTVLP_CLIP_TILES", f"32,32,32,64,4,1,{flag}")
+    x, g = torch.randn(70, 64), torch.arange(70, dtype=torch.int32)
+    (_, _, _, meta), = trace_launches(triton_forward, x, x, torch.tensor([1.0]), g, g, False,
+                                      tiles=pick_tiles(64, x.dtype))
+    assert meta["I_CACHE"] == (".ca" if l1 else "") and meta["TMA"] is not l1
+    _check("triton", 70, 64, torch.float32, False, 10.0)
+
+
+@pytest.mark.skipif("triton" not in CPU_IMPLS, reason="needs the Triton interpreter")
 @pytest.mark.parametrize("tiles,d,tma", [("32,32,64,64,4,1,5", 200, True), ("64,32,64,64,4,1,5", 40, True),
                                          ("32,32,64,64,4,1,4", 200, False)])
 def test_two_pass_backward_tma_descriptors(monkeypatch, tiles, d, tma):

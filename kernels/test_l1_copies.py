@@ -1,7 +1,7 @@
 """l1_copies: compiled for sm_90a (in a subprocess: these tests interpret the kernels), the conv
-forward with its activation copies marked .ca comes out with L1-allocating 16-byte copies
-(LDGSTS without BYPASS), the same registers and instructions per K step, and unmarked kernels
-(the same forward, a loss kernel) are left as Triton makes them."""
+forward with its activation copies marked .ca, and the loss forward under tile flag 8, come out
+with L1-allocating 16-byte copies (LDGSTS without BYPASS) and the same registers and
+instructions per loop iteration; unmarked kernels are left as Triton makes them."""
 import json
 import os
 import subprocess
@@ -43,6 +43,7 @@ for l1 in (False, True, False):  # the plain kernel again after the hook is inst
         launch = capture(conv3d_forward, x, w, None, 1, 1, relu=True, residual=x)[0]
     out.setdefault("plain" if not l1 else "l1", []).append(compiled(launch))
 out["loss"] = compiled(loss_forward_launches(65536, 512, "64,128,64,128,4,3")["forward"])
+out["loss_l1"] = compiled(loss_forward_launches(65536, 512, "64,128,64,128,4,3,8")["forward"])  # flag 8
 print(json.dumps(out))
 """
 
@@ -57,6 +58,9 @@ def test_marked_forward_copies_allocate_in_l1_on_sm90():
         assert p["ca"] == 0 and p["cg"] > 0 and p["ldgsts"] == ["LDGSTS.E.BYPASS.128"], p
     assert l1["cg"] == 0 and l1["ca"] == plain[0]["cg"] and l1["ldgsts"] == ["LDGSTS.E.128"], l1
     assert (l1["registers"], l1["instructions"]) == (plain[0]["registers"], plain[0]["instructions"])
+    loss, loss_l1 = out["loss"], out["loss_l1"]  # the loss forward's flag 8, likewise
+    assert loss_l1["cg"] == 0 and loss_l1["ca"] == loss["cg"] and loss_l1["ldgsts"] == ["LDGSTS.E.128"], loss_l1
+    assert (loss_l1["registers"], loss_l1["instructions"]) == (loss["registers"], loss["instructions"])
 
 
 def test_rewrite_changes_only_the_async_copies_cache_operator():
