@@ -35,6 +35,28 @@ def _x(n, c, sp, dtype):
         memory_format=torch.channels_last_3d)
 
 
+def _fwd_case(case, dtype):
+    """Inputs of a forward with every epilogue and the prologue, and its fp64 reference:
+    (x, w, b, scale, shift, residual, (y, stats) expected)."""
+    cin, cout, sp, k, s, p = case
+    k = k if isinstance(k, tuple) else (k,) * 3
+    x = _x(2, cin, sp, dtype)
+    w = (torch.randn(cout, cin, *k, device=DEV) / (cin * k[0] * k[1] * k[2]) ** 0.5).to(dtype)
+    b = torch.randn(cout, device=DEV)
+    scale, shift = torch.rand(cin, device=DEV) + 0.5, torch.randn(cin, device=DEV) + 0.5
+    ref, ref_st = reference_conv3d(x.double(), w.double(), b.double(), s, p, in_scale=scale.double(),
+                                   in_shift=shift.double())
+    res = torch.randn_like(ref).to(dtype)
+    return x, w, b, scale, shift, res, (torch.relu(ref + res.double()), ref_st)
+
+
+def _check_fwd(case, dtype, x, w, b, scale, shift, res, expected):
+    y, st = conv3d_forward(x, w, b, case[4], case[5], residual=res, relu=True, stats=True, in_scale=scale,
+                           in_shift=shift)
+    assert _err(y, expected[0]) < TOL[dtype]
+    assert _err(st, expected[1]) < TOL[dtype] * 10
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"c{c[0]}-{c[1]}_k{c[3]}s{c[4]}p{c[5]}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_forward_with_epilogue(case, dtype):
@@ -94,22 +116,13 @@ def test_forward_tap_loop(case, dtype, monkeypatch):
     from kernels.compile_report import capture
 
     monkeypatch.setattr(conv3d, "K_LOOP", "tap")
-    cin, cout, sp, k, s, p = case
-    k = k if isinstance(k, tuple) else (k,) * 3
-    x = _x(2, cin, sp, dtype)
-    w = (torch.randn(cout, cin, *k, device=DEV) / (cin * k[0] * k[1] * k[2]) ** 0.5).to(dtype)
-    b = torch.randn(cout, device=DEV)
-    scale, shift = torch.rand(cin, device=DEV) + 0.5, torch.randn(cin, device=DEV) + 0.5
+    cin, s, p = case[0], case[4], case[5]
+    x, w, b, scale, shift, res, expected = _fwd_case(case, dtype)
     with tile_override((64, 64, 32, 4, 1), "fwd"):
         meta = capture(conv3d_forward, x.to("meta"), w.to("meta"), None, s, p)[0][3]
         odd = capture(conv3d_forward, x[:, :cin - 1].to("meta"), w[:, :cin - 1].to("meta"), None, s, p)[0][3]
         assert meta["TAP"] and not odd["TAP"]
-        ref, ref_st = reference_conv3d(x.double(), w.double(), b.double(), s, p, in_scale=scale.double(),
-                                       in_shift=shift.double())
-        res = torch.randn_like(ref).to(dtype)
-        y, st = conv3d_forward(x, w, b, s, p, residual=res, relu=True, stats=True, in_scale=scale, in_shift=shift)
-    assert _err(y, torch.relu(ref + res.double())) < TOL[dtype]
-    assert _err(st, ref_st) < TOL[dtype] * 10
+        _check_fwd(case, dtype, x, w, b, scale, shift, res, expected)
     monkeypatch.setattr(conv3d, "K_LOOP", "tapp")
     with pytest.raises(ValueError, match="flat or tap"):
         conv3d_forward(x, w, b, s, p)
@@ -122,22 +135,15 @@ def test_forward_with_activations_through_l1(dtype):
     swapped or not, against fp64; the flat loop (Cin no multiple of BK) takes no mark."""
     from kernels.compile_report import capture
 
-    cin, cout, sp, k, s, p = TAP_CASES[0]
-    x = _x(2, cin, sp, dtype)
-    w = (torch.randn(cout, cin, k, k, k, device=DEV) / (cin * k ** 3) ** 0.5).to(dtype)
-    b = torch.randn(cout, device=DEV)
-    scale, shift = torch.rand(cin, device=DEV) + 0.5, torch.randn(cin, device=DEV) + 0.5
-    ref, ref_st = reference_conv3d(x.double(), w.double(), b.double(), s, p, in_scale=scale.double(),
-                                   in_shift=shift.double())
-    res = torch.randn_like(ref).to(dtype)
+    case = TAP_CASES[0]
+    cin, s, p = case[0], case[4], case[5]
+    x, w, b, scale, shift, res, expected = _fwd_case(case, dtype)
     for tile in ((64, 64, 32, 4, 1), (64, 64, 32, 4, 1, "swap")):
         with conv3d.k_loop("tap"), conv3d.act_l1(), tile_override(tile, "fwd"):
             meta = capture(conv3d_forward, x.to("meta"), w.to("meta"), None, s, p)[0][3]
             odd = capture(conv3d_forward, x[:, :cin - 1].to("meta"), w[:, :cin - 1].to("meta"), None, s, p)[0][3]
             assert meta["TAP"] and meta["ACT_CACHE"] == ".ca" and odd["ACT_CACHE"] == ""
-            y, st = conv3d_forward(x, w, b, s, p, residual=res, relu=True, stats=True, in_scale=scale, in_shift=shift)
-        assert _err(y, torch.relu(ref + res.double())) < TOL[dtype]
-        assert _err(st, ref_st) < TOL[dtype] * 10
+            _check_fwd(case, dtype, x, w, b, scale, shift, res, expected)
     with conv3d.k_loop("tap"):  # restored on exit: no mark
         assert not conv3d.ACT_L1 and capture(conv3d_forward, x.to("meta"), w.to("meta"), None, s, p)[0][3]["ACT_CACHE"] == ""
 
@@ -156,20 +162,12 @@ def test_forward_swapped_operands(case, k_loop, dtype, monkeypatch):
     from kernels.compile_report import capture
 
     monkeypatch.setattr(conv3d, "K_LOOP", k_loop)
-    cin, cout, sp, k, s, p = case
-    x = _x(2, cin, sp, dtype)
-    w = (torch.randn(cout, cin, k, k, k, device=DEV) / (cin * k ** 3) ** 0.5).to(dtype)
-    b = torch.randn(cout, device=DEV)
-    scale, shift = torch.rand(cin, device=DEV) + 0.5, torch.randn(cin, device=DEV) + 0.5
-    ref, ref_st = reference_conv3d(x.double(), w.double(), b.double(), s, p, in_scale=scale.double(),
-                                   in_shift=shift.double())
-    res = torch.randn_like(ref).to(dtype)
+    cout, s, p = case[1], case[4], case[5]
+    x, w, b, scale, shift, res, expected = _fwd_case(case, dtype)
     with tile_override((64, 64, 32, 4, 1, "swap"), "fwd"):
         meta = capture(conv3d_forward, x.to("meta"), w.to("meta"), None, s, p)[0][3]
         assert meta["SWAP"] and meta["TAP"] == (k_loop == "tap")
-        y, st = conv3d_forward(x, w, b, s, p, residual=res, relu=True, stats=True, in_scale=scale, in_shift=shift)
-    assert _err(y, torch.relu(ref + res.double())) < TOL[dtype]
-    assert _err(st, ref_st) < TOL[dtype] * 10
+        _check_fwd(case, dtype, x, w, b, scale, shift, res, expected)
     with conv3d.swap_narrow():
         assert bool(capture(conv3d_forward, x.to("meta"), w.to("meta"), None, s, p)[0][3].get("SWAP")) == (cout <= 64)
     assert not capture(conv3d_forward, x.to("meta"), w.to("meta"), None, s, p)[0][3].get("SWAP")
