@@ -36,6 +36,7 @@ def test_l2_read_bypasses_l1_on_sm90():
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from kernels import l2_probe
 sig = {"X": "*bf16", "OUT": "*fp32", "n_blocks": "i32", "reads": "i32", "programs": "i32", "BLOCK": "constexpr"}
 src = ASTSource(fn=l2_probe._l2_read, signature=sig, constexprs={"BLOCK": l2_probe.BLOCK},
                 attrs={(0,): [["tt.divisibility", 16]]})
