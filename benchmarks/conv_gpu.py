@@ -16,8 +16,9 @@ Phases, each under a share of one wall-clock budget (gpu_call.py):
   tower in one call;
 - layers, blocks, tower: `ctvlp bench conv` with that part alone (cuDNN eager is the baseline;
   the tower also with the tap K loop, with the tap loop plus swapped 64-channel forward and
-  dgrad tiles (conv3d.SWAP_NARROW: a 4-warp forward, and again with the 8-warp one), and
-  inference replayed as a CUDA graph);
+  dgrad tiles (conv3d.SWAP_NARROW: the 256-voxel forward, and again with the 512-voxel one),
+  for inference also with the activation copies through L1 (conv3d.ACT_L1), and inference
+  replayed as a CUDA graph);
 - compile: the tower again with torch.compile(mode="max-autotune"). Its autotuning takes minutes
   for the training graph and again for inference, so it is not a default phase: give it a
   device call of its own;
@@ -26,6 +27,7 @@ Phases, each under a share of one wall-clock budget (gpu_call.py):
 - tiles: each kernel (forward, dgrad, wgrad) of each layer under every tile of the sweep grid
   (kernels.conv3d.TILE_GRID; forward and dgrad also under SWAP_TILES) against cuDNN's same operation; best_tiles in the record says which
   tile to make the default. Compiling ~50 variants takes minutes: a call of its own.
+`--dry` (a CPU check, tests/test_gpu_scripts.py): the pytest phases only collect their tests.
 Records go to OUTDIR (copy them to benchmarks/results/). Run it with the device tool as
 `mkdir -p $OUT/conv && python3 benchmarks/conv_gpu.py $OUT/conv 2>&1 | tee $OUT/conv/run.log`.
 """
@@ -54,9 +56,9 @@ if "pytest" in phases:  # the kernels first (flat and tap K loops, bf16), then t
 # not --quiet: each row is printed as it is measured, so a step cut short by its cap still logs
 # the rows before the cut (the record itself is written at the end)
 bench = [sys.executable, "-m", "ctvlp_dist", "bench", "conv", f"bench.results_dir={out}"]
-# Triton compiles on first use; the tower's four Triton configurations (flat, tap, two swapped
-# forwards) each compile their kernels for every layer, so it gets the most time (inference
-# rows first: they decide issue 7's open goal)
+# Triton compiles on first use; the tower's Triton configurations (flat, tap, two swapped
+# forwards, and for inference the L1 copies) each compile their kernels for every layer, so it
+# gets the most time (inference rows first: they decide issue 7's open goal)
 for part, cap in (("layers", 100), ("blocks", 120), ("tower", 400)):
     if part in phases:
         sh(bench + [f"bench.conv_parts=[{part}]", "bench.conv_compile=false"], f"{part}.log", cap)

@@ -17,7 +17,8 @@ Phases, each under a share of one wall-clock budget (gpu_call.py):
   up to b = 65536 (the goal's size); then the panel height at 65536 and that row again with the
   fastest; last, mixed (trained-like, scale 100) inputs.
 `--phases sweep,panel` is one call: its steps' caps add up to 760 s, so the 560 s budget cuts
-from the end (the least decisive steps: the height rerun and the mixed inputs). The forward sweep holds the 2026-11-22 winners as baselines beside the FACTOR, one-row-block and TMA
+from the end (the least decisive steps: the height rerun and the mixed inputs). The forward
+sweep holds the 2026-11-22 winners as baselines beside the FACTOR, one-row-block, TMA and L1
 tiles, and the benches use its fastest forward. With the 2026-11-22 tiles and no sweep:
 `--phases panel --tiles 64,128,64,128,4,3 --bwd-tiles 64,64,64,512,8,2,1`. Forward tile flags:
 1 FACTOR (one exponential per element where the tile allows), 2 a program per row block (Triton

@@ -553,8 +553,8 @@ def fwd_l2_bytes(kernel, grid, args, meta) -> int:
     grid: every output-channel tile re-reads the activation once per tap (M x K), every voxel
     tile re-reads the weight (K x Cout; masked channel columns load nothing), and the output
     (and a residual) pass once. Rows a padding mask skips are counted too (a few percent at
-    3^3): an upper bound. At layer1 this
-    is about 40x the fewest bytes, which is why L2, not HBM, is the byte ceiling to compare with."""
+    3^3): an upper bound. At layer1 this is about 40x the fewest bytes, which is why L2, not
+    HBM, is the byte ceiling to compare with."""
     v = dict(zip(kernel.arg_names, args), **meta)
     e = v["X"].element_size()
     M = math.prod(v[k] for k in ("Nb", "Do", "Ho", "Wo"))
