@@ -23,7 +23,8 @@ tiles, and the benches use its fastest forward. With the 2026-11-22 tiles and no
 `--phases panel --tiles 64,128,64,128,4,3 --bwd-tiles 64,64,64,512,8,2,1`. Forward tile flags:
 1 FACTOR (one exponential per element where the tile allows), 2 a program per row block (Triton
 flattens its column and K loops), 4 operand blocks through tensor descriptors (TMA; for the
-G tile, a sixth number of 1), 8 copies through L1 (kernels/l1_copies.py).
+G tile, a sixth number of 1), 8 copies through L1 (kernels/l1_copies.py); an eighth number caps
+the registers per thread (ptxas's maxnreg).
 `--dry` checks the plumbing on a CPU before a GPU call is spent on it: the Triton interpreter,
 fp32, tiny b, the first and last config of each list (tests/test_gpu_scripts.py).
 Records go to OUTDIR (copy them to benchmarks/results/). Run it with the device tool as
@@ -69,7 +70,8 @@ if "pytest_new" in phases:
     env["CTVLP_CLIP_TILES"] = "128,64,64,128,4,3,3"  # forward FACTOR, a program per row block (flattened loops)
     sh(pt + ["cuda and not fused"], "pytest_cuda_one_rb.log", 150)
     # TMA operand loads (flag bit 4; the G tile's sixth number); d = 300 in bf16 is not 16-byte strided
-    env.update(CTVLP_CLIP_TILES="128,64,64,128,4,3,7", CTVLP_CLIP_BWD_TILES="64,64,64,512,8,2,5",
+    # with FACTOR, a program per row block, 8 warps and the registers capped (an eighth number)
+    env.update(CTVLP_CLIP_TILES="64,128,64,128,8,3,7,128", CTVLP_CLIP_BWD_TILES="64,64,64,512,8,2,5",
                CTVLP_CLIP_PANEL_TILES="128,64,64,8,3,1;128,128,64,8,3")
     sh(pt + ["cuda and not fused"], "pytest_cuda_tma.log", 150)
     env.pop("CTVLP_CLIP_PANEL_TILES")
@@ -126,12 +128,14 @@ for which, cfgs in (("fwd", sys.argv[1]), ("bwd", sys.argv[2])):
 # The 2026-11-22 sweep (results/loss-sweep-gpu-20261122T180000.json) already ranked the plain
 # tiles: only its winners stay, as the same-run baselines (first in each list), beside the
 # options no GPU has timed: FACTOR (flag 1), a program per row block (2), TMA loads (4), copies
-# through L1 (8)
-FWD = ["64,128,64,128,4,3", "64,128,64,128,4,3,1", "128,128,32,128,8,4,1", "128,64,64,128,8,3,1",
-       "64,128,64,128,4,3,2", "128,64,64,128,4,3,2", "128,128,64,128,8,3,2", "64,64,64,128,4,3,2",
-       "64,128,64,128,8,3,2", "128,64,64,128,4,3,3", "128,128,64,128,8,3,3", "64,128,64,128,4,3,4",
-       "64,128,64,128,4,3,5", "128,128,64,128,8,3,4", "64,64,64,128,4,3,6", "64,128,64,128,8,3,6",
-       "64,128,64,128,4,3,8", "64,128,64,128,4,3,9", "128,64,64,128,4,3,10", "128,64,64,128,4,3,7"]
+# through L1 (8), and an eighth number capping the registers, so that two 8-warp programs (or
+# three 4-warp ones) share an SM: each capped tile follows its uncapped twin
+FWD = ["64,128,64,128,4,3", "64,128,64,128,4,3,0,168", "64,128,64,128,4,3,1", "128,128,32,128,8,4,1",
+       "128,64,64,128,8,3,1", "64,128,64,128,4,3,2", "128,64,64,128,4,3,2", "128,128,64,128,8,3,2",
+       "64,64,64,128,4,3,2", "64,128,64,128,8,3,2", "64,128,64,128,8,3,2,128", "128,64,64,128,4,3,3",
+       "128,128,64,128,8,3,3", "64,128,64,128,4,3,4", "64,128,64,128,4,3,5", "128,128,64,128,8,3,4",
+       "64,64,64,128,4,3,6", "64,128,64,128,8,3,6", "64,128,64,128,8,3,6,128", "64,128,64,128,4,3,8",
+       "64,128,64,128,4,3,9", "128,64,64,128,4,3,10", "128,64,64,128,4,3,7"]
 BWD = ["64,64,64,512,8,2,1", "64,64,64,512,8,2,5", "64,64,64,512,8,3,5"]
 if DRY:
     FWD, BWD = [FWD[0], FWD[-1]], [BWD[0], BWD[-1]]

@@ -383,19 +383,22 @@ FULL_ROW_BYTES = 1024  # FULL keeps whole [BM, pow2(d)] operand tiles in shared 
 
 
 def _as_tiles(c, d: int, itemsize: int = 2) -> dict:
-    """(BM, BN, BK, BD, warps, stages[, flag]) -> launch dict. The flag switches each pass's
+    """(BM, BN, BK, BD, warps, stages[, flag[, maxnreg]]) -> launch dict. The flag switches each pass's
     option. Backward, FULL: the d chunk is the whole of d, so S needs no K loop and each tile of
     I and T is loaded once (rows wider than FULL_ROW_BYTES fall back to d chunks of BD). Forward,
     flag bit 1, FACTOR: the column sums reuse the rows' exponentials where the tile allows;
     bit 2, ONE_RB: a program per row block, whose column and K loops Triton flattens (_fwd_rows);
     bit 4, TMA: operands through tensor descriptors, where the inputs allow (tma_ok), in the
     forward and, with FULL, in the two-pass backward; bit 8, L1 (forward, pointer loads): the
-    program's copies allocate in L1 (l1_copies.py), where its row block's reloads may hit."""
+    program's copies allocate in L1 (l1_copies.py), where its row block's reloads may hit.
+    maxnreg (0: none) caps ptxas's registers per thread, so that more programs share an SM: the
+    flattened 64 x 128 forward with 8 warps fits 128 with no spill (141 with TMA, 182 without),
+    two programs per SM where one fits (compile_report; test_compile_report.py)."""
     flag = int(c[6]) if len(c) > 6 else 0
     full = bool(flag & 1) and _pow2(d) * itemsize <= FULL_ROW_BYTES
     return dict(BM=c[0], BN=c[1], BK=c[2], BD=_pow2(d) if full else min(c[3], _pow2(d)), FULL=full,
                 FACTOR=bool(flag & 1), ONE_RB=bool(flag & 2), TMA=bool(flag & 4), L1=bool(flag & 8),
-                num_warps=c[4], num_stages=c[5])
+                num_warps=c[4], num_stages=c[5], maxnreg=(int(c[7]) or None) if len(c) > 7 else None)
 
 
 def l2_bytes(b_r: int, b_c: int, d: int, itemsize: int, t: dict, which: str = "fwd") -> int:
@@ -594,9 +597,8 @@ def _launch_forward(I, T, s, g_rows, g_cols, tf32, tiles):
     cmax, csum = torch.empty((P, b_c), **f32), torch.empty((P, b_c), **f32)  # the kernel initialises them
     _fwd[(P, Q)](I, T, g_rows, g_cols, m_r, l_r, pos, cmax, csum, s, b_r, b_c, D, I.stride(0), T.stride(0), cb_per,
                  BM=t["BM"], BN=t["BN"], BK=t["BK"], PREC=_prec(I.dtype, tf32), FACTOR=t.get("FACTOR", False), ONE_RB=one_rb,
-                 TMA=tma, I_CACHE=".ca" if l1 else "",
-                 num_warps=t["num_warps"],
-                 num_stages=t["num_stages"])
+                 TMA=tma, I_CACHE=".ca" if l1 else "", num_warps=t["num_warps"], num_stages=t["num_stages"],
+                 maxnreg=t.get("maxnreg"))
     return m_r, l_r, pos, cmax, csum
 
 
@@ -645,7 +647,7 @@ def triton_backward(I, T, s, g_rows, g_cols, lse_r, lse_c, n_rows, coef, tf32: b
     coef_t = torch.as_tensor(coef, dtype=torch.float32, device=I.device).reshape(1)
     common = dict(BM=t["BM"], BN=t["BN"], BK=t["BK"], BD=t["BD"], FULL=t["FULL"], PREC=_prec(I.dtype, tf32),
                   GSCALE=_gscale(I.dtype), TMA=t.get("TMA", False) and t["FULL"] and tma_ok(I, T),
-                  num_warps=t["num_warps"], num_stages=t["num_stages"])
+                  num_warps=t["num_warps"], num_stages=t["num_stages"], maxnreg=t.get("maxnreg"))
     n_rb, n_cb, n_dc = triton.cdiv(b_r, t["BM"]), triton.cdiv(b_c, t["BN"]), triton.cdiv(D, t["BD"])
     f32 = dict(dtype=torch.float32, device=I.device)
 

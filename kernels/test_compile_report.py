@@ -69,6 +69,21 @@ def test_contrastive_forward_one_row_block_flattens_its_loops():
             assert row["wgmma"] > 0 and row["loop_sync_tile_loads"] == 0 and row["spill_store_bytes"] == 0, row
 
 
+def test_contrastive_forward_register_cap_fits_two_programs_per_sm():
+    """An eighth tile number caps ptxas's registers per thread (maxnreg). The flattened 64 x 128
+    forward with 8 warps uses 182 registers (141 with TMA), so one program fills an SM's 64K;
+    capped at 128 it compiles with no spill and the same MMAs, and two programs (with their
+    shared memory) fit an SM, one's softmax epilogue beside the other's MMAs."""
+    for flag in (2, 6):
+        free = _reports(f"loss_forward_launches(65536, 512, '64,128,64,128,8,3,{flag}')")["forward"]
+        cap = _reports(f"loss_forward_launches(65536, 512, '64,128,64,128,8,3,{flag},128')")["forward"]
+        assert free["registers"] * 256 * 2 > 65536 >= cap["registers"] * 256 * 2, (free, cap)
+        assert cap["maxnreg"] == 128 and cap["spill_store_bytes"] == 0 and cap["dot_loop_depth"] == 1, cap
+        assert cap["loop_sass_mma"] == free["loop_sass_mma"], (free, cap)
+        assert cap["loop_sass_instructions"] <= 1.05 * free["loop_sass_instructions"], (free, cap)
+        assert (cap["shared_bytes"] + 1024) * 2 <= 228 * 1024, cap
+
+
 def test_contrastive_tma_loads_free_registers_and_issue_slots(monkeypatch):
     """Flag bit 4 (forward, FULL backward) and the G tile's sixth number (panel): operand blocks
     come through the copy engine (TMA), not as per-thread async copies. The default forward tile

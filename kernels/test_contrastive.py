@@ -145,6 +145,27 @@ def test_forward_tma_descriptors(monkeypatch, flag, d, tma):
 
 
 @pytest.mark.skipif("triton" not in CPU_IMPLS, reason="needs the Triton interpreter")
+def test_register_cap_reaches_both_launches(monkeypatch):
+    """An eighth tile number is a register cap (ptxas's maxnreg) for the forward and the two-pass
+    backward; a compile option, so the same loss and gradients against fp64 (its effect on the
+    machine code is in test_compile_report.py)."""
+    from kernels.compile_report import trace_launches
+    from kernels.contrastive_triton import pick_tiles, triton_backward, triton_forward
+
+    monkeypatch.setenv("CTVLP_CLIP_TILES", "32,32,32,64,4,1,3,128")
+    x, g, v = torch.randn(70, 64), torch.arange(70, dtype=torch.int32), torch.ones(70)
+    (_, _, _, fwd), = trace_launches(triton_forward, x, x, torch.tensor([1.0]), g, g, False,
+                                     tiles=pick_tiles(64, x.dtype))
+    bwd = trace_launches(triton_backward, x, x, torch.tensor([1.0]), g, g, v, v, v, 1.0 / 70, False,
+                         tiles=pick_tiles(64, x.dtype, "bwd"))
+    assert fwd["maxnreg"] == 128 and len(bwd) == 2 and all(m["maxnreg"] == 128 for *_, m in bwd)
+    monkeypatch.setenv("CTVLP_CLIP_TILES", "32,32,32,64,4,1,3")
+    assert pick_tiles(64, x.dtype)["maxnreg"] is None
+    monkeypatch.setenv("CTVLP_CLIP_TILES", "32,32,32,64,4,1,3,128")
+    _check("triton", 70, 64, torch.float32, True, 100.0, matched=20)
+
+
+@pytest.mark.skipif("triton" not in CPU_IMPLS, reason="needs the Triton interpreter")
 @pytest.mark.parametrize("flag,l1", [(8, True), (10, True), (12, False)])
 def test_forward_l1_mark(monkeypatch, flag, l1):
     """Flag bit 8: the forward marks its I loads .ca (l1_copies.py makes the GPU's copies allocate

@@ -143,12 +143,13 @@ def _measure_cpu(method, b, d, kind) -> dict:
     return {"method": method, "b": b, "status": "ok", **json.loads(r.stdout.strip().splitlines()[-1])}
 
 
-# (forward and two-pass backward tiles "BM,BN,BK,BD,warps,stages,flag", panel G tiles
+# (forward and two-pass backward tiles "BM,BN,BK,BD,warps,stages,flag[,maxnreg]", panel G tiles
 # "BM,BN,BK,warps,stages,tma"): each pair differs only in the TMA bit, so a record shows what
-# tensor-descriptor loads change
+# tensor-descriptor loads change; the last three cap the registers (two 8-warp programs per SM)
 PTX_FWD = ["64,128,64,128,4,3,0", "64,128,64,128,4,3,4", "128,128,64,128,8,3,0", "128,128,64,128,8,3,4",
            "64,128,64,128,8,3,2", "64,128,64,128,8,3,6", "64,64,64,128,4,3,2", "64,64,64,128,4,3,6",
-           "128,64,64,128,4,3,3", "128,64,64,128,4,3,7"]
+           "128,64,64,128,4,3,3", "128,64,64,128,4,3,7", "64,128,64,128,8,3,2,128", "64,128,64,128,8,3,6,128",
+           "64,128,64,128,4,3,0,168"]
 PTX_BWD = ["64,64,64,512,8,2,1", "64,64,64,512,8,2,5"]
 PTX_GRAD = ["128,64,64,8,3,0", "128,64,64,8,3,1", "128,128,64,8,3,0", "128,128,64,8,3,1", "64,128,64,4,3,0",
             "64,128,64,4,3,1"]
