@@ -145,7 +145,10 @@ def _sass_loop(cubin: bytes, tool_dir: str) -> dict:
     copies = [x for x in best if x.startswith("LDGSTS")]
     return {"loop_sass_instructions": len(best), "loop_sass_mma": mma, **_smem_traffic(best),
             # async copies that allocate in L1 (no .BYPASS: a .ca copy; l1_copies.py) among the loop's copies
-            "loop_l1_copies": sum(".BYPASS" not in x for x in copies), "loop_copies": len(copies)}
+            "loop_l1_copies": sum(".BYPASS" not in x for x in copies), "loop_copies": len(copies),
+            # spill traffic inside the loop (local-memory loads and stores): a register cap may spill
+            # where it costs little (an epilogue) or in the loop, where it would cost every step
+            "loop_local_memory": sum(x.split()[0].startswith(("LDL", "STL")) for x in best if x.split())}
 
 
 _ELEM_BYTES = {"BF16": 2, "F16": 2, "TF32": 4, "F32": 4, "E4M3": 1, "E5M2": 1}

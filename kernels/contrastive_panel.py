@@ -100,8 +100,9 @@ def panel_tiles(dtype: torch.dtype) -> dict:
     bf16, d = 512) to at most 118 registers and 96 KB of shared memory, so that two programs share
     an SM and one's epilogue (the exponentials) overlaps the other's MMA; a 128 x 128 G tile
     needs 227 registers. Unmeasured until a GPU run; the benchmark sweeps others.
-    `CTVLP_CLIP_PANEL_TILES="gBM,gBN,gBK,gW,gS[,tma];mBM,mBN,mBK,mW,mS"` overrides both; tma=1 loads the G
-    tile's operands through tensor descriptors where the inputs allow."""
+    `CTVLP_CLIP_PANEL_TILES="gBM,gBN,gBK,gW,gS[,tma[,maxnreg]];mBM,mBN,mBK,mW,mS"` overrides both; tma=1
+    loads the G tile's operands through tensor descriptors where the inputs allow; maxnreg caps
+    its registers (128 fits two 128 x 128 programs per SM, spilling in the epilogue only)."""
     env = os.environ.get("CTVLP_CLIP_PANEL_TILES")
     if env:
         g, m = ([int(x) for x in part.split(",")] for part in env.split(";"))
@@ -112,7 +113,8 @@ def panel_tiles(dtype: torch.dtype) -> dict:
     else:
         g, m = [64, 64, 32, 4, 3], [64, 64, 32, 4, 3]
     keys = ("BM", "BN", "BK", "num_warps", "num_stages")
-    return {"grad": dict(zip(keys, g), TMA=len(g) > 5 and bool(g[5])), "mm": dict(zip(keys, m))}
+    grad = dict(zip(keys, g), TMA=len(g) > 5 and bool(g[5]), maxnreg=(g[6] or None) if len(g) > 6 else None)
+    return {"grad": grad, "mm": dict(zip(keys, m))}
 
 
 def panel_rows(b_r: int, b_c: int, itemsize: int, bm: int) -> int:

@@ -28,13 +28,14 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 @triton.jit
 def _s_tile(I, T, rows, cols, rmask, cmask, s, D, sI, sT, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-            PREC: tl.constexpr, r0=0, c0=0, TMA: tl.constexpr = False, I_CACHE: tl.constexpr = ""):
+            PREC: tl.constexpr, r0=0, c0=0, TMA: tl.constexpr = False, I_L1: tl.constexpr = False):
     """s * I[rows] @ T[cols]^T in fp32, looping over d in BK chunks. TMA: I and T are tensor
     descriptors (_descriptors) and the tile is rows [r0, r0 + BM) x cols [c0, c0 + BN): the copy
     engine loads each operand block with no per-thread address arithmetic and fills rows past
     the end with zeros; rows the caller masks (a panel's rows past R) are loaded and masked later.
-    I_CACHE ".ca" marks the I loads for L1 (l1_copies.py): a forward program reloads the same
-    row block for every column tile."""
+    I_L1 marks the I loads ".ca" for L1 (l1_copies.py): a forward program reloads the same row
+    block for every column tile. (A flag, not the modifier string: Triton 3.6 cannot compile a
+    helper whose string constexpr is left at its default.)"""
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     if TMA:
         for k0 in range(0, D, BK):
@@ -45,7 +46,7 @@ def _s_tile(I, T, rows, cols, rmask, cmask, s, D, sI, sT, BM: tl.constexpr, BN: 
             kk = k0 + ks
             kmask = kk < D
             a = tl.load(I + rows[:, None] * sI + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0,
-                        cache_modifier=I_CACHE)
+                        cache_modifier=".ca" if I_L1 else "")
             b = tl.load(T + cols[:, None] * sT + kk[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
             acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC)
     return acc * s
@@ -95,7 +96,7 @@ def _fwd_rows(I, T, G_R, G_C, M_R, L_R, POS, CMAX, CSUM, s, B_R, B_C, D, sI, sT,
             g_c = tl.load(G_C + cols, mask=cmask, other=-2)
         if FACTOR and not ONE_RB:
             p_max, p_sum = _col_partials(CMAX, CSUM, pid, B_C, cols, cmask, rb)
-        S = _s_tile(I, T, rows, cols, rmask, cmask, s, D, sI, sT, BM, BN, BK, PREC, rb * BM, cb * BN, TMA, I_CACHE)
+        S = _s_tile(I, T, rows, cols, rmask, cmask, s, D, sI, sT, BM, BN, BK, PREC, rb * BM, cb * BN, TMA, I_CACHE == ".ca")
         valid = rmask[:, None] & cmask[None, :]
         S = tl.where(valid, S, -float("inf"))
         # rows: online log-sum-exp

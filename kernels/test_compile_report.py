@@ -78,10 +78,26 @@ def test_contrastive_forward_register_cap_fits_two_programs_per_sm():
         free = _reports(f"loss_forward_launches(65536, 512, '64,128,64,128,8,3,{flag}')")["forward"]
         cap = _reports(f"loss_forward_launches(65536, 512, '64,128,64,128,8,3,{flag},128')")["forward"]
         assert free["registers"] * 256 * 2 > 65536 >= cap["registers"] * 256 * 2, (free, cap)
-        assert cap["maxnreg"] == 128 and cap["spill_store_bytes"] == 0 and cap["dot_loop_depth"] == 1, cap
+        assert cap["maxnreg"] == 128 and cap["spill_store_bytes"] == cap["loop_local_memory"] == 0, cap
+        assert cap["dot_loop_depth"] == 1, cap
         assert cap["loop_sass_mma"] == free["loop_sass_mma"], (free, cap)
         assert cap["loop_sass_instructions"] <= 1.05 * free["loop_sass_instructions"], (free, cap)
         assert (cap["shared_bytes"] + 1024) * 2 <= 228 * 1024, cap
+
+
+def test_panel_grad_tile_register_cap_spills_outside_its_k_loop(monkeypatch):
+    """The panel's 128 x 128 G tile (TMA) needs 235 registers, one 8-warp program per SM; its
+    seventh number caps them at 128: two programs fit, and the spill lands in the epilogue (no
+    local-memory access in the K loop, about the same instructions per K step)."""
+    g = {}
+    for cap in ("", ",128"):
+        monkeypatch.setenv("CTVLP_CLIP_PANEL_TILES", f"128,128,64,8,3,1{cap};128,128,64,8,3")
+        g[cap] = _reports("loss_panel_launches(65536, 512)")["G tile"]
+    free, cap = g[""], g[",128"]
+    assert free["registers"] * 256 * 2 > 65536 >= cap["registers"] * 256 * 2, (free, cap)
+    assert cap["spill_store_bytes"] > 0 and cap["loop_local_memory"] == free["loop_local_memory"] == 0, cap
+    assert cap["loop_sass_instructions"] <= 1.05 * free["loop_sass_instructions"], (free, cap)
+    assert (cap["shared_bytes"] + 1024) * 2 <= 228 * 1024, cap
 
 
 def test_contrastive_tma_loads_free_registers_and_issue_slots(monkeypatch):
@@ -109,9 +125,13 @@ def test_contrastive_tma_loads_free_registers_and_issue_slots(monkeypatch):
         bwd[flag] = _reports("loss_backward_launches(65536, 512)")
     for name in ("rows (dI)", "cols (dT)"):
         plain, tma = bwd[1][name], bwd[5][name]
-        assert tma["loop_tma_loads"] > 0 and tma["spill_store_bytes"] == 0, (name, tma)
+        assert tma["loop_tma_loads"] > 0, (name, tma)
         assert tma["loop_sass_instructions"] < plain["loop_sass_instructions"], (name, plain, tma)
-    assert bwd[1]["rows (dI)"]["spill_store_bytes"] > 0, bwd[1]
+    # Triton 3.7.1: dI spills 36 B plain, nothing with TMA; 3.6.0 (the GPU image's): dI 64 B plain,
+    # 0 with TMA, while dT goes from 0 to 28 B; either way TMA spills less in all
+    spill = {f: sum(r["spill_store_bytes"] for r in bwd[f].values()) for f in bwd}
+    assert bwd[1]["rows (dI)"]["spill_store_bytes"] > 0 == bwd[5]["rows (dI)"]["spill_store_bytes"], bwd
+    assert spill[5] < spill[1], spill
 
 
 def test_contrastive_panel_backward_compiles_to_two_programs_per_sm():

@@ -234,20 +234,21 @@ def test_scratch_allocator_is_set_in_each_thread_and_keeps_a_users():
 
 
 @pytest.mark.skipif("triton" not in CPU_IMPLS, reason="needs the Triton interpreter")
-@pytest.mark.parametrize("d,rows", [(64, 64), (40, 0)])
-def test_panel_grad_tile_tma(monkeypatch, d, rows):
+@pytest.mark.parametrize("d,rows,cap", [(64, 64, ""), (40, 0, ",128")])
+def test_panel_grad_tile_tma(monkeypatch, d, rows, cap):
     """The panel's G tile through tensor descriptors (the sixth G-tile number): 64-row panels of
     130 rows, so a descriptor block reaches past a panel's last row into the next panel's rows,
-    which the tile must mask, not use; and one panel whose last block runs past b."""
+    which the tile must mask, not use; and one panel whose last block runs past b, there with
+    its registers capped (a seventh number, a compile option: the same results)."""
     from kernels.compile_report import trace_launches
     from kernels.contrastive_panel import panel_backward
 
     monkeypatch.setenv("CTVLP_CLIP_BACKWARD", "panel")
     monkeypatch.setenv("CTVLP_CLIP_PANEL_ROWS", str(rows))
-    monkeypatch.setenv("CTVLP_CLIP_PANEL_TILES", "32,32,32,4,1,1;32,32,32,4,1")
+    monkeypatch.setenv("CTVLP_CLIP_PANEL_TILES", f"32,32,32,4,1,1{cap};32,32,32,4,1")
     x, g, v = torch.randn(130, d), torch.arange(130, dtype=torch.int32), torch.ones(130)
     launches = trace_launches(panel_backward, x, x, torch.tensor([1.0]), g, g, v, v, v, 1.0, False, mm="torch")
-    assert launches[0][3]["TMA"] is True
+    assert launches[0][3]["TMA"] is True and launches[0][3]["maxnreg"] == (128 if cap else None)
     _check("triton", 130, d, torch.float32, True, 20.0)
 
 
