@@ -9,7 +9,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 TEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
-.PHONY: venv demo test test-fast bench-loader clean-venv
+.PHONY: venv demo test test-fast bench-loader preflight clean-venv
 
 venv: $(STAMP)
 
@@ -34,6 +34,14 @@ test-fast: venv
 
 bench-loader: venv
 	$(VENV)/bin/ctvlp bench loader
+
+# Before a GPU call: compile every kernel it will launch for sm_90a under the GPU image's Triton
+# (older than the venv's; shared/NOTES.md), which shadows the venv's from a folder of its own.
+GPU_TRITON ?= 3.6.0
+preflight: venv
+	test -f .gpu-triton/.v$(GPU_TRITON) || { rm -rf .gpu-triton && \
+		$(PY) -m pip install -q --no-deps --target .gpu-triton triton==$(GPU_TRITON) && touch .gpu-triton/.v$(GPU_TRITON); }
+	env -u TRITON_INTERPRET PYTHONPATH=.gpu-triton TRITON_CACHE_DIR=$(CURDIR)/.gpu-triton/cache $(PY) benchmarks/preflight.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -36,6 +36,7 @@ import sys
 from pathlib import Path
 
 from gpu_call import Budget, gpu_env, print_device
+from loss_configs import BWD, FWD, PANEL
 
 ap = argparse.ArgumentParser()
 ap.add_argument("out")
@@ -125,18 +126,6 @@ for which, cfgs in (("fwd", sys.argv[1]), ("bwd", sys.argv[2])):
             r = {"pass": which, "tiles": cfg, "error": f"{type(e).__name__}: {str(e)[:160]}"}
         print(json.dumps(r), flush=True)  # one line per config: the parent reads them as they come
 '''
-# The 2026-11-22 sweep (results/loss-sweep-gpu-20261122T180000.json) already ranked the plain
-# tiles: only its winners stay, as the same-run baselines (first in each list), beside the
-# options no GPU has timed: FACTOR (flag 1), a program per row block (2), TMA loads (4), copies
-# through L1 (8), and an eighth number capping the registers, so that two 8-warp programs (or
-# three 4-warp ones) share an SM: each capped tile follows its uncapped twin
-FWD = ["64,128,64,128,4,3", "64,128,64,128,4,3,0,168", "64,128,64,128,4,3,1", "128,128,32,128,8,4,1",
-       "128,64,64,128,8,3,1", "64,128,64,128,4,3,2", "128,64,64,128,4,3,2", "128,128,64,128,8,3,2",
-       "64,64,64,128,4,3,2", "64,128,64,128,8,3,2", "64,128,64,128,8,3,2,128", "128,64,64,128,4,3,3",
-       "128,128,64,128,8,3,3", "64,128,64,128,4,3,4", "64,128,64,128,4,3,5", "128,128,64,128,8,3,4",
-       "64,64,64,128,4,3,6", "64,128,64,128,8,3,6", "64,128,64,128,8,3,6,128", "64,128,64,128,4,3,8",
-       "64,128,64,128,4,3,9", "128,64,64,128,4,3,10", "128,64,64,128,4,3,7"]
-BWD = ["64,64,64,512,8,2,1", "64,64,64,512,8,2,5", "64,64,64,512,8,3,5"]
 if DRY:
     FWD, BWD = [FWD[0], FWD[-1]], [BWD[0], BWD[-1]]
 B_SWEEP, B_PANEL, B_BENCH, B_MID, B_BIG = (256, (256, 512), "[256]", "[512]", "[512]") if DRY else (
@@ -205,10 +194,6 @@ for r in res:
         r["speedup_vs_two_pass"] = round(res[0]["ms"] / r["ms"], 3)
 print("PANEL", json.dumps(res))
 '''
-PANEL = ["128,64,64,8,3;128,128,64,8,3", "128,128,64,8,3;128,128,64,8,3", "128,64,64,8,4;128,256,64,8,3",
-         "64,128,64,4,3;128,128,64,8,4", "128,64,32,8,4;128,128,64,8,3", "128,128,64,8,3;128,256,64,8,3",
-         "128,64,64,8,3,1;128,128,64,8,3", "128,128,64,8,3,1;128,128,64,8,3", "128,128,64,8,3,1,128;128,128,64,8,3",
-         "64,128,64,4,3,1;128,128,64,8,4"]
 if "panel" in phases:  # in the order of what decides issue 6, so that a short budget cuts the least
     found = {}
     if DRY:

@@ -57,3 +57,30 @@ def test_conv_gpu_script_selects_the_candidate_default_tests(tmp_path):
     for log in ("pytest_conv.log", "pytest_block.log"):  # the full phase: every test, no collection error
         tail = (tmp_path / log).read_text().strip().splitlines()[-1]
         assert re.fullmatch(r"\d+ tests collected in [\d.]+s", tail), (log, tail)
+
+
+def test_preflight_names_every_planned_launch_and_compiles_them(tmp_path):
+    """benchmarks/preflight.py (`make preflight`) compiles for sm_90a what the GPU calls will
+    launch: every sweep tile and panel configuration of loss_configs.py, and the tower under each
+    variant of conv_gpu.py, inference and training. Listed here in full, and the first launch of
+    each group compiled (the venv's Triton; `make preflight` runs the GPU image's)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from loss_configs import BWD, FWD, PANEL
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    run = [sys.executable, str(ROOT / "benchmarks" / "preflight.py")]
+    r = subprocess.run(run + ["--list"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    names = r.stdout.splitlines()
+    for t in FWD:
+        assert f"loss forward {t}" in names
+    assert sum(n.startswith("loss backward") for n in names) == 2 * (len(BWD) + 1)
+    assert sum(n.startswith("loss panel") for n in names) == 3 * len(PANEL)
+    kinds = {tuple(n.split()[1:-1]) for n in names if n.startswith("tower")}
+    variants = {" ".join(k[:-1]) for k in kinds}
+    assert variants == {"flat", "tap", "tap, swapped", "tap, 512-voxel", "tap, 512-voxel, L1"}, variants
+    kernels = {n.split()[-1] for n in names if n.startswith("tower")}
+    assert {"_conv_fwd", "_conv_dgrad", "_conv_wgrad"} <= kernels, kernels
+    r = subprocess.run(run + ["--limit", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "2 launches, 0 failed to compile" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]

@@ -1,0 +1,126 @@
+"""Compile, for an H100 (sm_90a) and without a GPU, every Triton kernel launch the next device
+calls will make, so that none of their scarce minutes is lost to a kernel that does not compile.
+
+    python3 benchmarks/preflight.py [--list] [--limit N] [--only loss|tower]
+    make preflight        # the same under the GPU image's Triton (GPU_TRITON in the Makefile)
+
+Launches are captured, not run (kernels/compile_report.py): the loss's sweep tiles, backward
+tiles and panel configurations (loss_configs.py), its fused backward and finalize at b = 65,536,
+d = 512, bf16; and the ResNet3d18 tower's launches (forward, dgrad, wgrad, BN passes) under each
+variant that conv_gpu.py times, inference and training, on a small bf16 volume. Each distinct
+launch is compiled once. Why it exists: the GPU image runs an older Triton than this machine, and
+on 2026-11-24 a string constexpr default that 3.7.1 accepts failed to compile under 3.6.0 in
+every panel kernel. Exit status 1 when any launch fails to compile.
+"""
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(Path(__file__).parent)]
+
+
+def loss_launches():
+    """(name, launch) for every loss kernel launch of loss_gpu.py's phases."""
+    import torch
+
+    from kernels import compile_report as cr
+    from kernels import contrastive_triton as ct
+    from loss_configs import BWD, FWD, PANEL
+
+    b, d = 65536, 512
+    for t in FWD:
+        yield f"loss forward {t}", cr.loss_forward_launches(b, d, t)["forward"]
+    env = dict(os.environ)
+    try:
+        for t in BWD + ["64,64,64,128,8,3"]:  # and the d-chunked tile of the pytest phase
+            os.environ["CTVLP_CLIP_BWD_TILES"] = t
+            for name, launch in cr.loss_backward_launches(b, d).items():
+                yield f"loss backward {t} {name}", launch
+        os.environ.pop("CTVLP_CLIP_BWD_TILES")
+        for p in PANEL:
+            os.environ["CTVLP_CLIP_PANEL_TILES"] = p
+            for name, launch in cr.loss_panel_launches(b, d).items():
+                yield f"loss panel {p} {name}", launch
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
+    x = torch.empty(b, d, dtype=torch.bfloat16, device="meta")
+    g = torch.empty(b, dtype=torch.int32, device="meta")
+    v, s = torch.empty(b, device="meta"), torch.empty(1, device="meta")
+    for launch in cr.capture(ct._backward_fused, x, x, s, g, g, v, v, v, 1.0, True, None,
+                             ct._as_tiles((64, 64, 64, 512, 8, 2, 1), d)):
+        yield "loss fused backward", launch
+    for launch in cr.capture(ct.triton_forward_loss, x, x, s, g, g, v, True, ct._as_tiles((64, 128, 64, 128, 4, 3), d)):
+        yield f"loss forward+finalize {launch[0].__name__}", launch
+
+
+def tower_launches():
+    """(name, launch) for the tower's launches under each conv_gpu.py variant, one per distinct
+    (kernel, constexprs, argument types): inference (eval, BN folded) and a training step."""
+    import torch
+
+    from ctvlp_dist.bench.conv import _variant
+    from ctvlp_dist.models.resnet3d import ResNet3d18
+    from kernels.compile_report import _capturing
+    from kernels.conv3d import SWAP_TILES
+
+    m = ResNet3d18("k2s2", "bn", 32, True, "triton", 64).to(torch.bfloat16)
+    x = torch.randn(2, 1, 16, 32, 32, dtype=torch.bfloat16)
+    variants = {"flat": ("flat", False), "tap": ("tap", False), "tap, swapped": ("tap", True),
+                "tap, 512-voxel": ("tap", SWAP_TILES[-1]), "tap, 512-voxel, L1": ("tap", SWAP_TILES[-1], True)}
+    seen = set()
+    for vname, opts in variants.items():
+        for mode in ("inference", "train"):
+            with _variant(*opts), _capturing() as launches:  # recorded, not run: outputs are left empty
+                if mode == "inference":
+                    with torch.no_grad():
+                        m.eval()(x)
+                else:
+                    m.train()(x.clone().requires_grad_()).float().sum().backward()
+            for kernel, grid, args, meta in launches:
+                key = (kernel.__name__, json.dumps({k: str(v) for k, v in sorted(meta.items())}),
+                       tuple(str(a.dtype) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args))
+                if key not in seen:
+                    seen.add(key)
+                    yield f"tower {vname} {mode} {kernel.__name__}", (kernel, grid, args, meta)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--list", action="store_true", help="name the launches, compile none")
+    ap.add_argument("--limit", type=int, default=0, help="compile only the first N launches of each group")
+    ap.add_argument("--only", choices=["loss", "tower"], default=None)
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("preflight compiles the kernels: run it without TRITON_INTERPRET=1")
+    import triton
+
+    from kernels.compile_report import report
+
+    print(f"Triton {triton.__version__}, target sm_90a", flush=True)
+    failed, n = [], 0
+    for group, gen in (("loss", loss_launches), ("tower", tower_launches)):
+        if args.only and group != args.only:
+            continue
+        for i, (name, launch) in enumerate(gen()):
+            if args.limit and i >= args.limit:
+                break
+            n += 1
+            if args.list:
+                print(name, flush=True)
+                continue
+            try:
+                r = report(*launch)
+                print(f"ok   {name}: {r['registers']} registers, {r['spill_store_bytes']} B spilled", flush=True)
+            except Exception as e:  # the compiler's last line says why
+                failed.append(name)
+                print(f"FAIL {name}: {[x for x in str(e).splitlines() if x.strip()][-1][:200]}", flush=True)
+    print(f"{n} launches{'' if args.list else f', {len(failed)} failed to compile'}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
