@@ -8,9 +8,10 @@ Launches are captured, not run (kernels/compile_report.py): the loss's sweep til
 tiles and panel configurations (loss_configs.py), its fused backward and finalize at b = 65,536,
 d = 512, bf16; and the ResNet3d18 tower's launches (forward, dgrad, wgrad, BN passes) under each
 variant that conv_gpu.py times, inference and training, on a small bf16 volume. Each distinct
-launch is compiled once. Why it exists: the GPU image runs an older Triton than this machine, and
+launch is compiled once, and fails the check where it would not launch (more shared memory
+than a block may have). Why it exists: the GPU image runs an older Triton than this machine, and
 on 2026-11-24 a string constexpr default that 3.7.1 accepts failed to compile under 3.6.0 in
-every panel kernel. Exit status 1 when any launch fails to compile.
+every panel kernel. Exit status 1 when any launch fails.
 """
 import argparse
 import json
@@ -19,6 +20,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+SMEM_PER_BLOCK = 227 * 1024  # H100: the most shared memory one block may take (opt-in)
 sys.path[:0] = [str(ROOT), str(Path(__file__).parent)]
 
 
@@ -55,6 +57,19 @@ def loss_launches():
         yield "loss fused backward", launch
     for launch in cr.capture(ct.triton_forward_loss, x, x, s, g, g, v, True, ct._as_tiles((64, 128, 64, 128, 4, 3), d)):
         yield f"loss forward+finalize {launch[0].__name__}", launch
+    # the CUDA tests' other inputs (fp16, fp32 through tf32; widths not a power of two) at the
+    # pytest phase's tiles
+    os.environ["CTVLP_CLIP_BWD_TILES"] = "64,64,64,512,8,2,1"
+    try:
+        for dtype in (torch.float16, torch.float32):
+            for dd in (40, 300):
+                for name, launch in [*cr.loss_forward_launches(1000, dd, "128,128,64,128,8,3", dtype).items(),
+                                     *cr.loss_backward_launches(1000, dd, dtype).items(),
+                                     *cr.loss_panel_launches(1000, dd, dtype).items()]:
+                    yield f"loss {str(dtype)[6:]} d={dd} {name}", launch
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
 
 
 def tower_launches():
@@ -114,11 +129,17 @@ def main(argv=None) -> int:
                 continue
             try:
                 r = report(*launch)
-                print(f"ok   {name}: {r['registers']} registers, {r['spill_store_bytes']} B spilled", flush=True)
             except Exception as e:  # the compiler's last line says why
                 failed.append(name)
                 print(f"FAIL {name}: {[x for x in str(e).splitlines() if x.strip()][-1][:200]}", flush=True)
-    print(f"{n} launches{'' if args.list else f', {len(failed)} failed to compile'}", flush=True)
+                continue
+            facts = f"{r['registers']} registers, {r['spill_store_bytes']} B spilled, {r['shared_bytes']} B shared"
+            if r["shared_bytes"] > SMEM_PER_BLOCK:  # compiles, then fails at launch: out of resources
+                failed.append(name)
+                print(f"FAIL {name}: {facts}, over the {SMEM_PER_BLOCK} B a block may have", flush=True)
+            else:
+                print(f"ok   {name}: {facts}", flush=True)
+    print(f"{n} launches{'' if args.list else f', {len(failed)} failed'}", flush=True)
     return 1 if failed else 0
 
 

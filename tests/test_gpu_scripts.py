@@ -83,4 +83,4 @@ def test_preflight_names_every_planned_launch_and_compiles_them(tmp_path):
     kernels = {n.split()[-1] for n in names if n.startswith("tower")}
     assert {"_conv_fwd", "_conv_dgrad", "_conv_wgrad"} <= kernels, kernels
     r = subprocess.run(run + ["--limit", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and "2 launches, 0 failed to compile" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.returncode == 0 and "2 launches, 0 failed" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
