@@ -6,8 +6,9 @@ calls will make, so that none of their scarce minutes is lost to a kernel that d
 
 Launches are captured, not run (kernels/compile_report.py): the loss's sweep tiles, backward
 tiles and panel configurations (loss_configs.py), its fused backward and finalize at b = 65,536,
-d = 512, bf16; and the ResNet3d18 tower's launches (forward, dgrad, wgrad, BN passes) under each
-variant that conv_gpu.py times, inference and training, on a small bf16 volume. Each distinct
+d = 512, bf16 (and the CUDA tests' fp16 and fp32 inputs); and the ResNet3d18 tower's launches
+(forward, dgrad, wgrad, BN passes) under each variant that conv_gpu.py times, inference and
+training, on a small volume, in bf16 with both stems and in fp16 and fp32. Each distinct
 launch is compiled once, and fails the check where it would not launch (more shared memory
 than a block may have). Why it exists: the GPU image runs an older Triton than this machine, and
 on 2026-11-24 a string constexpr default that 3.7.1 accepts failed to compile under 3.6.0 in
@@ -73,8 +74,9 @@ def loss_launches():
 
 
 def tower_launches():
-    """(name, launch) for the tower's launches under each conv_gpu.py variant, one per distinct
-    (kernel, constexprs, argument types): inference (eval, BN folded) and a training step."""
+    """(name, launch) for the tower's launches under each conv_gpu.py variant, inference (eval, BN
+    folded) and a training step, one per distinct (kernel, constexprs, argument types): in bf16
+    with the k2s2 and the 7^3 stem, and in fp16 and fp32 (the CUDA tests' other dtypes)."""
     import torch
 
     from ctvlp_dist.bench.conv import _variant
@@ -82,25 +84,28 @@ def tower_launches():
     from kernels.compile_report import _capturing
     from kernels.conv3d import SWAP_TILES
 
-    m = ResNet3d18("k2s2", "bn", 32, True, "triton", 64).to(torch.bfloat16)
-    x = torch.randn(2, 1, 16, 32, 32, dtype=torch.bfloat16)
     variants = {"flat": ("flat", False), "tap": ("tap", False), "tap, swapped": ("tap", True),
                 "tap, 512-voxel": ("tap", SWAP_TILES[-1]), "tap, 512-voxel, L1": ("tap", SWAP_TILES[-1], True)}
     seen = set()
-    for vname, opts in variants.items():
-        for mode in ("inference", "train"):
-            with _variant(*opts), _capturing() as launches:  # recorded, not run: outputs are left empty
-                if mode == "inference":
-                    with torch.no_grad():
-                        m.eval()(x)
-                else:
-                    m.train()(x.clone().requires_grad_()).float().sum().backward()
-            for kernel, grid, args, meta in launches:
-                key = (kernel.__name__, json.dumps({k: str(v) for k, v in sorted(meta.items())}),
-                       tuple(str(a.dtype) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args))
-                if key not in seen:
-                    seen.add(key)
-                    yield f"tower {vname} {mode} {kernel.__name__}", (kernel, grid, args, meta)
+    for dtype, stem in ((torch.bfloat16, "k2s2"), (torch.bfloat16, "standard"), (torch.float16, "k2s2"),
+                        (torch.float32, "k2s2")):
+        m = ResNet3d18(stem, "bn", 32, True, "triton", 64).to(dtype)
+        x = torch.randn(2, 1, 16, 32, 32, dtype=dtype)
+        for vname, opts in variants.items():
+            for mode in ("inference", "train"):
+                with _variant(*opts), _capturing() as launches:  # recorded, not run: outputs are left empty
+                    if mode == "inference":
+                        with torch.no_grad():
+                            m.eval()(x)
+                    else:
+                        m.train()(x.clone().requires_grad_()).float().sum().backward()
+                for kernel, grid, args, meta in launches:
+                    key = (kernel.__name__, json.dumps({k: str(v) for k, v in sorted(meta.items())}),
+                           tuple(str(a.dtype) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args))
+                    if key not in seen:
+                        seen.add(key)
+                        yield (f"tower [{str(dtype)[6:]}, {stem} stem] {vname} {mode} {kernel.__name__}",
+                               (kernel, grid, args, meta))
 
 
 def main(argv=None) -> int:

@@ -77,10 +77,12 @@ def test_preflight_names_every_planned_launch_and_compiles_them(tmp_path):
         assert f"loss forward {t}" in names
     assert sum(n.startswith("loss backward") for n in names) == 2 * (len(BWD) + 1)
     assert sum(n.startswith("loss panel") for n in names) == 3 * len(PANEL)
-    kinds = {tuple(n.split()[1:-1]) for n in names if n.startswith("tower")}
-    variants = {" ".join(k[:-1]) for k in kinds}
-    assert variants == {"flat", "tap", "tap, swapped", "tap, 512-voxel", "tap, 512-voxel, L1"}, variants
-    kernels = {n.split()[-1] for n in names if n.startswith("tower")}
-    assert {"_conv_fwd", "_conv_dgrad", "_conv_wgrad"} <= kernels, kernels
+    tower = [re.fullmatch(r"tower \[(\w+), (\w+) stem\] (.+) (inference|train) (\w+)", n) for n in names
+             if n.startswith("tower")]
+    assert tower and all(tower), names
+    assert {m[3] for m in tower} == {"flat", "tap", "tap, swapped", "tap, 512-voxel", "tap, 512-voxel, L1"}, tower
+    assert {(m[1], m[2]) for m in tower} == {("bfloat16", "k2s2"), ("bfloat16", "standard"), ("float16", "k2s2"),
+                                             ("float32", "k2s2")}
+    assert {"_conv_fwd", "_conv_dgrad", "_conv_wgrad"} <= {m[5] for m in tower}
     r = subprocess.run(run + ["--limit", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "2 launches, 0 failed" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
