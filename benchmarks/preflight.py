@@ -19,6 +19,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
 SMEM_PER_BLOCK = 227 * 1024  # H100: the most shared memory one block may take (opt-in)
@@ -34,43 +35,36 @@ def loss_launches():
     from loss_configs import BWD, FWD, PANEL
 
     b, d = 65536, 512
-    for t in FWD:
-        yield f"loss forward {t}", cr.loss_forward_launches(b, d, t)["forward"]
-    env = dict(os.environ)
-    try:
+    x = torch.empty(b, d, dtype=torch.bfloat16, device="meta")
+    g = torch.empty(b, dtype=torch.int32, device="meta")
+    v, s = torch.empty(b, device="meta"), torch.empty(1, device="meta")
+    with mock.patch.dict(os.environ):  # the launch helpers read their tiles from the environment
+        for t in FWD:
+            yield f"loss forward {t}", cr.loss_forward_launches(b, d, t)["forward"]
         for t in BWD + ["64,64,64,128,8,3"]:  # and the d-chunked tile of the pytest phase
             os.environ["CTVLP_CLIP_BWD_TILES"] = t
             for name, launch in cr.loss_backward_launches(b, d).items():
                 yield f"loss backward {t} {name}", launch
-        os.environ.pop("CTVLP_CLIP_BWD_TILES")
         for p in PANEL:
             os.environ["CTVLP_CLIP_PANEL_TILES"] = p
             for name, launch in cr.loss_panel_launches(b, d).items():
                 yield f"loss panel {p} {name}", launch
-    finally:
-        os.environ.clear()
-        os.environ.update(env)
-    x = torch.empty(b, d, dtype=torch.bfloat16, device="meta")
-    g = torch.empty(b, dtype=torch.int32, device="meta")
-    v, s = torch.empty(b, device="meta"), torch.empty(1, device="meta")
-    for launch in cr.capture(ct._backward_fused, x, x, s, g, g, v, v, v, 1.0, True, None,
-                             ct._as_tiles((64, 64, 64, 512, 8, 2, 1), d)):
-        yield "loss fused backward", launch
-    for launch in cr.capture(ct.triton_forward_loss, x, x, s, g, g, v, True, ct._as_tiles((64, 128, 64, 128, 4, 3), d)):
-        yield f"loss forward+finalize {launch[0].__name__}", launch
-    # the CUDA tests' other inputs (fp16, fp32 through tf32; widths not a power of two) at the
-    # pytest phase's tiles
-    os.environ["CTVLP_CLIP_BWD_TILES"] = "64,64,64,512,8,2,1"
-    try:
+        for launch in cr.capture(ct._backward_fused, x, x, s, g, g, v, v, v, 1.0, True, None,
+                                 ct._as_tiles((64, 64, 64, 512, 8, 2, 1), d)):
+            yield "loss fused backward", launch
+        for launch in cr.capture(ct.triton_forward_loss, x, x, s, g, g, v, True,
+                                 ct._as_tiles((64, 128, 64, 128, 4, 3), d)):
+            yield f"loss forward+finalize {launch[0].__name__}", launch
+        # the CUDA tests' other inputs (fp16, fp32 through tf32; widths not a power of two) at the
+        # pytest phase's tiles
+        os.environ["CTVLP_CLIP_BWD_TILES"] = "64,64,64,512,8,2,1"
+        os.environ.pop("CTVLP_CLIP_PANEL_TILES")
         for dtype in (torch.float16, torch.float32):
             for dd in (40, 300):
                 for name, launch in [*cr.loss_forward_launches(1000, dd, "128,128,64,128,8,3", dtype).items(),
                                      *cr.loss_backward_launches(1000, dd, dtype).items(),
                                      *cr.loss_panel_launches(1000, dd, dtype).items()]:
                     yield f"loss {str(dtype)[6:]} d={dd} {name}", launch
-    finally:
-        os.environ.clear()
-        os.environ.update(env)
 
 
 def tower_launches():

@@ -186,20 +186,23 @@ def smem_cap(r: dict) -> float | None:
     return round(mma_cycles / max(mma_cycles, smem_cycles), 3)
 
 
+_OPTIONS = ("num_warps", "num_stages", "maxnreg")  # launch keywords that are compile options
+
+
 def report(kernel, grid, args, meta, arch: int = 90) -> dict:
     """Compile for sm_<arch>a and read the TTGIR, ptxas's resource line and the SASS main loop."""
     import triton
     import triton.backends.nvidia as nv
     from triton.backends.compiler import GPUTarget
 
-    opts = {k: meta[k] for k in ("num_warps", "num_stages", "maxnreg") if meta.get(k) is not None}
-    kmeta = {k: v for k, v in meta.items() if k not in ("num_warps", "num_stages", "maxnreg")}
+    opts = {k: meta[k] for k in _OPTIONS if meta.get(k) is not None}
+    kmeta = {k: v for k, v in meta.items() if k not in _OPTIONS}
     k = triton.compile(_signature(kernel, args, kmeta), target=GPUTarget("cuda", arch, 128), options=opts)
     loop = _loop_lines(k.asm["ttgir"])
     tma = [m.groups() for ln in loop if "async_tma_copy_global_to_local" in ln
            for m in [re.search(r"-> !ttg\.memdesc<(\d+)x(\d+)x(\w+),", ln)] if m]
     ptx = k.asm["ptx"]
-    out = {"kernel": kernel.__name__, **{n: meta[n] for n in ("BM", "BN", "BK", "num_warps", "num_stages", "maxnreg") if meta.get(n) is not None},
+    out = {"kernel": kernel.__name__, **{n: meta[n] for n in ("BM", "BN", "BK", *_OPTIONS) if meta.get(n) is not None},
            "grid": list(grid), "wgmma": ptx.count("wgmma.mma_async"), "mma_sync": ptx.count("mma.sync"),
            "loop_async_loads": sum("async_copy_global_to_local" in ln for ln in loop), "loop_tma_loads": len(tma),
            "loop_sync_tile_loads": sum(bool(re.search(r"tt\.load .*tensor<\d+x\d+x!tt\.ptr", ln)) for ln in loop),

@@ -292,8 +292,6 @@ def _tower(batch, dtype, device, ceil, compile_too: bool):
     base = {"in": "x".join(map(str, crop)), "width": width, "batch": batch,
             "saved_MB_triton": saved_mb(tri, xs), "saved_MB_torch": saved_mb(ref, xs)}
     train_fl = image_tower_train_flops(SimpleNamespace(stem="k2s2", norm="bn", gn_groups=32, width=width), crop) * batch
-    # name -> (module, the K loop of our convolutions: conv3d.K_LOOP, conv3d.SWAP_NARROW: off,
-    # on, or on with this forward tile in place of SWAP_NARROW_TILES["fwd"])
     # name -> (module, conv options for _variant: K loop, SWAP_NARROW, ACT_L1). The last row (its
     # option changes only the forwards' loads) runs in the inference modes alone, to spare time.
     models = {"cudnn eager": (ref, ("flat", False)), "triton fused": (tri, ("flat", False)),
