@@ -31,6 +31,19 @@ def _flag(p, name, key, **kw):
     p.add_argument(name, dest=key.replace(".", "__"), default=None, **kw)
 
 
+def _keys_epilog(*sections: str) -> str:
+    """The sections' keys with their defaults, read from the schema, so that --help never goes stale."""
+    import dataclasses
+
+    from .config import Config
+    keys = []
+    for section in sections:
+        defaults = getattr(Config(), section)
+        # JSON is YAML, the syntax of an override's value: lists as [a, b], None as null.
+        keys += [f"{section}.{f.name}={json.dumps(getattr(defaults, f.name))}" for f in dataclasses.fields(defaults)]
+    return f"Keys, with their defaults: {', '.join(keys)}. " + EPILOG
+
+
 def _cfg(args):
     over = list(args.overrides or [])
     for k, v in vars(args).items():
@@ -190,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("synth", help="generate the synthetic chest-CT cohort (straight to shards, or raw NIfTI)",
                        description="Deterministic chest-CT phantoms with the 18 CT-RATE findings rendered visibly, "
                                    "anatomy masks and CT-RATE-style reports; ground truth in ground_truth.csv.",
-                       epilog=EPILOG)
+                       epilog=_keys_epilog("synth"))
     _flag(p, "--patients", "synth.patients", type=int, help="number of patients")
     _flag(p, "--out", "synth.out", help="output folder")
     _flag(p, "--seed", "synth.seed", type=int, help="random seed (same seed, same cohort)")
@@ -203,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("shard", help="ingest NIfTI/DICOM CTs + a report CSV into WebDataset shards",
                        description="Reorient to RAS, rescale to HU exactly once, resample, crop/pad, and stream into "
                                    "shards. Bad cases are rejected with a reason in ingest_report.json.",
-                       epilog=EPILOG)
+                       epilog=_keys_epilog("ingest", "shard", "preprocess"))
     _flag(p, "--images", "ingest.images", help="folder of .nii/.nii.gz files and/or DICOM series folders")
     _flag(p, "--reports", "ingest.reports", help="CSV of reports keyed by volume name")
     _flag(p, "--out", "ingest.out", help="output dataset folder")
@@ -229,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "dense vs chunked vs Triton. `ctvlp bench train`: image-tower "
                                    "scans/s, step-time breakdown, peak memory and MFU; GradCache vs plain time per scan. `ctvlp bench conv`: "
                                    "the Triton conv3d vs cuDNN per tower layer (GPU; CPU checks agreement only).",
-                       epilog=EPILOG)
+                       epilog=_keys_epilog("bench"))
     p.add_argument("what", choices=["loader", "label", "loss", "train", "conv"], help="what to benchmark")
     _flag(p, "--data", "bench.data", help="existing dataset (default: a fresh synthetic one)")
     _flag(p, "--patients", "bench.patients", type=int, help="synthetic patients when --data is not given")
@@ -242,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("label", help="silver labels from reports (rules, or vLLM engines under Ray); eval",
                        description="`ctvlp label --reports SRC --out labels.parquet --backend {rules,vllm}` labels every "
                                    "report; `ctvlp label eval --pred P --gold CSV` scores labels against hand labels; "
-                                   "`ctvlp label prepare-model` converts the bundled SmolLM2 for vLLM.", epilog=EPILOG)
+                                   "`ctvlp label prepare-model` converts the bundled SmolLM2 for vLLM.",
+                       epilog=_keys_epilog("label"))
     _flag(p, "--reports", "label.reports", help="shard dataset folder or CSV of reports")
     _flag(p, "--out", "label.out", help="output Parquet file")
     _flag(p, "--backend", "label.backend", choices=["rules", "vllm"], help="labeler")
@@ -273,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "on train.workers Ray Train workers (train.launcher=local: one process here; "
                                    "torchrun/deepspeed: `torchrun -m ctvlp_dist.train.worker --config ...`). Writes "
                                    "checkpoints, metrics.jsonl, summary.json and model.safetensors under train.out; "
-                                   "resumes from the latest checkpoint of train.out by default.", epilog=EPILOG)
+                                   "resumes from the latest checkpoint of train.out by default.",
+                       epilog=_keys_epilog("train", "optim"))
     _flag(p, "--data", "train.data", help="shard dataset folder")
     _flag(p, "--labels", "loader.labels", help="silver labels (Parquet/CSV from `ctvlp label`)")
     _flag(p, "--out", "train.out", help="run folder (checkpoints, metrics, export)")
@@ -288,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="`ctvlp eval --checkpoint RUN_OR_SAFETENSORS --data SHARDS [--labels FILE] [--out DIR]`: "
                                    "zero-shot AUC per finding (bootstrap CI), F1/sensitivity/specificity/precision at the "
                                    "ROC point closest to (0,1), image-image MAP@K, report-image Recall@K; writes "
-                                   "metrics.json, report.md and PNG plots to --out.", epilog=EPILOG)
+                                   "metrics.json, report.md and PNG plots to --out.",
+                       epilog=_keys_epilog("eval"))
     _flag(p, "--checkpoint", "eval.checkpoint", help="model.safetensors from `ctvlp train`, or its run folder")
     _flag(p, "--data", "eval.data", help="shard dataset folder")
     _flag(p, "--labels", "eval.labels", help="reference labels (default: <data>/ground_truth.csv)")
@@ -299,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run the main job on the embedded synthetic default",
                        description="synth -> shards -> verify -> silver labels (rules + vLLM, scored against the truth) -> "
-                                   "supervised -> CLIP (2 Ray Train workers) -> eval; report in demo.out.", epilog=EPILOG)
+                                   "supervised -> CLIP (2 Ray Train workers) -> eval; report in demo.out.",
+                       epilog=_keys_epilog("demo"))
     _flag(p, "--out", "demo.out", help="output folder (default runs/demo)")
     _add_common(p)
     cmds["demo"] = cmd_demo

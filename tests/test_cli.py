@@ -31,6 +31,24 @@ def test_each_command_has_help(cmd):
     assert r.returncode == 0 and "usage: ctvlp " + cmd in r.stdout
 
 
+@pytest.mark.parametrize("cmd,sections", [("synth", ["synth"]), ("shard", ["ingest", "shard", "preprocess"]),
+                                          ("bench", ["bench"]), ("label", ["label"]), ("train", ["train", "optim"]),
+                                          ("eval", ["eval"]), ("demo", ["demo"])])
+def test_help_lists_its_keys_as_valid_overrides(cmd, sections):
+    """Each `section.key=value` a command's help shows, passed back as an override, loads as the default."""
+    import re
+    text = " ".join(run(cmd, "--help").stdout.split())
+    text = text[text.index("Keys, with their defaults: "):]
+    alt = "|".join(sections)
+    listed = re.findall(rf"((?:{alt})\.\w+)=(.+?)(?=, (?:{alt})\.|\. Every command)", text)
+    defaults = load_config(None, [])
+    assert {k for k, _ in listed} == {f"{s}.{f}" for s in sections for f in vars(getattr(defaults, s))}
+    for key, value in listed:
+        section, name = key.split(".")
+        loaded = load_config(None, [f"{key}={value}"])
+        assert getattr(getattr(loaded, section), name) == getattr(getattr(defaults, section), name), key
+
+
 def test_errors_say_what_to_do(tmp_path):
     r = run("synth", "--out", str(tmp_path), "synth.patinets=3")
     assert r.returncode == 2 and "did you mean 'synth.patients'" in r.stderr
