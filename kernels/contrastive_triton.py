@@ -77,7 +77,7 @@ def _col_sums_own_max(S, t_max):
 @triton.jit
 def _fwd_rows(I, T, G_R, G_C, M_R, L_R, POS, CMAX, CSUM, s, B_R, B_C, D, sI, sT, rb, pid, q, cb_lo, cb_hi,
               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, FACTOR: tl.constexpr,
-              SPAN: tl.constexpr, ONE_RB: tl.constexpr, TMA: tl.constexpr, I_CACHE: tl.constexpr):
+              SPAN: tl.constexpr, ONE_RB: tl.constexpr, TMA: tl.constexpr, I_L1: tl.constexpr):
     """Row block rb against column blocks [cb_lo, cb_hi): row partials (max, sum, pos) to slot q,
     each tile's column partials merged into slot pid. ONE_RB (rb == pid, the program's only row
     block): the slot starts empty, so nothing is read back, and the column loop with its K loop
@@ -96,7 +96,7 @@ def _fwd_rows(I, T, G_R, G_C, M_R, L_R, POS, CMAX, CSUM, s, B_R, B_C, D, sI, sT,
             g_c = tl.load(G_C + cols, mask=cmask, other=-2)
         if FACTOR and not ONE_RB:
             p_max, p_sum = _col_partials(CMAX, CSUM, pid, B_C, cols, cmask, rb)
-        S = _s_tile(I, T, rows, cols, rmask, cmask, s, D, sI, sT, BM, BN, BK, PREC, rb * BM, cb * BN, TMA, I_CACHE == ".ca")
+        S = _s_tile(I, T, rows, cols, rmask, cmask, s, D, sI, sT, BM, BN, BK, PREC, rb * BM, cb * BN, TMA, I_L1)
         valid = rmask[:, None] & cmask[None, :]
         S = tl.where(valid, S, -float("inf"))
         # rows: online log-sum-exp
@@ -139,7 +139,7 @@ def _fwd_rows(I, T, G_R, G_C, M_R, L_R, POS, CMAX, CSUM, s, B_R, B_C, D, sI, sT,
 def _fwd(I, T, G_R, G_C, M_R, L_R, POS, CMAX, CSUM, scale_ptr, B_R, B_C, D, sI, sT, CB_PER,
          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, FACTOR: tl.constexpr = False,
          SPAN: tl.constexpr = 50.0, ONE_RB: tl.constexpr = False, TMA: tl.constexpr = False,
-         I_CACHE: tl.constexpr = ""):
+         I_L1: tl.constexpr = False):
     """Program (p, q) owns row blocks p, p + P, ... (only p when ONE_RB) against column blocks
     [q CB_PER, (q+1) CB_PER). Row partials (max, sum, pos) go to slot q of [Q, b_r], column
     partials to slot p of [P, b_c].
@@ -147,7 +147,7 @@ def _fwd(I, T, G_R, G_C, M_R, L_R, POS, CMAX, CSUM, scale_ptr, B_R, B_C, D, sI, 
     exp(m_i - ref) with ref the tile's largest row max, when every column's tile max lies within
     SPAN of ref (so no column sum underflows); else, or without FACTOR, one more exponential per
     element relative to each column's own tile max. The merge takes either reference.
-    TMA: the operands are loaded through tensor descriptors (_s_tile). I_CACHE: _s_tile's."""
+    TMA: the operands are loaded through tensor descriptors (_s_tile). I_L1: _s_tile's."""
     pid = tl.program_id(0)
     q = tl.program_id(1)
     s = tl.load(scale_ptr).to(tl.float32)
@@ -157,11 +157,11 @@ def _fwd(I, T, G_R, G_C, M_R, L_R, POS, CMAX, CSUM, scale_ptr, B_R, B_C, D, sI, 
         I, T = _descriptors(I, T, B_R, B_C, D, sI, sT, BM, BN, BK)
     if ONE_RB:
         _fwd_rows(I, T, G_R, G_C, M_R, L_R, POS, CMAX, CSUM, s, B_R, B_C, D, sI, sT, pid, pid, q, cb_lo, cb_hi,
-                  BM, BN, BK, PREC, FACTOR, SPAN, True, TMA, I_CACHE)
+                  BM, BN, BK, PREC, FACTOR, SPAN, True, TMA, I_L1)
     else:
         for rb in range(pid, tl.cdiv(B_R, BM), tl.num_programs(0)):
             _fwd_rows(I, T, G_R, G_C, M_R, L_R, POS, CMAX, CSUM, s, B_R, B_C, D, sI, sT, rb, pid, q, cb_lo, cb_hi,
-                      BM, BN, BK, PREC, FACTOR, SPAN, False, TMA, I_CACHE)
+                      BM, BN, BK, PREC, FACTOR, SPAN, False, TMA, I_L1)
 
 
 @triton.jit
@@ -598,7 +598,7 @@ def _launch_forward(I, T, s, g_rows, g_cols, tf32, tiles):
     cmax, csum = torch.empty((P, b_c), **f32), torch.empty((P, b_c), **f32)  # the kernel initialises them
     _fwd[(P, Q)](I, T, g_rows, g_cols, m_r, l_r, pos, cmax, csum, s, b_r, b_c, D, I.stride(0), T.stride(0), cb_per,
                  BM=t["BM"], BN=t["BN"], BK=t["BK"], PREC=_prec(I.dtype, tf32), FACTOR=t.get("FACTOR", False), ONE_RB=one_rb,
-                 TMA=tma, I_CACHE=".ca" if l1 else "", num_warps=t["num_warps"], num_stages=t["num_stages"],
+                 TMA=tma, I_L1=l1, num_warps=t["num_warps"], num_stages=t["num_stages"],
                  maxnreg=t.get("maxnreg"))
     return m_r, l_r, pos, cmax, csum
 

@@ -178,7 +178,7 @@ def test_forward_l1_mark(monkeypatch, flag, l1):
     x, g = torch.randn(70, 64), torch.arange(70, dtype=torch.int32)
     (_, _, _, meta), = trace_launches(triton_forward, x, x, torch.tensor([1.0]), g, g, False,
                                       tiles=pick_tiles(64, x.dtype))
-    assert meta["I_CACHE"] == (".ca" if l1 else "") and meta["TMA"] is not l1
+    assert meta["I_L1"] is l1 and meta["TMA"] is not l1
     _check("triton", 70, 64, torch.float32, False, 10.0)
 
 
