@@ -11,7 +11,7 @@ from typing import Callable
 
 import yaml
 
-from .config import ConfigError, config_to_dict, load_config, valid_keys
+from .config import Config, ConfigError, config_to_dict, load_config, valid_keys
 
 OVERRIDE_RE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")
 EPILOG = ("Every command also takes --config FILE.yaml and trailing section.key=value overrides, "
@@ -33,14 +33,9 @@ def _flag(p, name, key, **kw):
 
 def _keys_epilog(*sections: str) -> str:
     """The sections' keys with their defaults, read from the schema, so that --help never goes stale."""
-    import dataclasses
-
-    from .config import Config
-    keys = []
-    for section in sections:
-        defaults = getattr(Config(), section)
-        # JSON is YAML, the syntax of an override's value: lists as [a, b], None as null.
-        keys += [f"{section}.{f.name}={json.dumps(getattr(defaults, f.name))}" for f in dataclasses.fields(defaults)]
+    defaults = config_to_dict(Config())
+    # JSON is YAML, the syntax of an override's value: lists as [a, b], None as null.
+    keys = [f"{s}.{k}={json.dumps(v)}" for s in sections for k, v in defaults[s].items()]
     return f"Keys, with their defaults: {', '.join(keys)}. " + EPILOG
 
 

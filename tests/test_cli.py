@@ -1,6 +1,7 @@
 """The `ctvlp` command line: help for every command, friendly errors, demo and bench run."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,7 +37,6 @@ def test_each_command_has_help(cmd):
                                           ("eval", ["eval"]), ("demo", ["demo"])])
 def test_help_lists_its_keys_as_valid_overrides(cmd, sections):
     """Each `section.key=value` a command's help shows, passed back as an override, loads as the default."""
-    import re
     text = " ".join(run(cmd, "--help").stdout.split())
     text = text[text.index("Keys, with their defaults: "):]
     alt = "|".join(sections)
