@@ -49,6 +49,7 @@ def run_demo(cfg, progress: bool = True) -> int:
     from data_shards.synth.cohort import run_synth
     from data_shards.verify import verify_dataset
 
+    from .bench.record import environment
     from .eval.runner import run_eval
 
     d = cfg.demo
@@ -80,15 +81,17 @@ def run_demo(cfg, progress: bool = True) -> int:
     m = run_eval(ev_cfg, progress=progress)
     zs = m["zero_shot"]
     _step(5, f"evaluation on {m['samples']} held-out scans: zero-shot macro AUC {zs['macro_auc']:.3f}")
+    env = environment()  # the CPU's SIMD decides the trained weights' last bits (benchmarks/README.md)
     m["demo"] = {"seconds": round(time.time() - t0, 1), "label_quality": quality,
-                 "training": {"supervised": sup, "clip": clip}}
+                 "training": {"supervised": sup, "clip": clip}, "environment": env}
     (out / "metrics.json").write_text(json.dumps(m, indent=1))
     report = out / "report.md"
     rows = "\n".join(f"| {k} | {v['reports'] or 'all'} | {v['macro_auc']:.3f} | {v['micro_f1']:.3f} |"
                      for k, v in quality.items())
     report.write_text(report.read_text().replace("## Zero-shot diagnosis", (
         "## Silver labels against the synthetic truth\n\n| backend | reports | macro AUC | micro F1 |\n|---|---|---|---|\n"
-        f"{rows}\n\nTraining used the rules labels. Demo time {m['demo']['seconds']} s.\n\n## Zero-shot diagnosis"), 1))
+        f"{rows}\n\nTraining used the rules labels. Demo time {m['demo']['seconds']} s on {env['device']} "
+        f"with {' '.join(env['cpu_simd']) or 'no listed SIMD'}, torch {env['torch']}.\n\n## Zero-shot diagnosis"), 1))
     _step(6, f"report: {report} (metrics.json and plots beside it)")
     head = {"zero_shot_macro_auc": round(zs["macro_auc"], 4),
             "map_at_50": round(m["retrieval"]["image_image"].get("map_at_50", float("nan")), 4),

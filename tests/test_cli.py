@@ -83,7 +83,10 @@ def test_demo_runs(tmp_path):
     assert m["demo"]["label_quality"]["rules"]["macro_auc"] > 0.8
     assert m["demo"]["training"]["supervised"]["steps"] == 2 and m["demo"]["training"]["clip"]["steps"] == 2
     assert m["samples"] >= 1 and "macro_auc" in m["zero_shot"]
-    assert (tmp_path / "demo" / "report.md").read_text().startswith("# Evaluation")
+    report = (tmp_path / "demo" / "report.md").read_text()
+    assert report.startswith("# Evaluation")
+    env = m["demo"]["environment"]
+    assert f"with {' '.join(env['cpu_simd']) or 'no listed SIMD'}, torch {env['torch']}." in report
     assert "[2/6] verify: " in r.stdout and "report:" in r.stdout
 
 
@@ -200,6 +203,30 @@ def test_records_written_in_one_second_are_all_kept(tmp_path):
 
     paths = [write_result(tmp_path, "loss", {"i": i}, argv=["x"]) for i in range(3)]
     assert len(set(paths)) == 3 and sorted(json.loads(p.read_text())["i"] for p in paths) == [0, 1, 2]
+
+
+def test_records_name_the_cpu_simd_and_isa_caps(tmp_path):
+    """fp32 CPU training is bit-reproducible only on the same vector extensions (the demo's 0.785
+    vs 0.795, benchmarks/README.md), so a record lists the CPU's and any variable that caps them."""
+    from ctvlp_dist.bench.record import _cpu
+
+    x86 = tmp_path / "x86"
+    x86.write_text("processor\t: 0\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16 "
+                   "avx512fx\n\nprocessor\t: 1\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu avx2 amx_tile\n")
+    assert _cpu(x86) == ("AMD EPYC 9R14", ["avx2", "fma", "avx512f", "avx512_bf16"])  # the first block's flags
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nBogoMIPS\t: 2000.00\nFeatures\t: fp asimd sve sve2 bf16\n")
+    assert _cpu(arm)[1] == ["asimd", "sve", "sve2"]
+    assert _cpu(tmp_path / "absent")[1] == []
+
+    code = ("import sys; from ctvlp_dist.bench.record import write_result; "
+            "print(write_result(sys.argv[1], 'loss', {}, argv=['x']))")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(Path(r.stdout.strip()).read_text())
+    assert rec["cpu_capability"] == "DEFAULT"  # ATen's dispatch level, as lowered
+    assert rec["env"]["ATEN_CPU_CAPABILITY"] == "default" and rec["env"]["MKL_ENABLE_INSTRUCTIONS"] == "AVX2"
 
 
 def test_best_tiles_picks_the_fastest_and_its_gain_over_the_default():

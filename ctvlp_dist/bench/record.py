@@ -10,18 +10,37 @@ import sys
 from pathlib import Path
 
 
+# The vector extensions that oneDNN (convolutions), MKL (matmuls) and ATen's own kernels dispatch
+# on, and the variables that lower each library's choice.
+SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni",
+              "amx_tile", "amx_bf16", "asimd", "sve", "sve2")
+ISA_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR")
+
+
+def _cpu(cpuinfo: str | Path = "/proc/cpuinfo") -> tuple[str, list[str]]:
+    """The CPU's model name and which of SIMD_FLAGS it has (x86 "flags", Arm "Features")."""
+    name, flags = platform.processor() or "", set()
+    try:
+        for line in Path(cpuinfo).read_text().splitlines():
+            key, _, val = (part.strip() for part in line.partition(":"))
+            if key == "model name":
+                name = val
+            elif key in ("flags", "Features"):
+                flags = set(val.split())
+                break  # the first processor's block; the others repeat it
+    except OSError:
+        pass
+    return name, [f for f in SIMD_FLAGS if f in flags]
+
+
 def environment() -> dict:
+    """Where a number was taken. fp32 CPU sums round differently at each SIMD level, so a CPU
+    training run is bit-reproducible only on the same vector extensions (`cpu_simd`) under the
+    same ISA variables (`env`); `cpu_capability` is the level ATen's own kernels dispatch to."""
     import numpy
     import torch
 
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu, simd = _cpu()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     try:
         import triton
@@ -30,9 +49,9 @@ def environment() -> dict:
         triton_version = None
     return {"device": gpu or f"CPU: {cpu} ({os.cpu_count()} cores)", "python": platform.python_version(),
             "torch": torch.__version__, "triton": triton_version, "numpy": numpy.__version__,
-            "platform": platform.platform(),
-            # tile and variant overrides change what a kernel benchmark measured
-            "env": {k: v for k, v in os.environ.items() if k.startswith("CTVLP_")}}
+            "platform": platform.platform(), "cpu_simd": simd, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            # tile and variant overrides change what a kernel benchmark measured; ISA caps what a CPU run computed
+            "env": {k: v for k, v in os.environ.items() if k.startswith("CTVLP_") or k in ISA_VARS}}
 
 
 def write_result(results_dir: str | Path, name: str, payload: dict, argv=None) -> Path:
