@@ -3,7 +3,14 @@
 Versions are pinned in requirements/constraints.txt; install with
 ``pip install -c requirements/constraints.txt -e '.[cpu,dev]'`` (``make venv`` does this).
 """
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+# One source for the version: the package's __version__, which `ctvlp --version` prints.
+VERSION = re.search(r'^__version__ = "([^"]+)"', (Path(__file__).parent / "ctvlp_dist/__init__.py").read_text(),
+                    re.M).group(1)
 
 BASE = [
     "torch",
@@ -25,7 +32,7 @@ COMMON_ACCEL = ["triton", "deepspeed", "ray[default,train,data]", "nvidia-dali-c
 
 setup(
     name="ctvlp_dist",
-    version="0.1.0",
+    version=VERSION,
     description="Distributed training of CT vision-language models (CLIP, fVLM, LGDEA, RadCLIP)",
     python_requires=">=3.10",
     packages=find_packages(include=["ctvlp_dist*", "kernels*", "launcher*", "data_shards*"]),

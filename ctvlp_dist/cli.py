@@ -11,6 +11,7 @@ from typing import Callable
 
 import yaml
 
+from . import __version__
 from .config import Config, ConfigError, config_to_dict, load_config, valid_keys
 
 OVERRIDE_RE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")
@@ -192,6 +193,7 @@ def cmd_config(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ctvlp", description="Train CT vision-language models at scale: "
                                  "shards -> loader -> model -> loss -> engine -> metrics.", epilog=EPILOG)
+    ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="<command>")
     cmds: dict[str, Callable] = {}
 

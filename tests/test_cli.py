@@ -26,6 +26,14 @@ def test_top_level_help_lists_commands():
         assert f"\n    {c} " in r.stdout
 
 
+def test_version_is_the_package_version():
+    from ctvlp_dist import __version__
+    from importlib.metadata import version
+    r = run("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"ctvlp {__version__}"
+    assert version("ctvlp_dist") == __version__  # setup.py reads the same string
+
+
 @pytest.mark.parametrize("cmd", COMMANDS)
 def test_each_command_has_help(cmd):
     r = run(cmd, "--help")
