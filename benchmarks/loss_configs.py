@@ -1,6 +1,7 @@
 """The contrastive loss's GPU sweep lists: loss_gpu.py times them, preflight.py compiles them
 for sm_90a beforehand. Forward and backward tiles "BM,BN,BK,BD,warps,stages[,flag[,maxnreg]]";
-panel configurations "G tile;GEMM tile" (kernels/contrastive_panel.py)."""
+panel configurations "G tile;GEMM tile" (kernels/tuning/panel.py). Flag 0 tiles run production's
+loop (kernels/contrastive_triton.py); the others are kernels/tuning/loss_variants.py's options."""
 
 # The 2026-11-22 sweep (results/loss-sweep-gpu-20261122T180000.json) already ranked the plain
 # tiles: only its winners stay, as the same-run baselines (first in each list), beside the

@@ -40,12 +40,31 @@ def _keys_epilog(*sections: str) -> str:
     return f"Keys, with their defaults: {', '.join(keys)}. " + EPILOG
 
 
+# `ctvlp demo` without --config runs this recipe, the one `make demo`, the README and the
+# benchmarks describe.
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
 def _cfg(args):
     over = list(args.overrides or [])
     for k, v in vars(args).items():
         if "__" in k and v is not None:
             over.append(f"{k.replace('__', '.')}={v}")
-    return load_config(args.config, over)
+    path = args.config
+    if path is None and args.command == "demo":
+        if not DEMO_CONFIG.exists():
+            raise FileNotFoundError(f"the demo recipe {DEMO_CONFIG} is missing: run from a checkout of the "
+                                    "repository, or pass --config FILE.yaml")
+        path = DEMO_CONFIG
+    return load_config(path, over)
+
+
+def resolve_config(argv: list[str]) -> Config:
+    """The Config that `ctvlp ARGV...` would run with (its --config, flags and overrides)."""
+    over = [a for a in argv if OVERRIDE_RE.match(a)]
+    args = build_parser().parse_args([a for a in argv if not OVERRIDE_RE.match(a)])
+    args.overrides = over
+    return _cfg(args)
 
 
 def _final_line(summary: dict) -> str:
@@ -72,8 +91,8 @@ def cmd_shard(args) -> int:
             raise ConfigError(f"ctvlp shard needs --{k} (or ingest.{k}=...)")
     s = run_ingest(cfg, progress=not args.quiet)
     print(json.dumps(s))
-    if s["rejected"]:
-        print(f"rejects and reasons: {s['out']}/ingest_report.json")
+    if s["rejected"] or s["patient_id_fallbacks"]:
+        print(f"rejects, patient-id fallbacks and reasons: {s['out']}/ingest_report.json")
     print(_final_line(s))
     return 0
 
@@ -116,9 +135,9 @@ def cmd_bench(args) -> int:
 
 def cmd_label(args) -> int:
     if args.label_cmd == "eval":
-        from .labels.evaluate import run_eval
+        from .labels.evaluate import evaluate_labels
 
-        run_eval(args.pred, args.gold, args.json, args.uncertain, args.label_set)
+        evaluate_labels(args.pred, args.gold, args.json, args.uncertain, args.label_set)
         return 0
     if args.label_cmd == "prepare-model":
         from .labels.model_prep import prepare_model
@@ -128,7 +147,7 @@ def cmd_label(args) -> int:
     from .labels.runner import run_label
 
     s = run_label(_cfg(args), progress=not args.quiet)
-    from .bench.record import markdown_table
+    from .records import markdown_table
 
     keys = ["reports_per_s", "prompt_tokens_per_s", "generated_tokens_per_s", "device_hours_per_50k_reports",
             "cost_usd_per_50k_reports", "worker_restarts"]
@@ -136,11 +155,13 @@ def cmd_label(args) -> int:
     print(json.dumps(s))
     print(f"reports in: {s['reports_in']} = labelled ok: {s['ok']} + failed: {s['failed']} "
           f"+ skipped (already labelled): {s['skipped_already_labelled']}")
+    if s["damaged_label_parts"]:
+        print(f"damaged label parts, their reports labelled again: {', '.join(s['damaged_label_parts'])}")
     return 0
 
 
 def cmd_train(args) -> int:
-    from .bench.record import markdown_table
+    from .records import markdown_table
     from .train.launch import train
 
     cfg = _cfg(args)
@@ -162,10 +183,13 @@ def _fmt(v):
 
 
 def cmd_eval(args) -> int:
-    from .bench.record import markdown_table
-    from .eval.runner import run_eval
+    from .records import markdown_table
+    from .eval.runner import evaluate_model
 
-    m = run_eval(_cfg(args), progress=not args.quiet)
+    if args.deprecated_labels:
+        print("ctvlp eval: --labels is deprecated, use --gold (it names the gold reference labels)", file=sys.stderr)
+        args.eval__gold = args.eval__gold or args.deprecated_labels
+    m = evaluate_model(_cfg(args), progress=not args.quiet)
     zs, rt = m["zero_shot"], m["retrieval"]
     head = {"zero-shot macro AUC": f"{zs['macro_auc']:.3f}", "weighted F1": f"{zs['weighted']['f1']:.3f}",
             "MAP@50 (image-image)": f"{rt['image_image'].get('map_at_50', float('nan')):.3f}",
@@ -238,8 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "AUC on dev reports, per scoring method. `ctvlp bench loss`: contrastive loss time and memory, "
                                    "dense vs chunked vs Triton. `ctvlp bench train`: image-tower "
                                    "scans/s, step-time breakdown, peak memory and MFU; GradCache vs plain time per scan. `ctvlp bench conv`: "
-                                   "the Triton conv3d vs cuDNN per tower layer (GPU; CPU checks agreement only).",
-                       epilog=_keys_epilog("bench"))
+                                   "the Triton conv3d vs cuDNN per tower layer, block and the whole tower (GPU; CPU checks "
+                                   "agreement only). Kernel tuning lives in kernels/tuning/ (benchmarks/README.md).",
+                       epilog=_keys_epilog("bench", "kernels"))
     p.add_argument("what", choices=["loader", "label", "loss", "train", "conv"], help="what to benchmark")
     _flag(p, "--data", "bench.data", help="existing dataset (default: a fresh synthetic one)")
     _flag(p, "--patients", "bench.patients", type=int, help="synthetic patients when --data is not given")
@@ -285,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "torchrun/deepspeed: `torchrun -m ctvlp_dist.train.worker --config ...`). Writes "
                                    "checkpoints, metrics.jsonl, summary.json and model.safetensors under train.out; "
                                    "resumes from the latest checkpoint of train.out by default.",
-                       epilog=_keys_epilog("train", "optim"))
+                       epilog=_keys_epilog("train", "optim", "kernels"))
     _flag(p, "--data", "train.data", help="shard dataset folder")
     _flag(p, "--labels", "loader.labels", help="silver labels (Parquet/CSV from `ctvlp label`)")
     _flag(p, "--out", "train.out", help="run folder (checkpoints, metrics, export)")
@@ -297,14 +322,16 @@ def build_parser() -> argparse.ArgumentParser:
     cmds["train"] = cmd_train
 
     p = sub.add_parser("eval", help="evaluate an exported model: zero-shot diagnosis, retrieval, linear probe",
-                       description="`ctvlp eval --checkpoint RUN_OR_SAFETENSORS --data SHARDS [--labels FILE] [--out DIR]`: "
+                       description="`ctvlp eval --checkpoint RUN_OR_SAFETENSORS --data SHARDS [--gold FILE] [--out DIR]`: "
                                    "zero-shot AUC per finding (bootstrap CI), F1/sensitivity/specificity/precision at the "
                                    "ROC point closest to (0,1), image-image MAP@K, report-image Recall@K; writes "
                                    "metrics.json, report.md and PNG plots to --out.",
                        epilog=_keys_epilog("eval"))
     _flag(p, "--checkpoint", "eval.checkpoint", help="model.safetensors from `ctvlp train`, or its run folder")
     _flag(p, "--data", "eval.data", help="shard dataset folder")
-    _flag(p, "--labels", "eval.labels", help="reference labels (default: <data>/ground_truth.csv)")
+    _flag(p, "--gold", "eval.gold", help="gold reference labels (default: <data>/ground_truth.csv; else the "
+                                          "training labels, flagged as silver in the report)")
+    p.add_argument("--labels", dest="deprecated_labels", default=None, help=argparse.SUPPRESS)
     _flag(p, "--out", "eval.out", help="output folder")
     _flag(p, "--split", "eval.split", help="split to evaluate (default test)")
     _add_common(p)

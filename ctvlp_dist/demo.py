@@ -23,13 +23,13 @@ def _step(i: int, text: str) -> None:
 
 
 def _labels(cfg, data: Path, out: Path, backend: str, limit: int, progress: bool) -> dict:
-    from .labels.evaluate import run_eval
+    from .labels.evaluate import evaluate_labels
     from .labels.runner import run_label
 
     path = out / f"labels_{backend}.parquet"
     lc = dataclasses.replace(cfg.label, reports=str(data), out=str(path), backend=backend, metrics_port=-1, limit=limit)
     run_label(dataclasses.replace(cfg, label=lc), progress=progress)
-    ev = run_eval(str(path), str(data / "ground_truth.csv"), json_out=str(out / f"labels_{backend}_eval.json"))
+    ev = evaluate_labels(str(path), str(data / "ground_truth.csv"), json_out=str(out / f"labels_{backend}_eval.json"))
     return {"path": str(path), "reports": limit or ev.get("n", None), "macro_auc": ev["macro_auc"],
             "micro_f1": ev["micro_f1"], "macro_f1": ev.get("macro_f1")}
 
@@ -49,8 +49,8 @@ def run_demo(cfg, progress: bool = True) -> int:
     from data_shards.synth.cohort import run_synth
     from data_shards.verify import verify_dataset
 
-    from .bench.record import environment
-    from .eval.runner import run_eval
+    from .records import environment
+    from .eval.runner import evaluate_model
 
     d = cfg.demo
     out = Path(d.out)
@@ -78,7 +78,7 @@ def run_demo(cfg, progress: bool = True) -> int:
     ev_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, checkpoint=clip["export"], data=str(data),
                                                                out=str(out), split="test",
                                                                runs=(str(out / "supervised"), str(out / "clip"))))
-    m = run_eval(ev_cfg, progress=progress)
+    m = evaluate_model(ev_cfg, progress=progress)
     zs = m["zero_shot"]
     _step(5, f"evaluation on {m['samples']} held-out scans: zero-shot macro AUC {zs['macro_auc']:.3f}")
     env = environment()  # the CPU's SIMD decides the trained weights' last bits (benchmarks/README.md)

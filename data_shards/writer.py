@@ -29,7 +29,8 @@ class DatasetWriter:
     """Usage: `with DatasetWriter(out, cfg.shard, preprocess=...) as w: w.write(sample)`."""
 
     def __init__(self, out: str | Path, shard_cfg, *, preprocess: dict, patient_splits: dict[str, str],
-                 source: Optional[dict] = None, cases_total: Optional[int] = None):
+                 source: Optional[dict] = None, cases_total: Optional[int] = None,
+                 patient_id_fallbacks: Optional[list[dict]] = None):
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         if (self.out / MANIFEST).exists():
@@ -44,6 +45,9 @@ class DatasetWriter:
         self.rejected: list[dict] = []
         self.written = 0
         self.cases_total = cases_total
+        # cases whose patient id came from the file name because the scan's own could not be read:
+        # listed in ingest_report.json, since a wrong id can put one patient in two splits
+        self.patient_id_fallbacks = list(patient_id_fallbacks or [])
 
     def __enter__(self):
         return self
@@ -105,7 +109,8 @@ class DatasetWriter:
         cases = self.written + len(self.rejected)
         write_json_atomic(self.out / "ingest_report.json", {
             "cases_in": self.cases_total if self.cases_total is not None else cases,
-            "samples_written": self.written, "rejected": len(self.rejected), "rejects": self.rejected})
+            "samples_written": self.written, "rejected": len(self.rejected), "rejects": self.rejected,
+            "patient_id_fallbacks": self.patient_id_fallbacks})
         write_json_atomic(self.out / MANIFEST, manifest)
         return manifest
 

@@ -3,16 +3,16 @@ tile, memory O(b * d): never a b x b matrix. The public API of the kernel.
 
     blockwise_clip_loss(image_features, text_features, logit_scale, *, group_ids=None,
                         reduction="mean", impl="auto", process_group=None, grad_average=True,
-                        backward=None)
+                        fwd_tiles=None, bwd_tiles=None)
 
 Logits are logit_scale * I T^T on the features as given. With `group_ids`, pairs with equal
 ids are positives with uniform target mass (fVLM false-negative calibration); without, the
 diagonal. Dispatch: CUDA tensors -> Triton; CPU tensors -> the chunked torch path of the same
 online algorithm; impl="triton" on CPU runs the Triton kernels in the interpreter
-(TRITON_INTERPRET=1). CTVLP_CLIP_BACKWARD selects the Triton backward: two_pass (default: S
-recomputed once per direction, no atomics, deterministic), fused (each S tile once, dI and dT by
-atomics) or panel (each S tile once, G through bounded row panels, dI and dT by large-tile
-GEMMs, deterministic); which is faster is for the GPU benchmark to say.
+(TRITON_INTERPRET=1). The Triton backward recomputes S once per direction (no atomics,
+deterministic). Tiles default to contrastive_triton.clip_tiles, the measured rule; `fwd_tiles`
+and `bwd_tiles` (ClipTiles or tuples in its order) override it, as the config's `kernels:`
+section does.
 
 Distributed (`process_group` given, each rank passes its own b/n rows): T and the group ids
 are all-gathered (O(b d)), each rank computes its rows against all columns, column
@@ -45,30 +45,28 @@ def _use_triton(x: torch.Tensor, impl: str) -> bool:
     return x.is_cuda
 
 
-def _fwd(I, T, s, g_rows, g_cols, triton_path: bool, tf32: bool):
+def _fwd(I, T, s, g_rows, g_cols, triton_path: bool, tf32: bool, tiles):
     if triton_path:
         from .contrastive_triton import triton_forward
 
-        lse_r, cmax, csum, pos = triton_forward(I, T, s, g_rows, g_cols, tf32)
-        return lse_r, cmax, csum, pos
+        return triton_forward(I, T, s, g_rows, g_cols, tf32, tiles=tiles)
     lse_r, cmax, csum, pos = chunked_forward(I, T, s, g_rows, g_cols)
     return lse_r, cmax[None], csum[None], pos
 
 
 def _bwd(I, T, s, g_rows, g_cols, lse_r, lse_c, n_rows, coef, triton_path: bool, tf32: bool, reduce_dT: bool,
-         variant: str | None):
+         tiles):
     if triton_path:
         from .contrastive_triton import triton_backward
 
         return triton_backward(I, T, s, g_rows, g_cols, lse_r, lse_c, n_rows, coef, tf32,
-                               grad_dtype=torch.float32 if reduce_dT else None,
-                               variant=variant or os.environ.get("CTVLP_CLIP_BACKWARD", "two_pass"))
+                               grad_dtype=torch.float32 if reduce_dT else None, tiles=tiles)
     return chunked_backward(I, T, s, g_rows, g_cols, lse_r, lse_c, n_rows, coef)
 
 
 class _BlockwiseClipLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, I, T, scale, groups, reduction, triton_path, tf32, group, grad_average, diagonal, backward):
+    def forward(ctx, I, T, scale, groups, reduction, triton_path, tf32, group, grad_average, diagonal, tiles):
         I, T = I.contiguous(), T.contiguous()
         s = scale.detach().reshape(1).to(torch.float64 if I.dtype == torch.float64 else torch.float32).contiguous()
         world = dist.get_world_size(group) if group is not None else 1
@@ -88,9 +86,9 @@ class _BlockwiseClipLoss(torch.autograd.Function):
         if triton_path and group is None:  # forward kernel + one finalize launch
             from .contrastive_triton import triton_forward_loss
 
-            lse_r, lse_c, loss = triton_forward_loss(I, T_all, s, groups, g_all, n_rows, tf32)
+            lse_r, lse_c, loss = triton_forward_loss(I, T_all, s, groups, g_all, n_rows, tf32, tiles=tiles[0])
         else:
-            lse_r, cmax, csum, pos = _fwd(I, T_all, s, groups, g_all, triton_path, tf32)
+            lse_r, cmax, csum, pos = _fwd(I, T_all, s, groups, g_all, triton_path, tf32, tiles[0])
             if group is not None:  # merge this rank's column stats with the others' (O(b) traffic)
                 m_loc = cmax.max(0).values
                 m_glob = m_loc.clone()
@@ -110,18 +108,18 @@ class _BlockwiseClipLoss(torch.autograd.Function):
             raise ValueError(f"reduction must be mean or sum, got {reduction!r}")
         ctx.save_for_backward(I, T_all, s, groups, g_all, lse_r, lse_c, n_rows)
         ctx.cfg = (reduction, b, triton_path, tf32, group, grad_average, world, rank, b_loc, scale.dtype, scale.shape,
-                   backward)
+                   tiles[1])
         return loss.to(I.dtype if I.dtype == torch.float64 else torch.float32)
 
     @staticmethod
     def backward(ctx, grad_out):
         I, T_all, s, g_rows, g_all, lse_r, lse_c, n_rows = ctx.saved_tensors
-        reduction, b, triton_path, tf32, group, grad_average, world, rank, b_loc, s_dtype, s_shape, variant = ctx.cfg
+        reduction, b, triton_path, tf32, group, grad_average, world, rank, b_loc, s_dtype, s_shape, bwd_tiles = ctx.cfg
         coef = grad_out.to(s.dtype) / (b if reduction == "mean" else 1)
         if not triton_path:
             coef = coef.item()
         dI, dT_all, gs = _bwd(I, T_all, s, g_rows, g_all, lse_r, lse_c, n_rows, coef, triton_path, tf32,
-                              reduce_dT=group is not None, variant=variant)
+                              reduce_dT=group is not None, tiles=bwd_tiles)
         if group is not None:
             dT = torch.empty((b_loc, dT_all.shape[1]), dtype=dT_all.dtype, device=dT_all.device)
             dist.reduce_scatter_tensor(dT, dT_all.contiguous(), group=group)
@@ -140,9 +138,8 @@ def _all_gather(x: torch.Tensor, group) -> torch.Tensor:
 
 def blockwise_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, *, group_ids=None,
                         reduction: str = "mean", impl: str = "auto", tf32: bool = True, process_group=None,
-                        grad_average: bool = True, backward: str | None = None) -> torch.Tensor:
-    """(CE(image->text) + CE(text->image)) / 2 over the (global) batch; see the module doc.
-    `backward` picks the Triton backward variant (default: CTVLP_CLIP_BACKWARD, else two_pass)."""
+                        grad_average: bool = True, fwd_tiles=None, bwd_tiles=None) -> torch.Tensor:
+    """(CE(image->text) + CE(text->image)) / 2 over the (global) batch; see the module doc."""
     if image_features.shape != text_features.shape or image_features.dim() != 2:
         raise ValueError(f"features must both be [b, d], got {tuple(image_features.shape)} and {tuple(text_features.shape)}")
     if not torch.is_tensor(logit_scale):
@@ -160,4 +157,4 @@ def blockwise_clip_loss(image_features: torch.Tensor, text_features: torch.Tenso
     if groups.shape != (b_loc,):
         raise ValueError(f"group_ids must have shape [{b_loc}], got {tuple(groups.shape)}")
     return _BlockwiseClipLoss.apply(image_features, text_features, logit_scale, groups, reduction, tri, tf32,
-                                    process_group, grad_average, diagonal, backward)
+                                    process_group, grad_average, diagonal, (fwd_tiles, bwd_tiles))

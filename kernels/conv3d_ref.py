@@ -1,8 +1,7 @@
 """Plain torch references for the fused 3D convolution kernels (the ground truth in tests).
 
 The training block's fused pieces, in the order they run:
-  y = conv(act_in(x), W) + b        act_in = ReLU(x * scale + shift) or identity; padding is
-                                    applied after it (zeros), as in conv(relu(bn(x)))
+  y = conv(x, W) + b
   moments = (mean_m y, var_m y)     per output channel (biased var), the next BatchNorm's batch
                                     statistics
   out = ReLU(y + residual)          each part optional
@@ -17,11 +16,9 @@ import torch
 import torch.nn.functional as F
 
 
-def reference_conv3d(x, weight, bias=None, stride=1, padding=0, *, residual=None, relu=False,
-                     in_scale=None, in_shift=None):
-    """conv3d(act_in(x)) + bias (+ residual) (ReLU), computed in the inputs' dtype."""
-    if in_scale is not None:
-        x = torch.relu(x * in_scale.view(1, -1, 1, 1, 1) + in_shift.view(1, -1, 1, 1, 1))
+def reference_conv3d(x, weight, bias=None, stride=1, padding=0, *, residual=None, relu=False):
+    """conv3d(x) + bias (+ residual) (ReLU), computed in the inputs' dtype, and the batch moments
+    of conv3d(x) + bias."""
     y = F.conv3d(x, weight, bias, stride, padding)
     moments = torch.stack([y.mean(dim=(0, 2, 3, 4)), y.var(dim=(0, 2, 3, 4), unbiased=False)])
     if residual is not None:

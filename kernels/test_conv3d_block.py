@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import conv3d_block
 from kernels.conv3d_block import BNState, bn_backward_coefs, fused_basic_block, fused_conv_bn_relu
 
 CUDA = torch.cuda.is_available()
@@ -28,7 +27,7 @@ def _bns(module):
     return [m for m in module.modules() if isinstance(m, torch.nn.BatchNorm3d)]
 
 
-def _pair(make, dtype):
+def randomised_pair(make, dtype):
     """The torch module in fp64 (the reference) and a copy in `dtype`, BN affine parameters and
     running statistics randomised so that no term is trivially zero or one.
 
@@ -50,7 +49,7 @@ def _pair(make, dtype):
     return ref, dut.to(dtype)
 
 
-def _compare(ref, dut, run_ref, run_dut, x, dtype, grad=True):
+def compare_to_torch(ref, dut, run_ref, run_dut, x, dtype, grad=True):
     xr = x.detach().double().requires_grad_(grad)
     xd = x.detach().to(dtype).contiguous(memory_format=torch.channels_last_3d).requires_grad_(grad)
     yr, yd = run_ref(xr), run_dut(xd)
@@ -71,7 +70,7 @@ def _compare(ref, dut, run_ref, run_dut, x, dtype, grad=True):
             assert torch.equal(bd, br), name
 
 
-def _block(cin, cout, stride):
+def make_block(cin, cout, stride):
     from ctvlp_dist.models.resnet3d import BasicBlock3d
 
     return lambda: BasicBlock3d(cin, cout, stride, "bn", 1, "torch")
@@ -82,52 +81,44 @@ def _block(cin, cout, stride):
 BLOCKS = [(6, 6, 1, (5, 6, 7)), (5, 7, 2, (7, 6, 5)), (3, 5, 1, (4, 5, 3))]
 
 
-# where the BatchNorm maps are applied: by elementwise passes (the default) or in the GEMMs' loads
-PROLOGUES = ["pass", "kernel"]
-
-
 @pytest.mark.parametrize("case", BLOCKS, ids=lambda c: f"c{c[0]}-{c[1]}s{c[2]}")
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("prologues", PROLOGUES)
-def test_training_block_matches_torch(case, dtype, prologues, monkeypatch):
-    monkeypatch.setattr(conv3d_block, "PROLOGUES", prologues)
+def test_training_block_matches_torch(case, dtype):
     cin, cout, s, sp = case
-    ref, dut = _pair(_block(cin, cout, s), dtype)
+    ref, dut = randomised_pair(make_block(cin, cout, s), dtype)
     x = torch.randn(2, cin, *sp, device=DEV, dtype=torch.float64)
-    _compare(ref, dut, ref, lambda t: fused_basic_block(dut, t), x, dtype)
+    compare_to_torch(ref, dut, ref, lambda t: fused_basic_block(dut, t), x, dtype)
 
 
 def test_eval_mode_block_with_grad_uses_running_stats():
     """Eval-mode BN under autograd (a frozen-statistics fine-tune): normalised by the running
     statistics, which stay put; the backward has no batch-statistics terms."""
-    ref, dut = _pair(_block(5, 7, 2), torch.float32)
+    ref, dut = randomised_pair(make_block(5, 7, 2), torch.float32)
     ref.eval(), dut.eval()
     x = torch.randn(2, 5, 6, 5, 7, device=DEV, dtype=torch.float64)
-    _compare(ref, dut, ref, lambda t: fused_basic_block(dut, t), x, torch.float32)
+    compare_to_torch(ref, dut, ref, lambda t: fused_basic_block(dut, t), x, torch.float32)
 
 
 @pytest.mark.parametrize("case", BLOCKS[:2], ids=lambda c: f"c{c[0]}-{c[1]}s{c[2]}")
 def test_inference_block_folds_bn(case):
     cin, cout, s, sp = case
-    ref, dut = _pair(_block(cin, cout, s), torch.float32)
+    ref, dut = randomised_pair(make_block(cin, cout, s), torch.float32)
     ref.eval(), dut.eval()
     x = torch.randn(2, cin, *sp, device=DEV, dtype=torch.float64)
     with torch.no_grad():
-        _compare(ref, dut, ref, lambda t: fused_basic_block(dut, t), x, torch.float32, grad=False)
+        compare_to_torch(ref, dut, ref, lambda t: fused_basic_block(dut, t), x, torch.float32, grad=False)
 
 
 # (kernel, stride, padding): the standard 7^3 stem and the lite k4s4 stem
 @pytest.mark.parametrize("stem", [(7, 2, 3), (4, 4, 0)], ids=["k7s2p3", "k4s4"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("prologues", PROLOGUES)
-def test_stem_conv_bn_relu_matches_torch(stem, dtype, prologues, monkeypatch):
-    monkeypatch.setattr(conv3d_block, "PROLOGUES", prologues)
+def test_stem_conv_bn_relu_matches_torch(stem, dtype):
     k, s, p = stem
     make = lambda: torch.nn.Sequential(torch.nn.Conv3d(1, 6, k, s, p, bias=False), torch.nn.BatchNorm3d(6),  # noqa: E731
                                        torch.nn.ReLU())
-    ref, dut = _pair(make, dtype)
+    ref, dut = randomised_pair(make, dtype)
     x = torch.randn(2, 1, 8, 9, 7, device=DEV, dtype=torch.float64)
-    _compare(ref, dut, ref, lambda t: fused_conv_bn_relu(dut[0], dut[1], t), x, dtype)
+    compare_to_torch(ref, dut, ref, lambda t: fused_conv_bn_relu(dut[0], dut[1], t), x, dtype)
 
 
 @pytest.mark.parametrize("batch_stats", [True, False])
@@ -157,7 +148,7 @@ def test_bn_backward_coefficients_against_autograd(batch_stats):
 
 
 def test_training_bn_needs_more_than_one_value():
-    ref, dut = _pair(_block(4, 4, 1), torch.float32)
+    ref, dut = randomised_pair(make_block(4, 4, 1), torch.float32)
     x = torch.randn(1, 4, 1, 1, 1, device=DEV).contiguous(memory_format=torch.channels_last_3d)
     with pytest.raises(ValueError, match="more than 1 value"):
         fused_basic_block(dut, x)
@@ -207,40 +198,3 @@ def test_short_training_loss_curves_agree_with_batchnorm():
             assert _err(b, a) < 1e-5, (name, _err(b, a))  # measured: <= 7e-7
         else:
             assert torch.equal(a, b), name
-
-
-@pytest.mark.parametrize("case", [(16, 16, 1, (4, 5, 3)), (16, 32, 2, (5, 4, 6))], ids=["c16-16s1", "c16-32s2"])
-@pytest.mark.parametrize("prologues", PROLOGUES)
-def test_training_block_with_tap_k_loop(case, prologues, monkeypatch):
-    """conv3d.K_LOOP = "tap" in the fused block: forward, dgrad and wgrad take their tap forms
-    (16-wide K and N tiles, channels a multiple of 16), with every fused prologue and epilogue of
-    both modes (the wgrad's BN backward and BN-ReLU prologue in "kernel"), strided dgrad parity
-    classes included; fp32 against fp64."""
-    from kernels import conv3d
-
-    monkeypatch.setattr(conv3d_block, "PROLOGUES", prologues)
-    monkeypatch.setattr(conv3d, "K_LOOP", "tap")
-    cin, cout, s, sp = case
-    ref, dut = _pair(_block(cin, cout, s), torch.float32)
-    x = torch.randn(2, cin, *sp, device=DEV, dtype=torch.float64)
-    with conv3d.tile_override((32, 16, 16, 4, 1)):
-        _compare(ref, dut, ref, lambda t: fused_basic_block(dut, t), x, torch.float32)
-
-
-@pytest.mark.parametrize("case", [(16, 16, 1, (4, 5, 3)), (16, 32, 2, (5, 4, 6))], ids=["c16-16s1", "c16-32s2"])
-@pytest.mark.parametrize("prologues,k_loop", [(PROLOGUES[0], "flat"), (PROLOGUES[1], "tap")])
-def test_training_block_with_swapped_tiles(case, prologues, k_loop, monkeypatch):
-    """Swapped forward and dgrad tiles (output channels on the MMA's M side) in the fused block,
-    with every fused prologue and epilogue of both modes: the forward's statistics (and BN-ReLU
-    prologue), the dgrad's BN backward on dY, residual and ReLU/BN reductions, strided parity
-    classes; each K loop under one of the two modes; fp32 against fp64."""
-    from kernels import conv3d
-
-    monkeypatch.setattr(conv3d_block, "PROLOGUES", prologues)
-    monkeypatch.setattr(conv3d, "K_LOOP", k_loop)
-    cin, cout, s, sp = case
-    ref, dut = _pair(_block(cin, cout, s), torch.float32)
-    x = torch.randn(2, cin, *sp, device=DEV, dtype=torch.float64)
-    with conv3d.tile_override((32, 16, 16, 4, 1)), conv3d.tile_override((32, 16, 16, 4, 1, "swap"), "fwd", "dgrad"):
-        assert all(conv3d._tiles(kind, 64, 16, 64).get("SWAP") for kind in ("fwd", "dgrad"))
-        _compare(ref, dut, ref, lambda t: fused_basic_block(dut, t), x, torch.float32)

@@ -52,7 +52,7 @@ def test_example_ct_native_spacing_is_lossless(shared_data, tmp_path):
     shutil.copy(shared_data / "example_ct.nii.gz", tmp_path / "img" / "train_7_a_1.nii.gz")
     s, out = _ingest(tmp_path, tmp_path / "img", _reports(tmp_path / "r.csv", ["train_7_a_1.nii.gz"]),
                      spacing=(3.0, 3.0, 3.0), stored_shape=(120, 104, 124))
-    assert s == {"cases_in": 1, "samples_written": 1, "rejected": 0, "out": str(out)}
+    assert s == {"cases_in": 1, "samples_written": 1, "rejected": 0, "out": str(out), "patient_id_fallbacks": 0}
     vol, meta = _load_all(out)["train_7_a_1"]
     assert meta["orientation"] == "RAS" and meta["axes"] == ["S", "A", "R"]
     assert meta["spacing"] == [3.0, 3.0, 3.0] and np.allclose(meta["source_spacing"], zooms[::-1])
@@ -147,6 +147,31 @@ def test_dicom_series_ingest(tmp_path):
         expect = (base.astype(np.int32) + 10 * k - 1024)[::-1, ::-1]
         assert np.array_equal(vol[k], expect.astype(np.int16)), k
     assert vol.min() == base.min() - 1024
+
+
+def test_unreadable_dicom_patient_id_is_listed_not_silent(tmp_path, caplog):
+    """A DICOM series whose PatientID cannot be read (here: its first file's header is damaged)
+    keeps the id from its file name, and says so: in ingest_report.json with the reason and the
+    id it fell back to, in the summary's count and in the log. A wrong id can put one patient in
+    two splits, so this must never pass in silence."""
+    import logging
+
+    _dicom_series(tmp_path / "img" / "ct_series_1", n=4)
+    first = sorted((tmp_path / "img" / "ct_series_1").iterdir())[0]
+    first.write_bytes(b"not a DICOM header" * 8)  # a damaged first file: the peek cannot read it
+    _dicom_series(tmp_path / "img" / "ct_series_2", n=4)
+    rep = tmp_path / "r.csv"
+    _reports(rep, ["ct_series_1", "ct_series_2"])
+    cfg = make_cfg(ingest=dict(images=str(tmp_path / "img"), reports=str(rep), out=str(tmp_path / "out"), workers=1),
+                   preprocess=dict(spacing=(5.0, 2.0, 2.0), stored_shape=(4, 32, 32)))
+    with caplog.at_level(logging.WARNING, logger="data_shards.ingest.pipeline"):
+        s = run_ingest(cfg, progress=False)
+    report = json.loads((tmp_path / "out" / "ingest_report.json").read_text())
+    (note,) = report["patient_id_fallbacks"]
+    assert note["case"] == "ct_series_1" and note["fell_back_to"] == "ct_series_1"
+    assert note["reason"].startswith("PatientID unreadable (")
+    assert s["patient_id_fallbacks"] == 1
+    assert any("ct_series_1" in r.getMessage() and "file name" in r.getMessage() for r in caplog.records)
 
 
 def test_bad_cases_are_counted_rejects(shared_data, tmp_path):

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from ctvlp_dist.label_sets import load_label_set
+from data_shards.label_sets import load_label_set
 from ctvlp_dist.labels.rules import RulesLabeler
 
 CT = RulesLabeler(load_label_set("ctrate18"))
@@ -69,12 +69,12 @@ def test_dev_reports_meet_the_bars(shared_data, tmp_path):
 
 def test_synthetic_reports_are_labelled_well(cohort_npy, tmp_path):
     """Our synthetic reports read like CT-RATE's: the dev-tuned rules should read them too."""
-    from ctvlp_dist.labels.evaluate import run_eval
+    from ctvlp_dist.labels.evaluate import evaluate_labels
     from ctvlp_dist.labels.runner import run_label
 
     from .conftest import make_cfg
 
     out = tmp_path / "s.parquet"
     run_label(make_cfg(label=dict(reports=str(cohort_npy), out=str(out), metrics_port=-1)), progress=False)
-    m = run_eval(str(out), str(cohort_npy / "ground_truth.csv"))
+    m = evaluate_labels(str(out), str(cohort_npy / "ground_truth.csv"))
     assert m["micro_f1"] > 0.9

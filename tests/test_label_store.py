@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from ctvlp_dist.label_sets import load_label_set
+from data_shards.label_sets import load_label_set
 from ctvlp_dist.labels.prompt import json_schema, settings_hash, yesno_messages
 from ctvlp_dist.labels.runner import run_label
 from ctvlp_dist.labels.scoring import ParseError, json_probabilities, yesno_probability
@@ -86,6 +86,25 @@ def test_crash_leaves_parts_that_the_next_run_reuses(tmp_path):
     s = _run(src, out)
     assert s["skipped_already_labelled"] == 1 and s["ok"] == 1
     assert not (tmp_path / "o.parquet.parts").exists() and not list(tmp_path.glob("*.partial"))
+
+
+def test_damaged_label_part_is_logged_counted_and_relabelled(tmp_path, caplog):
+    """A part damaged by a crash is not trusted: its reports are labelled again, and the run says
+    which file it was, in the log and in its summary, rather than skipping it in silence."""
+    import logging
+
+    out = tmp_path / "o.parquet"
+    parts = tmp_path / "o.parquet.parts"
+    parts.mkdir()
+    bad = parts / "part-000000.parquet"
+    bad.write_bytes(b"PAR1 truncated by a crash")
+    src = _csv(tmp_path / "r.csv", [("k1", "Pleural effusion."), ("k2", "Emphysema.")])
+    with caplog.at_level(logging.WARNING, logger="ctvlp_dist.labels.store"):
+        s = _run(src, out)
+    assert s["damaged_label_parts"] == [str(bad)]
+    assert s["ok"] == 2 and s["skipped_already_labelled"] == 0
+    assert [r.getMessage() for r in caplog.records if str(bad) in r.getMessage()], caplog.records
+    assert [r["key"] for r in read_labels(out)[0]] == ["k1", "k2"]
 
 
 def test_changed_settings_relabel(tmp_path):

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from ctvlp_dist.label_sets import load_label_set
+from data_shards.label_sets import load_label_set
 from data_shards.format import ANATOMY_LABELS
 from data_shards.synth.cohort import ScanJob, patient_labels, render_scan
 

@@ -120,13 +120,13 @@ def test_supervised_stage_keeps_unused_parameters_out_of_the_optimizer():
     from types import SimpleNamespace
 
     from ctvlp_dist.models import CTCLIP, TextEncoder
-    from ctvlp_dist.train.loop import _freeze_unused
+    from ctvlp_dist.train.loop import freeze_unused
 
     cfg = ModelConfig(stem="k4s4", norm="gn", gn_groups=8, latent_dim=16)
     m = CTCLIP(cfg, text_encoder=TextEncoder(max_length=16))
-    _freeze_unused(m, SimpleNamespace(stage="supervised", text_bce=True, lock_image=False))
+    freeze_unused(m, SimpleNamespace(stage="supervised", text_bce=True, lock_image=False))
     assert all(p.requires_grad for p in m.parameters())  # the text tower is trained by text_bce
-    _freeze_unused(m, SimpleNamespace(stage="supervised", text_bce=False, lock_image=True))  # clip-only option
+    freeze_unused(m, SimpleNamespace(stage="supervised", text_bce=False, lock_image=True))  # clip-only option
     frozen = {n.split(".")[0] for n, p in m.named_parameters() if not p.requires_grad}
     assert frozen == {"text", "text_proj", "logit_scale"}
     assert all(p.requires_grad for p in [*m.image.parameters(), *m.image_proj.parameters(), *m.classifier.parameters()])
@@ -138,14 +138,14 @@ def test_locked_image_tower_keeps_weights_and_statistics():
 
     from ctvlp_dist.config import OptimConfig
     from ctvlp_dist.models import CTCLIP, TextEncoder
-    from ctvlp_dist.train.loop import _freeze_unused, _set_bn_mode
+    from ctvlp_dist.train.loop import freeze_unused, set_bn_mode
     from ctvlp_dist.train.objectives import clip_objective
     from ctvlp_dist.train.optim import build_optimizer
 
     torch.manual_seed(0)
     m = CTCLIP(ModelConfig(stem="k4s4", norm="bn", width=8, latent_dim=16), text_encoder=TextEncoder(max_length=16))
-    _freeze_unused(m, SimpleNamespace(stage="clip", text_bce=False, lock_image=True))
-    _set_bn_mode(m, "train", lock_image=True)
+    freeze_unused(m, SimpleNamespace(stage="clip", text_bce=False, lock_image=True))
+    set_bn_mode(m, "train", lock_image=True)
     assert not m.image.training and m.image_proj.training and m.text.training
     before = {k: v.clone() for k, v in m.state_dict().items()}
     opt, _ = build_optimizer(m, OptimConfig(lr=1e-2), 1)

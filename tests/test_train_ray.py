@@ -25,8 +25,8 @@ def test_ray_zero2_kill_and_exact_resume(train_cohort, tmp_path):
               "train.aux_weight=0.5", "train.zero_stage=2", "train.workers=2", "--quiet"]
     a, b = tmp_path / "a", tmp_path / "b"
     run_ctvlp("train", "--config", CONFIG, f"train.out={a}", *common)
-    p = run_ctvlp("train", "--config", CONFIG, f"train.out={b}", "train.fail_at_step=4", "train.max_failures=1",
-                  *common)
+    p = run_ctvlp("train", "--config", CONFIG, f"train.out={b}", "train.max_failures=1", *common,
+                  env={"CTVLP_TEST_FAIL_AT_STEP": "4"})
     ref = {r["step"]: r for r in _rows(a)}
     assert sorted(ref) == [1, 2, 3, 4]
     got = _rows(b)

@@ -13,7 +13,7 @@ import dataclasses
 import tempfile
 from pathlib import Path
 
-from .record import markdown_table, write_result
+from ..records import markdown_table, write_result
 
 DEV_REPORTS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ctrate_reports_dev.csv"
 
@@ -46,7 +46,7 @@ def dummy_model_folder(name: str, out: Path) -> Path:
 
 
 def run(cfg, progress: bool = True, argv=None) -> dict:
-    from ..labels.evaluate import run_eval
+    from ..labels.evaluate import evaluate_labels
     from ..labels.runner import run_label
 
     src = cfg.label.reports or str(DEV_REPORTS)
@@ -68,7 +68,7 @@ def run(cfg, progress: bool = True, argv=None) -> dict:
                                                              "startup_seconds", "prompt_tokens_per_s", "generated_tokens_per_s",
                                                              "device_hours_per_50k_reports", "cost_usd_per_50k_reports")}}
             if not cfg.bench.dummy_weights and Path(src).suffix == ".csv":
-                ev = run_eval(str(out), src)
+                ev = evaluate_labels(str(out), src)
                 row.update(macro_auc=round(ev["macro_auc"], 4), macro_f1=round(ev["macro_f1"], 4))
             rows.append(row)
     payload = {"model": cfg.bench.model_config or cfg.label.model or "smollm2-135m-instruct",

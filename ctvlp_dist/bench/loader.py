@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .record import markdown_table, write_result
+from ..records import markdown_table, write_result
 
 REAL_CT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "example_ct.nii.gz"
 

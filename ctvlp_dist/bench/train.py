@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .record import markdown_table, write_result
+from ..records import markdown_table, write_result
 
 
 def _sync(device):

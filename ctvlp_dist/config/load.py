@@ -5,8 +5,9 @@ import dataclasses
 import difflib
 import types
 import typing
+import warnings
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Iterable, Literal, Optional, Union
 
 import yaml
 
@@ -51,6 +52,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return _coerce(value, args[0], key)
     if tp is Any:
         return value
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, allowed))}; got {value!r}")
+        return value
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -86,11 +92,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+# Renamed keys: the old name still works, with a warning naming the new one.
+DEPRECATED_KEYS = {"eval.labels": "eval.gold"}
+
+
 def _apply(obj, data: dict, prefix: str = "") -> None:
     hints = _hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
     for k, v in data.items():
         full = f"{prefix}{k}"
+        if full in DEPRECATED_KEYS:
+            new = DEPRECATED_KEYS[full]
+            warnings.warn(f"config key '{full}' is deprecated; use '{new}'", FutureWarning, stacklevel=2)
+            k, full = new.rsplit(".", 1)[-1], new
         if k not in names:
             raise _unknown(full, _keys(Config))
         tp = hints[k]

@@ -6,7 +6,7 @@ Shapes and spacings are always in (D, H, W) order, i.e. (S, A, R) after RAS reor
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 from data_shards.format import ANATOMY_LABELS
 
@@ -18,7 +18,7 @@ class PreprocessConfig:
     spacing: tuple[float, float, float] = (3.0, 1.5, 1.5)  # mm, (D, H, W); seed paper: 1.5 x 1.5 x 3
     stored_shape: tuple[int, int, int] = (120, 240, 240)  # crop/pad target, leaves room for 96x192x192 crops
     pad_value: int = -1024  # HU of air, used when padding
-    rescale: str = "auto"  # auto | always | never: apply DICOM RescaleSlope/Intercept
+    rescale: Literal["auto", "always", "never"] = "auto"  # auto | always | never: apply DICOM RescaleSlope/Intercept
     min_spacing: float = 0.1  # mm; anything outside [min, max] is rejected as absurd
     max_spacing: float = 15.0
 
@@ -27,7 +27,7 @@ class PreprocessConfig:
 class ShardConfig:
     """How samples are packed into WebDataset tar shards."""
 
-    codec: str = "npy"  # npy (DALI CPU numpy decoder) | lz4 (raw LZ4 block, DALI GPU inflate)
+    codec: Literal["npy", "lz4"] = "npy"  # npy (DALI CPU numpy decoder) | lz4 (raw LZ4 block, DALI GPU inflate)
     max_samples: int = 64  # per shard
     max_bytes: int = 1 << 30  # per shard, soft limit
     split_fractions: dict = field(default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})
@@ -83,9 +83,9 @@ class LoaderConfig:
     flip_axes: tuple[int, ...] = (2,)  # 0=D(S-I), 1=H(A-P), 2=W(R-L)
     hu_window: tuple[float, float] = (-1000.0, 200.0)
     out_range: tuple[float, float] = (-1.0, 1.0)
-    last_batch: str = "pad"  # pad (repeat, flagged in batch.is_pad) | drop
+    last_batch: Literal["pad", "drop"] = "pad"  # pad (repeat, flagged in batch.is_pad) | drop
     labels: Optional[str] = None  # CSV/Parquet joined by key -> batch.labels
-    text_view: str = "report"  # report | sentence: one random sentence per sample and epoch (train only; data/text.py)
+    text_view: Literal["report", "sentence"] = "report"  # report | sentence: one random sentence per sample and epoch (train only; data/text.py)
     raw: bool = False  # yield stored int16 volumes untouched (for checks and benchmarks)
     prefetch_factor: int = 2
 
@@ -99,21 +99,18 @@ class BenchConfig:
     batches: int = 0  # 0 = one full epoch
     repeats: int = 3  # timed passes; the median is reported
     label_reports: int = 100  # bench label: dev reports to label
-    label_scorings: tuple[str, ...] = ("yesno", "json")
+    label_scorings: tuple[Literal["yesno", "json"], ...] = ("yesno", "json")
     model_config: Optional[str] = None  # bench label: e.g. llama-3.1-8b (with dummy weights); default: real SmolLM2
     dummy_weights: bool = False  # vLLM load_format="dummy": throughput without weights
     loss_sizes: tuple[int, ...] = (1024, 4096, 16384)  # bench loss: batch sizes b
     loss_dim: int = 512
-    loss_dtype: str = "bfloat16"  # GPU; CPU runs float32
-    loss_methods: tuple[str, ...] = ("dense", "chunked", "triton")  # also triton-panel, triton-two_pass, triton-fused
-    loss_inputs: str = "random"  # bench loss: random (initialisation) or mixed (trained pairs, scale 100)
-    loss_ptx: bool = False  # bench loss: also the kernels compiled for sm_90a (static facts, no GPU needed)
+    loss_dtype: Literal["float32", "float16", "bfloat16"] = "bfloat16"  # GPU; CPU runs float32
+    loss_methods: tuple[Literal["dense", "chunked", "triton"], ...] = ("dense", "chunked", "triton")
+    loss_inputs: Literal["random", "mixed"] = "random"  # bench loss: random (initialisation) or mixed (trained pairs, scale 100)
     conv_batch: int = 8  # bench conv (GPU): scans per layer call
-    conv_dtype: str = "bfloat16"  # bench conv (GPU); CPU checks agreement in float32
-    # bench conv: single convs, BN blocks, whole tower; "tiles" (the tile sweep) on request
-    conv_parts: tuple[str, ...] = ("layers", "blocks", "tower")
+    conv_dtype: Literal["float32", "float16", "bfloat16"] = "bfloat16"  # bench conv (GPU); CPU checks agreement in float32
+    conv_parts: tuple[Literal["layers", "blocks", "tower"], ...] = ("layers", "blocks", "tower")  # bench conv
     conv_compile: bool = True  # bench conv tower (GPU): also torch.compile(mode="max-autotune") of the torch tower
-    conv_tile_budget_s: float = 300.0  # bench conv tiles (GPU): stop compiling new tiles after this long
     train_steps: int = 6  # bench train: optimizer steps of the real loop (the first is warm-up)
     train_crop: Optional[tuple[int, int, int]] = None  # default: loader.crop on GPU, (32, 64, 64) on CPU
     train_micro: int = 2  # bench train: GradCache micro-batch (the plain step runs loader.batch_size at once)
@@ -128,19 +125,19 @@ class LabelConfig:
 
     reports: str = ""  # shard dataset folder or CSV
     out: str = ""  # labels.parquet
-    backend: str = "rules"  # rules | vllm
+    backend: Literal["rules", "vllm"] = "rules"  # rules | vllm
     model: Optional[str] = None  # HF model folder; default: SmolLM2-135M-Instruct (ctvlp label prepare-model)
     label_set: str = "ctrate18"
     key_column: Optional[str] = None  # CSV: default detects AccessionNo / VolumeName / key
     text_column: Optional[str] = None  # CSV: default detects report_text, or Findings_EN + Impressions_EN
-    scoring: str = "yesno"  # yesno: P(yes) per finding | json: schema-constrained JSON, value-token logprobs
+    scoring: Literal["yesno", "json"] = "yesno"  # yesno: P(yes) per finding | json: schema-constrained JSON, value-token logprobs
     engines: int = 1  # vLLM engine actors
     batch_size: int = 8  # reports per engine call
     tensor_parallel_size: int = 1
     max_model_len: int = 2048
     max_tokens: int = 320  # json scoring: generation budget (doubled on each retry)
-    dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
-    load_format: str = "auto"  # "dummy": random weights, for throughput benchmarks
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    load_format: Literal["auto", "dummy"] = "auto"  # "dummy": random weights, for throughput benchmarks
     threads_per_engine: int = 2  # CPU engines
     retries: int = 2  # re-asks for an output that does not parse or validate
     max_worker_restarts: int = 3  # per engine actor, after a crash
@@ -158,14 +155,14 @@ class ModelConfig:
     """A CT-CLIP model: 3D ResNet-18 image tower, HF text tower, shared latent and heads.
     Variants are YAML files in configs/, not code."""
 
-    stem: str = "k2s2"  # standard (7^3 stride 2 + max-pool) | k2s2 (seed paper) | k4s4 (lite)
-    norm: str = "bn"  # bn | gn
+    stem: Literal["standard", "k2s2", "k4s4"] = "k2s2"  # standard (7^3 stride 2 + max-pool) | k2s2 (seed paper) | k4s4 (lite)
+    norm: Literal["bn", "gn"] = "bn"  # bn | gn
     gn_groups: int = 32
     channels_last: bool = True  # channels_last_3d memory format
-    conv_impl: str = "torch"  # torch (cuDNN/oneDNN) or triton (kernels/conv3d.py; CPU: TRITON_INTERPRET=1)
+    conv_impl: Literal["torch", "triton"] = "torch"  # torch (cuDNN/oneDNN) or triton (kernels/conv3d.py; CPU: TRITON_INTERPRET=1)
     width: int = 64  # first-stage channels of the image tower (stages double it); 64 = the paper
     text_model: Optional[str] = None  # HF folder; default: the bundled all-MiniLM-L6-v2
-    text_pooling: str = "mean"  # mean | cls
+    text_pooling: Literal["mean", "cls"] = "mean"  # mean | cls
     text_max_length: int = 256
     text_trainable_layers: int = -1  # train only the top N transformer layers of the text tower (-1: all)
     latent_dim: int = 512
@@ -182,7 +179,7 @@ class OptimConfig:
     weight_decay: float = 1e-4  # not applied to norms, biases and the logit scale (open_clip's rule)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    schedule: str = "cosine"  # cosine | constant
+    schedule: Literal["cosine", "constant"] = "cosine"  # cosine | constant
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0  # cosine floor, as a fraction of lr
     grad_clip: float = 1.0  # global grad-norm clip; 0 = off
@@ -197,24 +194,24 @@ class TrainConfig:
     contrastive batch, reached with GradCache when it exceeds micro-batch x workers; for supervised,
     with gradient accumulation."""
 
-    stage: str = "supervised"  # supervised | clip
+    stage: Literal["supervised", "clip"] = "supervised"  # supervised | clip
     data: str = ""  # shard dataset folder (`ctvlp shard` / `ctvlp synth`); labels come from loader.labels
     split: str = "train"
     out: str = "runs/train"  # checkpoints/, metrics.jsonl, model.safetensors, summary.json
     steps: int = 0  # optimizer steps; 0 = `epochs` passes over the split
     epochs: int = 1
     global_batch: int = 0  # 0 = micro-batch x workers (no accumulation, no GradCache)
-    uncertain: str = "ignore"  # ignore | positive | negative: what a -1 (uncertain) silver label means
+    uncertain: Literal["ignore", "positive", "negative"] = "ignore"  # ignore | positive | negative: what a -1 (uncertain) silver label means
     text_bce: bool = False  # supervised: also train the text tower on the labels
     aux_weight: float = 0.0  # clip: weight of the auxiliary BCE through the shared classifier
     aux_text: bool = True  # clip: the auxiliary BCE on the text latents too (off for loader.text_view=sentence)
     group_identical_texts: bool = False  # clip: identical texts are positives of each other (fVLM calibration)
     init_from: Optional[str] = None  # a model.safetensors export (e.g. the supervised stage) to start from
-    bn_mode: str = "train"  # train | eval: frozen BN statistics (GradCache then equals the full batch exactly)
+    bn_mode: Literal["train", "eval"] = "train"  # train | eval: frozen BN statistics (GradCache then equals the full batch exactly)
     lock_image: bool = False  # clip: freeze the image tower, BN statistics included (open_clip --lock-image; LiT)
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3
-    launcher: str = "ray"  # ray (Ray Train TorchTrainer) | local (one process); torchrun/deepspeed run `python -m ctvlp_dist.train.worker`
+    launcher: Literal["ray", "local"] = "ray"  # ray (Ray Train TorchTrainer) | local (one process); torchrun/deepspeed run `python -m ctvlp_dist.train.worker`
     workers: int = 2  # Ray Train workers
     use_gpu: bool = False
     cpus_per_worker: int = 1
@@ -232,7 +229,6 @@ class TrainConfig:
     progress: bool = True
     export: bool = True  # write model.safetensors (weights + config) at the end
     peak_tflops: float = 0.0  # device peak for MFU; 0 = known GPUs by name, none on CPU
-    fail_at_step: int = 0  # fault injection (tests): worker rank 1 dies before this step, once per run
 
 
 @dataclass
@@ -241,13 +237,13 @@ class EvalConfig:
 
     checkpoint: str = ""  # model.safetensors (from `ctvlp train`), or a run folder holding one
     data: str = ""  # shard dataset folder
-    labels: Optional[str] = None  # reference labels joined by key; default: <data>/ground_truth.csv, else loader.labels
+    gold: Optional[str] = None  # reference labels joined by key; default: <data>/ground_truth.csv, else loader.labels (flagged as silver)
     split: str = "test"
     out: str = "runs/eval"
     label_set: str = "ctrate18"
     ensemble: bool = True  # average the prompt embeddings over the four templates
     template: int = 0  # the template used without ensemble (0: "There is {f}." / "There is no {f}.")
-    uncertain: str = "positive"  # how a -1 reference label counts (positive | negative)
+    uncertain: Literal["positive", "negative"] = "positive"  # how a -1 reference label counts (positive | negative)
     bootstrap: int = 1000  # resamples for the macro AUC's 95% interval (0: none)
     map_ks: tuple[int, ...] = (1, 5, 10, 50)
     recall_ks: tuple[int, ...] = (1, 5, 10, 50, 100)
@@ -260,17 +256,31 @@ class EvalConfig:
 
 @dataclass
 class DemoConfig:
-    """`ctvlp demo`: synth -> shards -> labels (rules + vLLM) -> supervised -> CLIP -> eval."""
+    """`ctvlp demo`: synth -> shards -> labels (rules + vLLM) -> supervised -> CLIP -> eval. The
+    defaults are configs/demo.yaml's, which `ctvlp demo` loads when no --config is given."""
 
     out: str = "runs/demo"
-    patients: int = 24
-    shape: tuple[int, int, int] = (48, 96, 96)
-    spacing: tuple[float, float, float] = (6.0, 3.5, 3.5)
-    vllm_reports: int = 12  # reports labelled by the real vLLM engine (SmolLM2-135M on CPU); 0 = skip
-    supervised_steps: int = 20
-    clip_steps: int = 20
-    clip_lr: float = 0.0  # the CLIP stage's optim.lr (0: the same as supervised); the seed paper: 10x lower
+    patients: int = 1600
+    shape: tuple[int, int, int] = (16, 32, 32)
+    spacing: tuple[float, float, float] = (18.0, 10.5, 10.5)
+    vllm_reports: int = 8  # reports labelled by the real vLLM engine (SmolLM2-135M on CPU); 0 = skip
+    supervised_steps: int = 1000
+    clip_steps: int = 600
+    clip_lr: float = 3.0e-3  # the CLIP stage's optim.lr (0: the same as supervised); the seed paper: 10x lower
     workers: int = 2  # Ray Train workers of both stages
+
+
+@dataclass
+class KernelsConfig:
+    """Launch configurations of the Triton kernels (kernels/), for a user who wants other tiles
+    than each op's measured rule (contrastive_triton.clip_tiles, conv3d.conv_tiles). Empty: the
+    rule. Passed down as arguments; untimed kernel variants live in kernels/tuning/, not here."""
+
+    clip_fwd_tiles: Optional[tuple[int, int, int, int, int, int]] = None  # BM, BN, BK, BD, warps, stages
+    clip_bwd_tiles: Optional[tuple[int, int, int, int, int, int, bool]] = None  # ..., full: whole d per tile
+    conv_fwd_tile: Optional[tuple[int, int, int, int, int]] = None  # BM, BN, BK, warps, stages (conv_impl=triton)
+    conv_dgrad_tile: Optional[tuple[int, int, int, int, int]] = None
+    conv_wgrad_tile: Optional[tuple[int, int, int, int, int]] = None
 
 
 @dataclass
@@ -287,3 +297,4 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)

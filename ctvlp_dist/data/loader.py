@@ -148,7 +148,7 @@ class CTLoader:
         labels = None
         if cfg.labels:
             if label_names is None:
-                from ctvlp_dist.label_sets import load_label_set
+                from data_shards.label_sets import load_label_set
 
                 label_names = load_label_set(self.index.manifest.get("label_set", "ctrate18")).names
             labels = LabelTable.from_file(cfg.labels, label_names)

@@ -8,15 +8,17 @@ script's running-average figures under published_running_average_map_at_K), retr
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 
-from ..bench.record import markdown_table
+from ..records import markdown_table
 from .metrics import bootstrap_macro_auc, closest_point_metrics, roc_auc
 from .retrieval import map_at_k, published_map_at_k, recall_at_k
 from .zero_shot import prompt_embeddings, zero_shot_scores
 
+log = logging.getLogger(__name__)
 OP_KEYS = ("f1", "sensitivity", "specificity", "precision")
 
 
@@ -62,10 +64,24 @@ def linear_probe(train: dict, test: dict, Ytr: np.ndarray, Yte: np.ndarray, name
     return {"macro_auc": float(np.mean(list(per.values()))) if per else float("nan"), "per_finding_auc": per}
 
 
-def run_eval(cfg, progress: bool = True) -> dict:
+def reference_labels(gold, data: str, silver) -> tuple[str, str]:
+    """The labels to score against and what they are: `gold` when given, else the dataset's
+    ground_truth.csv (both "gold"), else the training labels ("silver"), which the report and
+    metrics.json then flag, since a score against silver labels measures agreement with the labeler."""
+    if gold:
+        return str(gold), "gold"
+    truth = Path(data) / "ground_truth.csv"
+    if truth.exists():
+        return str(truth), "gold"
+    if silver:
+        return str(silver), "silver"
+    raise ValueError("no reference labels: give --gold (eval.gold: a CSV/Parquet keyed by sample)")
+
+
+def evaluate_model(cfg, progress: bool = True) -> dict:
     import torch
 
-    from ..label_sets import load_label_set
+    from data_shards.label_sets import load_label_set
     from ..models.export import load_exported
     from . import plots
     from .embed import embed_split, resolve_checkpoint
@@ -75,10 +91,9 @@ def run_eval(cfg, progress: bool = True) -> dict:
         raise ValueError("eval.data is empty: give the shard dataset folder")
     out = Path(ev.out)
     out.mkdir(parents=True, exist_ok=True)
-    labels = ev.labels or (str(Path(ev.data) / "ground_truth.csv") if (Path(ev.data) / "ground_truth.csv").exists()
-                           else cfg.loader.labels)
-    if not labels:
-        raise ValueError("no reference labels: give eval.labels (CSV/Parquet keyed by sample)")
+    labels, source = reference_labels(ev.gold, ev.data, cfg.loader.labels)
+    if source == "silver":
+        log.warning("evaluating against the training labels %s (silver), not gold labels: give --gold", labels)
     names = load_label_set(ev.label_set).names
     torch.manual_seed(ev.seed)
     model = load_exported(resolve_checkpoint(ev.checkpoint))
@@ -95,7 +110,7 @@ def run_eval(cfg, progress: bool = True) -> dict:
     rec = recall_at_k(emb["report"], emb["image"], ev.recall_ks)
     metrics = {
         "checkpoint": str(resolve_checkpoint(ev.checkpoint)), "data": ev.data, "split": ev.split, "samples": n,
-        "labels": labels, "zero_shot": zs,
+        "labels": labels, "labels_source": source, "zero_shot": zs,
         "retrieval": {
             "image_image": {**{f"map_at_{k}": v for k, v in img_map.items()},
                             **{f"published_running_average_map_at_{k}": v for k, v in pub_map.items()}},
@@ -125,7 +140,11 @@ def render_report(m: dict, names: list[str], ev, figs: dict) -> str:
     zs = m["zero_shot"]
     ci = zs.get("macro_auc_ci95")
     ci_s = f" (95% CI {_f(ci['low'])}-{_f(ci['high'])}, {ci['resamples']} bootstrap resamples)" if ci else ""
-    lines = [f"# Evaluation: {m['split']} split, {m['samples']} volumes", "",
+    lines = [f"# Evaluation: {m['split']} split, {m['samples']} volumes", ""]
+    if m.get("labels_source") == "silver":
+        lines += [f"> **Warning: scored against silver labels** (`{m['labels']}`, the training labels), not gold "
+                  "ones: these figures measure agreement with the labeler. Give `--gold` for a real evaluation.", ""]
+    lines += [
              f"Model `{m['checkpoint']}`; data `{m['data']}`; reference labels `{m['labels']}`.", "",
              "## Zero-shot diagnosis", "",
              f"Prompts: {'ensemble of the four template pairs' if ev.ensemble else f'template {ev.template}'}; "

@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..bench.record import markdown_table
+from ..records import markdown_table
 
 
 def roc_auc(y: np.ndarray, s: np.ndarray) -> float:
@@ -89,13 +89,13 @@ def dumps(res: dict) -> str:
     return json.dumps(res, indent=1, allow_nan=True)
 
 
-def run_eval(pred: str, gold: str, json_out: Optional[str] = None, uncertain: str = "positive",
+def evaluate_labels(pred: str, gold: str, json_out: Optional[str] = None, uncertain: str = "positive",
              label_set: Optional[str] = None) -> dict:
     """Align a labels Parquet with a gold CSV (key column + one 0/1 column per finding) by key."""
     import csv
     from pathlib import Path
 
-    from ..label_sets import load_label_set
+    from data_shards.label_sets import load_label_set
     from data_shards.format import KEY_COLUMNS, strip_volume_ext
     from .store import read_labels
 

@@ -25,7 +25,7 @@ def run_pool(batches: list[list[tuple[str, str]]], *, model: str, cfg, gpu: bool
     import ray
     from ray.exceptions import RayActorError
 
-    from .engine import CPU_ENV, LabelEngine
+    from .vllm_engine import CPU_ENV, LabelEngine
 
     init_ray()
     env = {} if gpu else {**CPU_ENV, "OMP_NUM_THREADS": str(cfg.threads_per_engine)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from ..label_sets import LabelSet
+from data_shards.label_sets import LabelSet
 
 SYSTEM = ("You are a radiologist. You read chest CT reports and state which findings they describe as present. "
           "A finding that the report negates or does not mention is absent.")

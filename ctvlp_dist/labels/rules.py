@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from ..label_sets import LabelSet
+from data_shards.label_sets import LabelSet
 
 P_POS, P_WEAK, P_UNCERTAIN, P_NEG, P_ABSENT = 0.95, 0.85, 0.6, 0.03, 0.10
 

@@ -11,7 +11,7 @@ import os
 
 from tqdm import tqdm
 
-from ..label_sets import load_label_set
+from data_shards.label_sets import load_label_set
 from .accounting import Accounting
 from .prompt import settings_hash
 from .sources import read_reports
@@ -104,6 +104,7 @@ def run_label(cfg, progress: bool = True) -> dict:
                            price_per_device_hour=lc.price_per_gpu_hour)
     summary.update({"reports_in": len(reports), "skipped_already_labelled": len(done), "model": model_id,
                     "settings_hash": h, "label_set": ls.name, "scoring": lc.scoring if lc.backend == "vllm" else "rules"})
+    summary["damaged_label_parts"] = list(store.damaged)  # their reports were labelled again
     rows = store.finalize([k for k, _ in reports], {"accounting": summary})
     summary["rows_written"] = len(rows)
     acct.close()

@@ -9,6 +9,7 @@ A re-run skips keys already labelled OK with the same settings hash.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+log = logging.getLogger(__name__)
 BASE_COLUMNS = ["key", "status", "backend", "model", "settings_hash", "tokens_in", "tokens_out", "attempts", "raw_output"]
 
 
@@ -41,6 +43,7 @@ class LabelStore:
         self.names, self.hash = names, settings_hash
         self.schema = _schema(names)
         self._n = len(list(self.parts.glob("part-*.parquet"))) if self.parts.exists() else 0
+        self.damaged: list[str] = []  # unreadable files met while reading back, each logged once
 
     def _existing(self) -> list[dict]:
         rows = []
@@ -48,8 +51,11 @@ class LabelStore:
         for f in files:
             try:
                 rows += pq.read_table(f).to_pylist()
-            except Exception:  # a damaged leftover part is relabelled, not trusted
-                continue
+            except Exception as e:  # a damaged leftover part is relabelled, not trusted, and said so
+                if str(f) not in self.damaged:
+                    self.damaged.append(str(f))
+                    log.warning("label part %s is damaged (%s: %s): its reports are labelled again",
+                                f, type(e).__name__, e)
         return rows
 
     def reusable(self) -> dict[str, dict]:

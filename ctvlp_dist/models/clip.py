@@ -13,9 +13,10 @@ from .text import TextEncoder
 
 
 class CTCLIP(nn.Module):
-    def __init__(self, cfg, text_encoder: nn.Module | None = None):
+    def __init__(self, cfg, text_encoder: nn.Module | None = None, conv_tiles=None):
         super().__init__()
-        self.image = ResNet3d18(cfg.stem, cfg.norm, cfg.gn_groups, cfg.channels_last, cfg.conv_impl, cfg.width)
+        self.image = ResNet3d18(cfg.stem, cfg.norm, cfg.gn_groups, cfg.channels_last, cfg.conv_impl, cfg.width,
+                                conv_tiles)
         self.text = text_encoder if text_encoder is not None else TextEncoder(cfg.text_model, cfg.text_pooling,
                                                                              cfg.text_max_length,
                                                                              cfg.text_trainable_layers)

@@ -7,6 +7,7 @@ Two levels: `conv3d` (one convolution, any norm around it) and the fused BatchNo
 implementation may offer so that BatchNorm, ReLU and the residual run inside its kernels."""
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -30,28 +31,37 @@ def _lazy(impl: str) -> None:
         _FUSED["triton"] = {"basic_block": fused_basic_block, "conv_bn_relu": fused_conv_bn_relu}
 
 
-def fused_op(name: str, impl: str) -> Optional[Callable]:
+def _check_tiles(impl: str, tiles) -> None:
+    if tiles is not None and impl == "torch":
+        raise ValueError("conv tiles (kernels.conv_*_tile) apply to the Triton convolution: set model.conv_impl=triton")
+
+
+def fused_op(name: str, impl: str, tiles: Optional[Callable] = None) -> Optional[Callable]:
     """The implementation's fused BatchNorm unit `name`, or None (then the model composes
-    conv3d with torch's norm and ReLU)."""
+    conv3d with torch's norm and ReLU). `tiles`: the GEMM tile rule it launches with."""
     _lazy(impl)
-    return _FUSED.get(impl, {}).get(name)
+    _check_tiles(impl, tiles)
+    fn = _FUSED.get(impl, {}).get(name)
+    return functools.partial(fn, tiles=tiles) if fn is not None and tiles is not None else fn
 
 
-def conv3d(x: torch.Tensor, weight: torch.Tensor, bias=None, stride=1, padding=0, impl: str = "torch") -> torch.Tensor:
+def conv3d(x: torch.Tensor, weight: torch.Tensor, bias=None, stride=1, padding=0, impl: str = "torch",
+           tiles: Optional[Callable] = None) -> torch.Tensor:
     _lazy(impl)
     try:
         fn = _CONV3D[impl]
     except KeyError:
         raise ValueError(f"unknown conv3d implementation {impl!r}; registered: {sorted(_CONV3D)}") from None
-    return fn(x, weight, bias, stride, padding)
+    _check_tiles(impl, tiles)
+    return fn(x, weight, bias, stride, padding) if tiles is None else fn(x, weight, bias, stride, padding, tiles=tiles)
 
 
 class Conv3d(torch.nn.Conv3d):
     """nn.Conv3d whose forward goes through the `conv3d` entry point."""
 
-    def __init__(self, *args, impl: str = "torch", **kw):
+    def __init__(self, *args, impl: str = "torch", tiles: Optional[Callable] = None, **kw):
         super().__init__(*args, **kw)
-        self.impl = impl
+        self.impl, self.tiles = impl, tiles
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return conv3d(x, self.weight, self.bias, self.stride, self.padding, impl=self.impl)
+        return conv3d(x, self.weight, self.bias, self.stride, self.padding, impl=self.impl, tiles=self.tiles)

@@ -18,17 +18,18 @@ def _norm(kind: str, ch: int, groups: int) -> nn.Module:
 
 
 class BasicBlock3d(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int, norm: str, groups: int, impl: str):
+    def __init__(self, cin: int, cout: int, stride: int, norm: str, groups: int, impl: str, tiles=None):
         super().__init__()
-        self.conv1 = Conv3d(cin, cout, 3, stride=stride, padding=1, bias=False, impl=impl)
+        self.conv1 = Conv3d(cin, cout, 3, stride=stride, padding=1, bias=False, impl=impl, tiles=tiles)
         self.bn1 = _norm(norm, cout, groups)
-        self.conv2 = Conv3d(cout, cout, 3, stride=1, padding=1, bias=False, impl=impl)
+        self.conv2 = Conv3d(cout, cout, 3, stride=1, padding=1, bias=False, impl=impl, tiles=tiles)
         self.bn2 = _norm(norm, cout, groups)
         self.relu = nn.ReLU(inplace=True)
         self.down = None
         if stride != 1 or cin != cout:
-            self.down = nn.Sequential(Conv3d(cin, cout, 1, stride=stride, bias=False, impl=impl), _norm(norm, cout, groups))
-        self._fused = fused_op("basic_block", impl) if norm == "bn" else None
+            self.down = nn.Sequential(Conv3d(cin, cout, 1, stride=stride, bias=False, impl=impl, tiles=tiles),
+                                      _norm(norm, cout, groups))
+        self._fused = fused_op("basic_block", impl, tiles) if norm == "bn" else None
 
     def forward(self, x):
         if self._fused is not None:  # BN, ReLU and the shortcut inside the implementation's kernels
@@ -45,9 +46,9 @@ class Stem3d(nn.Sequential):
     """conv, norm, ReLU (, max-pool): a Sequential, so checkpoints keep the `stem.N` keys; the
     first three run as one fused unit when the implementation has it (BN only)."""
 
-    def __init__(self, *layers, impl: str = "torch"):
+    def __init__(self, *layers, impl: str = "torch", tiles=None):
         super().__init__(*layers)
-        self._fused = fused_op("conv_bn_relu", impl) if isinstance(layers[1], nn.BatchNorm3d) else None
+        self._fused = fused_op("conv_bn_relu", impl, tiles) if isinstance(layers[1], nn.BatchNorm3d) else None
 
     def forward(self, x):
         if self._fused is None:
@@ -58,24 +59,26 @@ class Stem3d(nn.Sequential):
 
 class ResNet3d18(nn.Module):
     def __init__(self, stem: str = "k2s2", norm: str = "bn", gn_groups: int = 32, channels_last: bool = True,
-                 conv_impl: str = "torch", width: int = 64):
+                 conv_impl: str = "torch", width: int = 64, conv_tiles=None):
         """`width` is the first stage's channel count (64 in the paper; stages double it): narrow
-        towers make CPU demos and interpreter tests of the Triton convolution affordable."""
+        towers make CPU demos and interpreter tests of the Triton convolution affordable.
+        `conv_tiles`: the Triton GEMMs' tile rule (kernels.conv3d.conv_tiles unless given)."""
         super().__init__()
         if stem not in STEMS:
             raise ValueError(f"model.stem must be one of {sorted(STEMS)}, got {stem!r}")
         k, s, p, pool = STEMS[stem]
-        layers = [Conv3d(1, width, k, stride=s, padding=p, bias=False, impl=conv_impl), _norm(norm, width, gn_groups),
+        layers = [Conv3d(1, width, k, stride=s, padding=p, bias=False, impl=conv_impl, tiles=conv_tiles),
+                  _norm(norm, width, gn_groups),
                   nn.ReLU(inplace=True)]
         if pool:
             layers.append(nn.MaxPool3d(3, stride=2, padding=1))
-        self.stem = Stem3d(*layers, impl=conv_impl)
+        self.stem = Stem3d(*layers, impl=conv_impl, tiles=conv_tiles)
         chans, blocks, cin = [width, 2 * width, 4 * width, 8 * width], [], width
         self.out_dim = 8 * width
         for i, c in enumerate(chans):
             stride = 1 if i == 0 else 2
-            blocks.append(nn.Sequential(BasicBlock3d(cin, c, stride, norm, gn_groups, conv_impl),
-                                        BasicBlock3d(c, c, 1, norm, gn_groups, conv_impl)))
+            blocks.append(nn.Sequential(BasicBlock3d(cin, c, stride, norm, gn_groups, conv_impl, conv_tiles),
+                                        BasicBlock3d(c, c, 1, norm, gn_groups, conv_impl, conv_tiles)))
             cin = c
         self.layers = nn.Sequential(*blocks)
         self.channels_last = channels_last

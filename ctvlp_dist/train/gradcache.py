@@ -46,7 +46,7 @@ def _bn_buffers(modules: Sequence[nn.Module]) -> list[tuple[torch.Tensor, torch.
     return out
 
 
-def _wide(z: torch.Tensor) -> torch.Tensor:
+def wide(z: torch.Tensor) -> torch.Tensor:
     """bf16/fp16 embeddings meet the loss in fp32 (the loss accumulates in fp32 anyway)."""
     return z.float() if z.dtype in (torch.bfloat16, torch.float16) else z
 
@@ -87,8 +87,8 @@ def gradcache_step(encode_image: Callable, encode_text: Callable, images: Sequen
     for buf, saved in snapshot:  # the re-run is the one update of the running statistics
         buf.copy_(saved)
     with timer("forward"):
-        Zi = _wide(torch.cat(zi)).requires_grad_()
-        Zt = _wide(torch.cat(zt)).requires_grad_()
+        Zi = wide(torch.cat(zi)).requires_grad_()
+        Zt = wide(torch.cat(zt)).requires_grad_()
         loss = loss_fn(Zi, Zt)
     with timer("backward"):
         gi, gt = torch.autograd.grad(loss, [Zi, Zt], retain_graph=True)
@@ -97,7 +97,7 @@ def gradcache_step(encode_image: Callable, encode_text: Callable, images: Sequen
     for k, (x, t) in enumerate(zip(images, texts)):
         states[k].restore()
         with timer("forward"):
-            surrogate = (_wide(encode_image(x)) * gi[k]).sum() + (_wide(encode_text(t)) * gt[k]).sum()
+            surrogate = (wide(encode_image(x)) * gi[k]).sum() + (wide(encode_text(t)) * gt[k]).sum()
             if k == last:
                 surrogate = surrogate + loss
         backward(surrogate)

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from ..config import config_to_dict
+from .faults import forwarded_env
 from .loop import run_worker
 
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
@@ -105,7 +106,7 @@ def train_ray(cfg) -> dict:
     from ..ray_cluster import init_ray
 
     tc = cfg.train
-    init_ray(tc.ray_address, runtime_env={"env_vars": WORKER_ENV})
+    init_ray(tc.ray_address, runtime_env={"env_vars": {**WORKER_ENV, **forwarded_env()}})
     out = Path(tc.out).resolve()
     name = "run" if tc.resume == "auto" else f"run-{time.strftime('%Y%m%dT%H%M%S')}"
     trainer = TorchTrainer(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from ..models.export import read_exported
 from ..models.flops import device_peak_tflops, image_tower_train_flops
 from .checkpoint import FolderCheckpoints, RayCheckpoints, export_model, load_state, safe_checkpoint_engine, save_state
 from .ds_config import deepspeed_config, resolve_precision
+from .faults import maybe_fail
 from .metrics import StepTimer, TrainMetrics
 from .optim import build_optimizer
 from .step import STAGES
@@ -68,7 +70,7 @@ def load_init(model: torch.nn.Module, path: str) -> None:
                          f"unexpected {unexpected[:5]}; build it with the export's model config")
 
 
-def _freeze_unused(model: torch.nn.Module, tc) -> None:
+def freeze_unused(model: torch.nn.Module, tc) -> None:
     """Parameters a stage never uses get no gradient: keep them out of the optimizer, so AdamW
     and ZeRO's gradient buckets do not sweep them every step (the supervised stage without
     text_bce leaves the text tower, its projection and the logit scale untouched). With
@@ -100,7 +102,7 @@ def _seed_all(seed: int) -> None:
     random.seed(seed)
 
 
-def _set_bn_mode(module: torch.nn.Module, mode: str, lock_image: bool = False) -> None:
+def set_bn_mode(module: torch.nn.Module, mode: str, lock_image: bool = False) -> None:
     if mode not in ("train", "eval"):
         raise ValueError(f"train.bn_mode must be train or eval, got {mode!r}")
     module.train()
@@ -145,10 +147,10 @@ def run_worker(cfg_dict: dict, sink: str = "folder") -> dict:
     out = Path(tc.out)
 
     _seed_all(tc.seed)  # the same initial weights on every rank
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, cfg.kernels)
     if tc.init_from:
         load_init(model, tc.init_from)
-    _freeze_unused(model, tc)
+    freeze_unused(model, tc)
     tokenize = model.text.tokenize
     loader = CTLoader(tc.data, dataclasses.replace(cfg.loader, last_batch="drop", train=True), split=tc.split,
                       rank=rank, world_size=world)
@@ -168,7 +170,7 @@ def run_worker(cfg_dict: dict, sink: str = "folder") -> dict:
         _seed_all(tc.seed * 7919 + 1 + rank)  # the runtime stream (dropout): one per rank
     elif rank == 0:
         log.info("resumed from %s at step %d", resumed_from, step)
-    _set_bn_mode(engine.module, tc.bn_mode, _image_locked(tc))
+    set_bn_mode(engine.module, tc.bn_mode, _image_locked(tc))
 
     precision = resolve_precision(tc.precision, tc.use_gpu)
     peak = (tc.peak_tflops or device_peak_tflops(precision)) * 1e12
@@ -177,15 +179,13 @@ def run_worker(cfg_dict: dict, sink: str = "folder") -> dict:
                            progress=tc.progress and sink != "ray") if rank == 0 else None
     save = _saver(engine, checkpoints, loader, config_to_dict(cfg))
     batches = StepBatches(loader, accum)
-    step_fn = STAGES[tc.stage]
+    step_fn = functools.partial(STAGES[tc.stage], kernels=cfg.kernels)
     timer = StepTimer(cuda=tc.use_gpu)
     gb = cfg.loader.batch_size * accum * world
     t0, loss, row = time.perf_counter(), float("nan"), {}
     try:
         while step < total:
-            if tc.fail_at_step and step + 1 == tc.fail_at_step and rank == min(1, world - 1) and resumed_from is None:
-                log.error("train.fail_at_step=%d: worker rank %d exits now (fault injection)", tc.fail_at_step, rank)
-                os._exit(1)
+            maybe_fail(step + 1, rank, world, resumed_from is not None)
             with timer("data"):
                 group = batches.next()
             loss = step_fn(engine, group, tc, timer, tokenize)

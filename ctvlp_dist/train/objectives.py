@@ -51,11 +51,12 @@ def supervised_objective(model, volume: torch.Tensor, labels: torch.Tensor, unce
 
 def clip_objective(model, z_image: torch.Tensor, z_text: torch.Tensor, labels: Optional[torch.Tensor] = None,
                    aux_weight: float = 0.0, uncertain: str = "ignore", group_ids=None,
-                   aux_text: bool = True) -> torch.Tensor:
+                   aux_text: bool = True, kernels=None) -> torch.Tensor:
     """InfoNCE over the global batch (+ aux BCE on the local rows); usable as GradCache's loss_fn.
     `aux_text=False` leaves the text latents out of the BCE: a single sampled sentence does not
     carry the report's labels."""
-    loss = clip_loss(z_image, z_text, model("scale"), group_ids=group_ids)
+    tiles = dict(fwd_tiles=kernels.clip_fwd_tiles, bwd_tiles=kernels.clip_bwd_tiles) if kernels is not None else {}
+    loss = clip_loss(z_image, z_text, model("scale"), group_ids=group_ids, **tiles)
     if aux_weight and labels is not None:
         aux = masked_bce(model("classify", z_image), labels, uncertain)
         if aux_text:

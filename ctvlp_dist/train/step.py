@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from ..data.batch import CTBatch
 from ..data.text import text_group_ids
-from .gradcache import _wide, gradcache_step
+from .gradcache import wide, gradcache_step
 from .objectives import clip_objective, supervised_objective
 
 
@@ -40,7 +40,8 @@ def _global_mean(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def supervised_step(engine, batches: Sequence[CTBatch], tc, timer, tokenize: Callable) -> float:
+def supervised_step(engine, batches: Sequence[CTBatch], tc, timer, tokenize: Callable, kernels=None) -> float:
+    """Masked BCE per micro-batch, gradients accumulated (`kernels`: unused, no Triton loss here)."""
     total = torch.zeros((), dtype=torch.float64)
     for b in batches:
         with timer("forward"):
@@ -55,7 +56,9 @@ def supervised_step(engine, batches: Sequence[CTBatch], tc, timer, tokenize: Cal
     return float(_global_mean(total / len(batches)))
 
 
-def clip_step(engine, batches: Sequence[CTBatch], tc, timer, tokenize: Callable) -> float:
+def clip_step(engine, batches: Sequence[CTBatch], tc, timer, tokenize: Callable, kernels=None) -> float:
+    """InfoNCE over the global batch (GradCache above one micro-batch); `kernels` gives the
+    contrastive kernels' tiles (the config's `kernels:` section)."""
     labels = _labels(batches, engine.device) if tc.aux_weight else None
 
     groups = text_group_ids([t for b in batches for t in b.report]).to(engine.device) \
@@ -65,13 +68,14 @@ def clip_step(engine, batches: Sequence[CTBatch], tc, timer, tokenize: Callable)
         # The logit scale and classifier are called on the module, not the engine: an engine output
         # divides its gradient by the accumulation steps in any backward but engine.backward, which
         # would scale GradCache's embedding gradients (and trip DeepSpeed's backward bookkeeping).
-        return clip_objective(engine.module, zi, zt, labels, tc.aux_weight, tc.uncertain, groups, tc.aux_text)
+        return clip_objective(engine.module, zi, zt, labels, tc.aux_weight, tc.uncertain, groups, tc.aux_text,
+                              kernels)
 
     if len(batches) == 1:
         b = batches[0]
         with timer("forward"):
             zi, zt = engine("image", _inputs(engine, b)), engine("text", tokenize(b.report))
-            loss = loss_fn(_wide(zi), _wide(zt))
+            loss = loss_fn(wide(zi), wide(zt))
         with timer("backward"):
             engine.backward(loss)
         with timer("optimizer"):

@@ -72,6 +72,30 @@ def _process(job_and_cfg):
         return ("reject", job.name, f"{type(e).__name__}: {e}")
 
 
+def _dicom_patient(job: _Job) -> Optional[dict]:
+    """A DICOM series carries its PatientID: take it, so that the split is by real patient. When
+    it cannot be read, the id from the file name stays, and the returned note (case, reason, the
+    id fallen back to) goes to ingest_report.json and the log: a wrong id can put one patient in
+    two splits."""
+    import pydicom
+
+    try:
+        f = next((x for x in sorted(job.path.iterdir()) if x.is_file()), None)
+        if f is None:
+            raise ValueError("no file in the series folder")
+        ds = pydicom.dcmread(str(f), stop_before_pixels=True)
+        if not str(getattr(ds, "PatientID", "")).strip():
+            raise ValueError(f"{f.name} has no PatientID")
+    except Exception as e:  # any unreadable header: counted and shown, never silent
+        note = {"case": job.name, "reason": f"PatientID unreadable ({type(e).__name__}: {e})",
+                "fell_back_to": job.ids["patient_id"]}
+        log.warning("%s: %s; using patient id %r from the file name", note["case"], note["reason"],
+                    note["fell_back_to"])
+        return note
+    job.ids = {"patient_id": str(ds.PatientID), "study_id": str(getattr(ds, "StudyInstanceUID", job.name))}
+    return None
+
+
 def run_ingest(cfg, progress: bool = True) -> dict:
     ic, pc, sc = cfg.ingest, cfg.preprocess, cfg.shard
     cases = discover_cases(Path(ic.images))
@@ -86,21 +110,12 @@ def run_ingest(cfg, progress: bool = True) -> dict:
             cand = [masks_dir / p.name, masks_dir / f"{name}.nii.gz", masks_dir / f"{name}.nii"]
             mpath = next((c for c in cand if c.exists()), None)
         jobs.append(_Job(p, name, reports.get(name), mpath, rescale.get(name), _ids_for(name, ic.patient_regex)))
-    # DICOM folders carry their PatientID; peek it so the split is by real patient.
-    for j in jobs:
-        if j.path.is_dir():
-            try:
-                import pydicom
-                f = next(x for x in sorted(j.path.iterdir()) if x.is_file())
-                ds = pydicom.dcmread(str(f), stop_before_pixels=True)
-                if getattr(ds, "PatientID", ""):
-                    j.ids = {"patient_id": str(ds.PatientID), "study_id": str(getattr(ds, "StudyInstanceUID", j.name))}
-            except Exception:
-                pass
+    fallbacks = [f for j in jobs if j.path.is_dir() and (f := _dicom_patient(j)) is not None]
     splits = assign_splits([j.ids["patient_id"] for j in jobs], sc.split_fractions, sc.split_seed)
     keys_seen: set[str] = set()
     with DatasetWriter(ic.out, sc, preprocess=pc, patient_splits=splits, cases_total=len(jobs),
-                       source={"images": str(ic.images), "reports": str(ic.reports), "kind": "ingest"}) as w:
+                       source={"images": str(ic.images), "reports": str(ic.reports), "kind": "ingest"},
+                       patient_id_fallbacks=fallbacks) as w:
         it = bounded_map(_process, [(j, pc, ic.mask_labels) for j in jobs], workers=ic.workers)
         for res in tqdm(it, total=len(jobs), desc="ingest", unit="case", disable=not progress):
             if res[0] == "reject":
@@ -112,5 +127,6 @@ def run_ingest(cfg, progress: bool = True) -> dict:
                 continue
             keys_seen.add(sample.key)
             w.write(sample)
-    summary = {"cases_in": len(jobs), "samples_written": w.written, "rejected": len(w.rejected), "out": str(ic.out)}
+    summary = {"cases_in": len(jobs), "samples_written": w.written, "rejected": len(w.rejected), "out": str(ic.out),
+               "patient_id_fallbacks": len(fallbacks)}
     return summary

@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 from tqdm import tqdm
 
-from ctvlp_dist.label_sets import load_label_set
+from data_shards.label_sets import load_label_set
 
 from ..format import ANATOMY_LABELS
 from ..parallel import bounded_map

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels.l2_probe import BLOCK, l2_read, l2_read_reference
+from kernels.tuning.l2_probe import BLOCK, l2_read, l2_read_reference
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("n_blocks,reads,programs", [(5, 7, 3), (4, 3, 8), (1, 2, 2)])
@@ -29,6 +29,7 @@ def test_l2_read_rejects_a_ragged_buffer():
         l2_read(torch.zeros(BLOCK + 1, device=DEV), 1, 1)
 
 
+@pytest.mark.compiler
 def test_l2_read_bypasses_l1_on_sm90():
     """Compiled for sm_90a (in a subprocess: these tests interpret the kernels), every load of x
     is a 16-byte ld.global.cg: through L2, not allocated in L1, so the probe measures L2."""
@@ -36,7 +37,7 @@ def test_l2_read_bypasses_l1_on_sm90():
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kernels import l2_probe
+from kernels.tuning import l2_probe
 sig = {"X": "*bf16", "OUT": "*fp32", "n_blocks": "i32", "reads": "i32", "programs": "i32", "BLOCK": "constexpr"}
 src = ASTSource(fn=l2_probe._l2_read, signature=sig, constexprs={"BLOCK": l2_probe.BLOCK},
                 attrs={(0,): [["tt.divisibility", 16]]})

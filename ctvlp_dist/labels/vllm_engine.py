@@ -21,7 +21,7 @@ class LabelEngine:
         import torch
         from vllm import LLM
 
-        from ..label_sets import load_label_set
+        from data_shards.label_sets import load_label_set
 
         gpu = torch.cuda.is_available()
         if dtype == "auto":

@@ -14,18 +14,22 @@ The panel is the only large buffer: R x b_c in the operand dtype, R chosen so th
 under PANEL_BYTES; it is O(b), never b x b. dT is kept in fp32 across panels (panel partial sums
 of p - t cancel; rounding each one to bf16 would cost the result its precision). Every
 reduction has a fixed order, so the result is deterministic. `mm="torch"` does the two GEMMs
-with torch.mm (cuBLAS on GPU) for comparison in the benchmark.
+with torch.mm (cuBLAS on GPU) for comparison in the benchmark. Untimed on a GPU: tuning only.
 """
 from __future__ import annotations
 
-import os
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ._device import num_sms
-from .contrastive_triton import INTERPRET, _descriptors, _g_tile, _gscale, _prec, _s_tile, tma_ok
+from kernels import contrastive_triton as ct
+from kernels.contrastive_triton import INTERPRET
+from kernels.device import num_sms
+
+from .loss_variants import descriptors, variant_g_tile, variant_s_tile, tma_ok
 
 PANEL_BYTES = 512 << 20
 
@@ -37,7 +41,7 @@ def _grad_tile(I, T, G_R, G_C, LSE_R, LSE_C, NPOS, GP, GS, scale_ptr, r0, R, B_R
     """One [BM, BN] tile of G for panel rows [r0, r0 + R): S over a pipelined K loop, G from both
     directions in the epilogue, stored scaled (GSCALE) in the panel's dtype; the tile's
     sum(G * S) goes to its own slot of GS (d logit_scale, summed later in a fixed order).
-    TMA: operands through tensor descriptors (_s_tile)."""
+    TMA: operands through tensor descriptors (variant_s_tile)."""
     pm = tl.program_id(0)
     pn = tl.program_id(1)
     s = tl.load(scale_ptr).to(tl.float32)
@@ -47,9 +51,9 @@ def _grad_tile(I, T, G_R, G_C, LSE_R, LSE_C, NPOS, GP, GS, scale_ptr, r0, R, B_R
     cols = pn * BN + tl.arange(0, BN)
     cmask = cols < B_C
     if TMA:
-        I, T = _descriptors(I, T, B_R, B_C, D, sI, sT, BM, BN, BK)
-    S = _s_tile(I, T, rows, cols, rmask, cmask, s, D, sI, sT, BM, BN, BK, PREC, r0 + pm * BM, pn * BN, TMA)
-    G = _g_tile(S, rows, cols, rmask, cmask, LSE_R, LSE_C, NPOS, G_R, G_C, FACTOR=True)
+        I, T = descriptors(I, T, B_R, B_C, D, sI, sT, BM, BN, BK)
+    S = variant_s_tile(I, T, rows, cols, rmask, cmask, s, D, sI, sT, BM, BN, BK, PREC, r0 + pm * BM, pn * BN, TMA)
+    G = variant_g_tile(S, rows, cols, rmask, cmask, LSE_R, LSE_C, NPOS, G_R, G_C, FACTOR=True)
     tl.store(GS + pm * tl.num_programs(1) + pn, tl.sum(tl.sum(G * S, 1), 0))
     tl.store(GP + lrows[:, None] * sGP + cols[None, :], (G * GSCALE).to(GP.dtype.element_ty),
              mask=rmask[:, None] & cmask[None, :])
@@ -95,32 +99,48 @@ def _mm(A, B, C, scale_ptr, coef_ptr, M, N, K, K_PER, sAm, sAk, sBk, sBn, sCm, s
 
 # ---- launch ---------------------------------------------------------------------------------
 
-def panel_tiles(dtype: torch.dtype) -> dict:
+@dataclass(frozen=True)
+class PanelConfig:
+    """The panel backward's launch: G tile "BM,BN,BK,warps,stages[,tma[,maxnreg]]" (tma=1: its
+    operands through tensor descriptors where the inputs allow; maxnreg caps its registers), the
+    GEMMs' "BM,BN,BK,warps,stages" (None: the defaults below), rows per panel (0: as many as
+    PANEL_BYTES allows) and the GEMM backend (triton, or torch: cuBLAS on GPU)."""
+    grad: Optional[str] = None
+    mm_tiles: Optional[str] = None
+    rows: int = 0
+    mm: str = "triton"
+
+    @staticmethod
+    def parse(spec: str, rows: int = 0, mm: str = "triton") -> "PanelConfig":
+        """"G;MM" as the GPU script writes a sweep entry."""
+        g, _, m = spec.partition(";")
+        return PanelConfig(g or None, m or None, rows, mm)
+
+
+def panel_tiles(dtype: torch.dtype, config: PanelConfig = PanelConfig()) -> dict:
     """(BM, BN, BK, warps, stages) of the G tile and of the GEMMs. The GPU defaults compile (sm_90a,
     bf16, d = 512) to at most 118 registers and 96 KB of shared memory, so that two programs share
     an SM and one's epilogue (the exponentials) overlaps the other's MMA; a 128 x 128 G tile
-    needs 227 registers. Unmeasured until a GPU run; the benchmark sweeps others.
-    `CTVLP_CLIP_PANEL_TILES="gBM,gBN,gBK,gW,gS[,tma[,maxnreg]];mBM,mBN,mBK,mW,mS"` overrides both; tma=1
-    loads the G tile's operands through tensor descriptors where the inputs allow; maxnreg caps
-    its registers (128 fits two 128 x 128 programs per SM, spilling in the epilogue only)."""
-    env = os.environ.get("CTVLP_CLIP_PANEL_TILES")
-    if env:
-        g, m = ([int(x) for x in part.split(",")] for part in env.split(";"))
-    elif INTERPRET:
+    needs 227 registers. Unmeasured until a GPU run; the benchmark sweeps others."""
+    if INTERPRET:
         g = m = [32, 32, 32, 4, 1]
     elif dtype in (torch.float16, torch.bfloat16):  # each fits twice per SM (registers, shared memory)
         g, m = [128, 64, 64, 8, 3], [128, 128, 64, 8, 3]
     else:
         g, m = [64, 64, 32, 4, 3], [64, 64, 32, 4, 3]
+    if config.grad:
+        g = [int(x) for x in config.grad.split(",")]
+    if config.mm_tiles:
+        m = [int(x) for x in config.mm_tiles.split(",")]
     keys = ("BM", "BN", "BK", "num_warps", "num_stages")
     grad = dict(zip(keys, g), TMA=len(g) > 5 and bool(g[5]), maxnreg=(g[6] or None) if len(g) > 6 else None)
     return {"grad": grad, "mm": dict(zip(keys, m))}
 
 
-def panel_rows(b_r: int, b_c: int, itemsize: int, bm: int) -> int:
-    """Rows per panel: the [R, b_c] panel stays under PANEL_BYTES (CTVLP_CLIP_PANEL_ROWS sets R,
-    for tests), R a multiple of the G tile's rows."""
-    want = int(os.environ.get("CTVLP_CLIP_PANEL_ROWS", 0)) or PANEL_BYTES // max(1, b_c * itemsize)
+def panel_rows(b_r: int, b_c: int, itemsize: int, bm: int, rows: int = 0) -> int:
+    """Rows per panel: the [R, b_c] panel stays under PANEL_BYTES (or `rows`, for tests and the
+    sweep), R a multiple of the G tile's rows."""
+    want = rows or PANEL_BYTES // max(1, b_c * itemsize)
     return min(triton.cdiv(b_r, bm) * bm, max(bm, want // bm * bm))
 
 
@@ -159,20 +179,20 @@ def _mm_torch(A, B, C, s, coef_t, acc: bool, prec: str, gscale: float, t: dict):
 
 
 def panel_backward(I, T, s, g_rows, g_cols, lse_r, lse_c, n_rows, coef, tf32: bool = True, grad_dtype=None,
-                   mm: str | None = None):
+                   config: Optional[PanelConfig] = None):
     """dI [b_r, d] (input dtype), dT [b_c, d] (grad_dtype, default the input dtype) and
     d logit_scale (0-d fp32) of the summed loss times `coef`, as triton_backward returns them."""
     b_r, D = I.shape
     b_c = T.shape[0]
-    mm = mm or os.environ.get("CTVLP_CLIP_PANEL_MM", "triton")
-    if mm not in ("triton", "torch"):
-        raise ValueError(f"CTVLP_CLIP_PANEL_MM must be triton or torch, got {mm!r}")
-    gemm = _mm_triton if mm == "triton" else _mm_torch
-    tiles = panel_tiles(I.dtype)
+    config = config or PanelConfig()
+    if config.mm not in ("triton", "torch"):
+        raise ValueError(f"the panel's GEMM backend must be triton or torch, got {config.mm!r}")
+    gemm = _mm_triton if config.mm == "triton" else _mm_torch
+    tiles = panel_tiles(I.dtype, config)
     tg = dict(tiles["grad"], TMA=tiles["grad"]["TMA"] and tma_ok(I, T))
-    prec, gscale = _prec(I.dtype, tf32), _gscale(I.dtype)
+    prec, gscale = ct.prec(I.dtype, tf32), ct.gscale(I.dtype)
     coef_t = torch.as_tensor(coef, dtype=torch.float32, device=I.device).reshape(1)
-    R = panel_rows(b_r, b_c, I.dtype.itemsize, tg["BM"])
+    R = panel_rows(b_r, b_c, I.dtype.itemsize, tg["BM"], config.rows)
     panel = torch.empty((R, b_c), dtype=I.dtype, device=I.device)
     dI = torch.empty((b_r, D), dtype=I.dtype, device=I.device)
     dT = torch.empty((b_c, D), dtype=torch.float32, device=I.device)

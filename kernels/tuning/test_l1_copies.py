@@ -8,23 +8,25 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kernels.l1_copies import rewrite_ptx
+import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from kernels.tuning.l1_copies import rewrite_ptx
+
+ROOT = Path(__file__).resolve().parents[2]
 
 CODE = r"""
 import json, re, subprocess, tempfile, os
 import torch, triton
 import triton.backends.nvidia as nv
 from triton.backends.compiler import GPUTarget
-from kernels import conv3d
-from kernels.compile_report import _signature, capture, loss_forward_launches, report
+from kernels.tuning.compile_report import signature, capture, loss_forward_launches, report
+from kernels.tuning.conv3d_variants import ConvVariant
 from kernels.conv3d import conv3d_forward
 
 def compiled(launch):
     kernel, grid, args, meta = launch
     opts = {k: meta[k] for k in ("num_warps", "num_stages") if k in meta}
-    k = triton.compile(_signature(kernel, args, {k: v for k, v in meta.items() if k not in opts}),
+    k = triton.compile(signature(kernel, args, {k: v for k, v in meta.items() if k not in opts}),
                        target=GPUTarget("cuda", 90, 128), options=opts)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(k.asm["cubin"]); f.flush()
@@ -39,8 +41,9 @@ x = torch.empty(8, 64, 48, 96, 96, dtype=torch.bfloat16, device="meta").contiguo
 w = torch.empty(64, 64, 3, 3, 3, dtype=torch.bfloat16, device="meta")
 out = {}
 for l1 in (False, True, False):  # the plain kernel again after the hook is installed
-    with conv3d.k_loop("tap"), conv3d.tile_override((512, 64, 32, 8, 3, "swap"), "fwd"), conv3d.act_l1(l1):
-        launch = capture(conv3d_forward, x, w, None, 1, 1, relu=True, residual=x)[0]
+    v = ConvVariant("tap", act_l1=l1, tiles={"fwd": (512, 64, 32, 8, 3, "swap")})
+    with v.active():
+        launch = capture(conv3d_forward, x, w, None, 1, 1, relu=True, residual=x, tiles=v.rule)[0]
     out.setdefault("plain" if not l1 else "l1", []).append(compiled(launch))
 out["loss"] = compiled(loss_forward_launches(65536, 512, "64,128,64,128,4,3")["forward"])
 out["loss_l1"] = compiled(loss_forward_launches(65536, 512, "64,128,64,128,4,3,8")["forward"])  # flag 8
@@ -48,6 +51,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.compiler
 def test_marked_forward_copies_allocate_in_l1_on_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", CODE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

@@ -22,7 +22,7 @@ import torch
 
 
 @contextmanager
-def _capturing(execute: bool = False):
+def capturing(execute: bool = False):
     """Every `kernel[grid](...)` launch is recorded; run as well when `execute`."""
     from triton.runtime.jit import KernelInterface
 
@@ -45,7 +45,7 @@ def _capturing(execute: bool = False):
 def capture(fn, *args, **kw) -> list:
     """Run `fn` (a kernel entry point) with its kernel launches recorded, not executed:
     [(kernel, grid, args, meta)]. Meta tensors keep shapes and strides at no cost."""
-    with _capturing() as launches:
+    with capturing() as launches:
         fn(*args, **kw)
     return launches
 
@@ -53,12 +53,12 @@ def capture(fn, *args, **kw) -> list:
 def trace_launches(fn, *args, **kw) -> list:
     """Run `fn` on real tensors and return its kernel launches as capture does, each replayable
     alone: `kernel[grid](*args, **meta)` (the benchmark times a block's launches this way)."""
-    with _capturing(execute=True) as launches:
+    with capturing(execute=True) as launches:
         fn(*args, **kw)
     return launches
 
 
-def _signature(kernel, args, meta):
+def signature(kernel, args, meta):
     """The specialisation Triton's JIT would make: tensors are 16-byte aligned pointers; ints
     divisible by 16 carry that fact; constexpr parameters (however passed), ints equal to 1 and
     None become constants."""
@@ -197,7 +197,7 @@ def report(kernel, grid, args, meta, arch: int = 90) -> dict:
 
     opts = {k: meta[k] for k in _OPTIONS if meta.get(k) is not None}
     kmeta = {k: v for k, v in meta.items() if k not in _OPTIONS}
-    k = triton.compile(_signature(kernel, args, kmeta), target=GPUTarget("cuda", arch, 128), options=opts)
+    k = triton.compile(signature(kernel, args, kmeta), target=GPUTarget("cuda", arch, 128), options=opts)
     loop = _loop_lines(k.asm["ttgir"])
     tma = [m.groups() for ln in loop if "async_tma_copy_global_to_local" in ln
            for m in [re.search(r"-> !ttg\.memdesc<(\d+)x(\d+)x(\w+),", ln)] if m]
@@ -226,79 +226,62 @@ def report(kernel, grid, args, meta, arch: int = 90) -> dict:
 
 
 def conv_block_launches(cin: int, cout: int, spatial, batch: int, stride: int = 1, dtype=torch.bfloat16,
-                        prologues: str | None = None, k_loop: str | None = None, swap_narrow: bool | None = None) -> dict:
-    """The GEMM launches of one BasicBlock conv (3^3, padding 1) as the fused block makes them
-    (conv3d_block.PROLOGUES unless `prologues` is given). "pass": forward with statistics, dgrad
-    with the ReLU/BN-reduction epilogue, dgrad adding a residual, plain wgrad. "kernel": forward
-    plain and with the BN-ReLU prologue + statistics; dgrad with the BN backward on dY and the
-    ReLU/BN-reduction epilogue; wgrad with the BN backward and the prologue on X. `k_loop`: the
-    forward's and dgrad's K loop (conv3d.K_LOOP unless given); `swap_narrow`: conv3d.SWAP_NARROW
-    unless given."""
-    from . import conv3d
+                        variant=None) -> dict:
+    """The GEMM launches of one BasicBlock conv (3^3, padding 1) as the fused block makes them:
+    forward with statistics, dgrad with the ReLU/BN-reduction epilogue, dgrad adding a residual,
+    plain wgrad; production's kernels, or a ConvVariant's (conv3d_variants.py)."""
+    from contextlib import nullcontext
 
-    swap = conv3d.SWAP_NARROW if swap_narrow is None else swap_narrow
-    with conv3d.k_loop(k_loop or conv3d.K_LOOP), conv3d.swap_narrow(swap):
-        return _block_launches(cin, cout, spatial, batch, stride, dtype, prologues)
-
-
-def _block_launches(cin, cout, spatial, batch, stride, dtype, prologues) -> dict:
-    from . import conv3d_block
-    from .conv3d import conv3d_dgrad, conv3d_forward, conv3d_wgrad
+    from kernels.conv3d import conv3d_dgrad, conv3d_forward, conv3d_wgrad
 
     x = torch.empty(batch, cin, *spatial, dtype=dtype, device="meta").contiguous(memory_format=torch.channels_last_3d)
     w = torch.empty(cout, cin, 3, 3, 3, dtype=dtype, device="meta")
     s3, p3 = (stride,) * 3, (1,) * 3
-    with _capturing():
-        y = conv3d_forward(x, w, None, s3, p3)  # its shape and layout only
-    vin, vout = (torch.empty(c, device="meta") for c in (cin, cout))
-    if (prologues or conv3d_block.PROLOGUES) == "pass":
+    vin = torch.empty(cin, device="meta")
+    kw = {"tiles": variant.rule} if variant is not None else {}
+    with variant.active() if variant is not None else nullcontext():
+        with capturing():
+            y = conv3d_forward(x, w, None, s3, p3, **kw)  # its shape and layout only
         return {
-            "fwd+stats": capture(conv3d_forward, x, w, None, s3, p3, stats=True)[0],
-            "dgrad+relu_bn": capture(conv3d_dgrad, y, w, x.shape, s3, p3, dtype, relu_bn=(x, vin, vin, vin))[0],
-            "dgrad+residual": capture(conv3d_dgrad, y, w, x.shape, s3, p3, dtype, residual=x)[0],
-            "wgrad": capture(conv3d_wgrad, x, y, w.shape, s3, p3, dtype)[0],
+            "fwd+stats": capture(conv3d_forward, x, w, None, s3, p3, stats=True, **kw)[0],
+            "dgrad+relu_bn": capture(conv3d_dgrad, y, w, x.shape, s3, p3, dtype, relu_bn=(x, vin, vin, vin), **kw)[0],
+            "dgrad+residual": capture(conv3d_dgrad, y, w, x.shape, s3, p3, dtype, residual=x, **kw)[0],
+            "wgrad": capture(conv3d_wgrad, x, y, w.shape, s3, p3, dtype, **kw)[0],
         }
-    return {
-        "fwd": capture(conv3d_forward, x, w, None, s3, p3)[0],
-        "fwd+bn_prologue+stats": capture(conv3d_forward, x, w, None, s3, p3, in_scale=vin, in_shift=vin,
-                                         stats=True)[0],
-        "dgrad+bn_bwd+relu_bn": capture(conv3d_dgrad, y, w, x.shape, s3, p3, dtype, bn_bwd=(y, vout, vout, vout),
-                                        relu_bn=(x, vin, vin, vin))[0],
-        "wgrad+bn_bwd+prologue": capture(conv3d_wgrad, x, y, w.shape, s3, p3, dtype, bn_bwd=(y, vout, vout, vout),
-                                         in_scale=vin, in_shift=vin)[0],
-    }
+
+
+def _loss_inputs(b: int, d: int, dtype):
+    I = torch.empty(b, d, dtype=dtype, device="meta")
+    g = torch.empty(b, dtype=torch.int32, device="meta")
+    return I, g, torch.empty(b, device="meta"), torch.empty(1, device="meta")
 
 
 def loss_forward_launches(b: int, d: int, tiles: str, dtype=torch.bfloat16) -> dict:
     """The contrastive loss's forward kernel at batch b, width d, under `tiles`
-    ("BM,BN,BK,BD,warps,stages[,flag]")."""
-    from . import contrastive_triton as ct
+    ("BM,BN,BK,BD,warps,stages[,flag[,maxnreg]]", loss_variants.py; flag 0 is production's loop)."""
+    from .loss_variants import launch_forward
 
-    I = torch.empty(b, d, dtype=dtype, device="meta")
-    g = torch.empty(b, dtype=torch.int32, device="meta")
-    s = torch.empty(1, device="meta")
-    (launch,) = capture(ct._launch_forward, I, I, s, g, g, True, ct._as_tiles([int(x) for x in tiles.split(",")], d))
+    I, g, _, s = _loss_inputs(b, d, dtype)
+    (launch,) = capture(launch_forward, I, I, s, g, g, True, tiles)
     return {"forward": launch}
 
 
-def loss_backward_launches(b: int, d: int, dtype=torch.bfloat16) -> dict:
+def loss_backward_launches(b: int, d: int, tiles: str = "64,64,64,512,8,2,1", dtype=torch.bfloat16) -> dict:
     """The contrastive loss's two backward passes (dI over row blocks, dT over column blocks) at
-    batch b, width d, with the GPU's default backward tile (CTVLP_CLIP_BWD_TILES when set)."""
-    from .contrastive_triton import pick_tiles, triton_backward
+    batch b, width d, under `tiles` (default: production's FULL tile; flag 5 adds TMA)."""
+    from .loss_variants import triton_backward
 
-    I = torch.empty(b, d, dtype=dtype, device="meta")
-    g = torch.empty(b, dtype=torch.int32, device="meta")
-    lse, s = torch.empty(b, device="meta"), torch.empty(1, device="meta")
-    rows, cols = capture(triton_backward, I, I, s, g, g, lse, lse, lse, 1.0 / b, tiles=pick_tiles(d, dtype, "bwd"))
+    I, g, lse, s = _loss_inputs(b, d, dtype)
+    rows, cols = capture(triton_backward, I, I, s, g, g, lse, lse, lse, 1.0 / b, tiles=tiles)
     return {"rows (dI)": rows, "cols (dT)": cols}
 
 
-def loss_panel_launches(b: int, d: int, dtype=torch.bfloat16) -> dict:
-    """The panel backward's three kernels (G tile, dI GEMM, dT GEMM) for the first panel."""
-    from .contrastive_panel import panel_backward
+def loss_panel_launches(b: int, d: int, config=None, dtype=torch.bfloat16) -> dict:
+    """The panel backward's three kernels (G tile, dI GEMM, dT GEMM) for the first panel, under a
+    PanelConfig (default tiles unless given)."""
+    from .panel import PanelConfig, panel_backward
 
-    I = torch.empty(b, d, dtype=dtype, device="meta")
-    g = torch.empty(b, dtype=torch.int32, device="meta")
-    lse, s = torch.empty(b, device="meta"), torch.empty(1, device="meta")
-    grad, di, dt = capture(panel_backward, I, I, s, g, g, lse, lse, lse, 1.0 / b, mm="triton")[:3]
+    I, g, lse, s = _loss_inputs(b, d, dtype)
+    cfg = PanelConfig(config.grad, config.mm_tiles, config.rows, "triton") if config else PanelConfig()
+    grad, di, dt = capture(panel_backward, I, I, s, g, g, lse, lse, lse, 1.0 / b, config=cfg)[:3]
     return {"G tile": grad, "dI = G T": di, "dT += G^T I": dt}

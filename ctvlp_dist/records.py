@@ -17,7 +17,7 @@ SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp
 ISA_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR")
 
 
-def _cpu(cpuinfo: str | Path = "/proc/cpuinfo") -> tuple[str, list[str]]:
+def cpu_info(cpuinfo: str | Path = "/proc/cpuinfo") -> tuple[str, list[str]]:
     """The CPU's model name and which of SIMD_FLAGS it has (x86 "flags", Arm "Features")."""
     name, flags = platform.processor() or "", set()
     try:
@@ -40,7 +40,7 @@ def environment() -> dict:
     import numpy
     import torch
 
-    cpu, simd = _cpu()
+    cpu, simd = cpu_info()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     try:
         import triton

@@ -47,7 +47,7 @@ def l2_read_reference(x: torch.Tensor, reads: int, programs: int) -> torch.Tenso
 def l2_read_GBps(mb: int = 16, reads: int = 256) -> float:
     """The L2 read rate on the current GPU: an `mb` MB buffer (well inside H100's 50 MB L2) read
     by 8 programs per SM, CUDA events, median of 10."""
-    from ._device import num_sms
+    from kernels.device import num_sms
 
     x = torch.randn(mb * 2 ** 20 // 2, device="cuda", dtype=torch.bfloat16)
     programs = 8 * num_sms(x.device)
