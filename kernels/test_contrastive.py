@@ -11,7 +11,7 @@ from kernels.contrastive_triton import ClipTiles
 
 CUDA = torch.cuda.is_available()
 CPU_IMPLS = ["torch"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
-# ||out - ref|| / ||ref|| bounds (METHOD.md): fp32 far under 1e-3, tf32 ~3e-4, fp16/bf16 1e-3..1e-2.
+# ||out - ref|| / ||ref|| bounds: fp32 far under 1e-3, tf32 ~3e-4, fp16/bf16 1e-3..1e-2.
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 
 

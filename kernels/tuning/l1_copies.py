@@ -3,7 +3,7 @@
 Triton lowers every 16-byte `cp.async` to `.cg`, which bypasses L1, whatever `tl.load`'s
 `cache_modifier` says (checked with Triton 3.6.0 and 3.7.1). For the convolutions' implicit GEMM
 that matters: each activation is read once per tap, and neighbouring taps read nearly the same
-lines, so at layer1 a forward moves about 14-19 GB through L2 (ctvlp_dist.bench.conv.fwd_l2_bytes),
+lines, so at layer1 a forward moves about 14-19 GB through L2 (bench_conv.fwd_l2_bytes),
 where L1 hits could serve the kw-neighbours' re-reads. The mark survives to the TTGIR
 (`cacheModifier = ca` on the async copy), and the PTX ISA allows 16-byte `cp.async.ca`. So
 `install()` adds a compile-stage hook: in a kernel whose TTGIR marks an async copy `.ca`, every
