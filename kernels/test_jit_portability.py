@@ -3,7 +3,7 @@ accepts, so that a kernel that compiles here cannot fail on the chip for that re
 import ast
 from pathlib import Path
 
-KERNELS = sorted(Path(__file__).parent.glob("*.py"))
+KERNELS = sorted(Path(__file__).parent.rglob("*.py"))  # production and kernels/tuning/
 
 
 def _jit_functions(tree):
