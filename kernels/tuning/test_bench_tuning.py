@@ -134,7 +134,8 @@ def test_forward_l2_bytes_count_each_tiles_re_reads():
 @pytest.mark.compiler
 def test_bench_loss_ptx_records_what_tma_loads_change(tmp_path):
     """The loss kernels compiled for sm_90a here (no GPU), each tile with and without TMA loads
-    side by side: TMA replaces the async copies, spills nothing, and never needs more registers."""
+    side by side: TMA replaces the async copies and never needs more registers; the forward and G
+    tiles spill nothing with it, and the two backward passes spill less in all."""
     from kernels.tuning.bench_loss import PTX_BWD, PTX_FWD, PTX_GRAD
 
     r, rec = _bench("kernels.tuning.bench_loss", tmp_path, interpret=False)
@@ -144,9 +145,15 @@ def test_bench_loss_ptx_records_what_tma_loads_change(tmp_path):
         roles.setdefault(x["kernel_role"], []).append(x)
     assert [x["tiles"] for x in roles["forward"]] == PTX_FWD and [x["tiles"] for x in roles["panel G tile"]] == PTX_GRAD
     assert [x["tiles"] for x in roles["backward cols (dT)"]] == PTX_BWD
-    for rows in roles.values():
+    spills = {"plain": 0, "tma": 0}
+    for role, rows in roles.items():
         for plain, tma in zip(rows[::2], rows[1::2]):  # each pair differs only in the TMA bit
             assert plain["loop_async_loads"] > tma["loop_async_loads"] and plain["loop_tma_loads"] == 0, plain
-            assert tma["loop_tma_loads"] > 0 and tma["spill_store_bytes"] == 0, tma
-            assert tma["registers"] <= plain["registers"], (plain, tma)
+            assert tma["loop_tma_loads"] > 0 and tma["registers"] <= plain["registers"], (plain, tma)
+            if role.startswith("backward"):  # 3.7.1: dI 36 B -> 0, dT 0; 3.6.0: dI 64 -> 0, dT 0 -> 28 B
+                spills["plain"] += plain["spill_store_bytes"]
+                spills["tma"] += tma["spill_store_bytes"]
+            else:
+                assert tma["spill_store_bytes"] == 0, tma
+    assert spills["tma"] < spills["plain"], spills  # TMA spills less in all, under either version
     assert "| kernel_role | tiles | registers |" in r.stdout
