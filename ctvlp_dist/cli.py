@@ -173,6 +173,12 @@ def cmd_train(args) -> int:
             "backward_s", "optimizer_s", "mfu"]
     print(markdown_table([{k: _fmt(s.get(k, last.get(k))) for k in keys}], keys))
     print(json.dumps(s))
+    if s.get("stopped"):
+        from .train.stop import EXIT_CODES
+
+        print(f"stopped on request ({s['stopped']}) after step {s['steps']} of {s['total_steps']}, with a checkpoint; "
+              f"run the same command again (train.resume=auto) to go on")
+        return EXIT_CODES[s["stopped"]]
     print(f"{s['steps']} steps of {s['stage']} on {s['workers']} workers; weights: {s['export']}; "
           f"metrics: {cfg.train.out}/metrics.jsonl")
     return 0

@@ -18,6 +18,7 @@ from pathlib import Path
 from ..config import config_to_dict
 from .faults import forwarded_env
 from .loop import run_worker
+from .stop import DriverStop
 
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
 
@@ -120,11 +121,13 @@ def train_ray(cfg) -> dict:
     stop = threading.Event()
     follower = threading.Thread(target=_follow, args=(out / "metrics.jsonl", tc.steps, stop, tc.progress), daemon=True)
     follower.start()
+    signals = DriverStop(str(out))  # SIGUSR1 / SIGTERM: every worker stops after the same step, checkpointed
     try:
         result = trainer.fit()
     finally:
         stop.set()
         follower.join()
+        signals.close()
     summary = json.loads((out / "summary.json").read_text())
     summary["ray_checkpoint"] = result.checkpoint.path if result.checkpoint else None
     return summary

@@ -28,6 +28,7 @@ from .faults import maybe_fail
 from .metrics import StepTimer, TrainMetrics
 from .optim import build_optimizer
 from .step import STAGES
+from .stop import StepStop
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +173,7 @@ def run_worker(cfg_dict: dict, sink: str = "folder") -> dict:
         log.info("resumed from %s at step %d", resumed_from, step)
     set_bn_mode(engine.module, tc.bn_mode, _image_locked(tc))
 
+    stopper = StepStop(tc.out, sink == "ray")  # SIGUSR1 / SIGTERM from here on: a checkpointed stop
     precision = resolve_precision(tc.precision, tc.use_gpu)
     peak = (tc.peak_tflops or device_peak_tflops(precision)) * 1e12
     metrics = TrainMetrics(out, total, step, world, image_tower_train_flops(cfg.model, tuple(cfg.loader.crop)), peak,
@@ -183,6 +185,7 @@ def run_worker(cfg_dict: dict, sink: str = "folder") -> dict:
     timer = StepTimer(cuda=tc.use_gpu)
     gb = cfg.loader.batch_size * accum * world
     t0, loss, row = time.perf_counter(), float("nan"), {}
+    stopped, saved = None, None
     try:
         while step < total:
             maybe_fail(step + 1, rank, world, resumed_from is not None)
@@ -196,9 +199,15 @@ def run_worker(cfg_dict: dict, sink: str = "folder") -> dict:
                 row = metrics.record(step, loader.epoch, loss, sched.get_last_lr()[0], scale, gb, phases)
             if tc.ckpt_every and step % tc.ckpt_every == 0 and step < total:
                 save(step, {"loss": loss})
-        save(step, {"loss": loss})
+                saved = step
+            stopped = stopper.agreed()  # every rank, after every step: all stop after the same one
+            if stopped:
+                log.warning("rank %d: stopping after step %d (%s), with a checkpoint", rank, step, stopped)
+                break
+        if saved != step:
+            save(step, {"loss": loss})
         export = None
-        if tc.export:
+        if tc.export and not stopped:
             export = export_model(engine, cfg, out / "model.safetensors", {"stage": tc.stage, "step": step})
     finally:
         batches.close()
@@ -207,7 +216,8 @@ def run_worker(cfg_dict: dict, sink: str = "folder") -> dict:
     summary = {"stage": tc.stage, "steps": step, "total_steps": total, "steps_per_epoch": per_epoch,
                "global_batch": gb, "micro_batch": cfg.loader.batch_size, "accumulation": accum, "workers": world,
                "zero_stage": tc.zero_stage, "precision": precision, "final_loss": loss, "resumed_from": resumed_from,
-               "seconds": time.perf_counter() - t0, "export": str(export) if export else None, "last": row}
+               "seconds": time.perf_counter() - t0, "export": str(export) if export else None, "last": row,
+               "stopped": stopped}
     if rank == 0:
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
