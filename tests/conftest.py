@@ -80,6 +80,13 @@ def train_cohort(tmp_path_factory) -> tuple[Path, Path]:
     return data, labels
 
 
+def metric_rows(run: Path) -> list[dict]:
+    """The per-step rows of a training run's metrics.jsonl."""
+    import json
+
+    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
 def run_ctvlp(*args: str, timeout: float = 600, env: dict | None = None):
     """The real CLI in a fresh process (Ray, DeepSpeed and torch.distributed never touch pytest's)."""
     import subprocess

@@ -8,15 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .conftest import ROOT, run_ctvlp
+from .conftest import ROOT, metric_rows, run_ctvlp
 
 # Tests that start a local Ray cluster share one xdist worker, so no two clusters run at once.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 CONFIG = str(ROOT / "configs" / "train_tiny_cpu.yaml")
-
-
-def _rows(run) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_ray_zero2_kill_and_exact_resume(train_cohort, tmp_path):
@@ -27,9 +23,9 @@ def test_ray_zero2_kill_and_exact_resume(train_cohort, tmp_path):
     run_ctvlp("train", "--config", CONFIG, f"train.out={a}", *common)
     p = run_ctvlp("train", "--config", CONFIG, f"train.out={b}", "train.max_failures=1", *common,
                   env={"CTVLP_TEST_FAIL_AT_STEP": "4"})
-    ref = {r["step"]: r for r in _rows(a)}
+    ref = {r["step"]: r for r in metric_rows(a)}
     assert sorted(ref) == [1, 2, 3, 4]
-    got = _rows(b)
+    got = metric_rows(b)
     # attempt 1: steps 1, 2 (checkpoint), 3, then rank 1 dies; attempt 2 resumes at 2: steps 3, 4
     assert [r["step"] for r in got] == [1, 2, 3, 3, 4]
     for r in got:

@@ -12,13 +12,9 @@ import time
 import torch
 from safetensors.torch import load_file
 
-from .conftest import ROOT, run_ctvlp
+from .conftest import ROOT, metric_rows, run_ctvlp
 
 CONFIG = str(ROOT / "configs" / "train_tiny_cpu.yaml")
-
-
-def _rows(run) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_usr1_stops_at_a_step_with_a_checkpoint_and_the_run_resumes_exactly(train_cohort, tmp_path):
@@ -45,8 +41,8 @@ def test_usr1_stops_at_a_step_with_a_checkpoint_and_the_run_resumes_exactly(trai
     run_ctvlp("train", "--config", CONFIG, f"train.out={run}", *common)  # the requeued job
     final = json.loads((run / "summary.json").read_text())
     assert final["steps"] == 4 and final["stopped"] is None and final["resumed_from"].endswith(f"step_{first['steps']:08d}")
-    want = {r["step"]: r["loss"] for r in _rows(ref)}
-    got = _rows(run)
+    want = {r["step"]: r["loss"] for r in metric_rows(ref)}
+    got = metric_rows(run)
     assert [r["step"] for r in got] == [1, 2, 3, 4]  # each step once: the stop fell on a step boundary
     assert all(r["loss"] == want[r["step"]] for r in got), (got, want)  # bit for bit
     wa, wb = load_file(str(ref / "model.safetensors")), load_file(str(run / "model.safetensors"))
