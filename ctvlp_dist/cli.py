@@ -220,6 +220,12 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_launch(args) -> int:
+    from launcher.cli import main as launch_main
+
+    return launch_main([args.target, *args.rest])
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ctvlp", description="Train CT vision-language models at scale: "
                                  "shards -> loader -> model -> loss -> engine -> metrics.", epilog=EPILOG)
@@ -351,6 +357,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     cmds["demo"] = cmd_demo
 
+    p = sub.add_parser("launch", help="run any command on a SLURM cluster (sbatch), or try a multi-node Ray here",
+                       description="`ctvlp launch slurm [--dry-run] <command> ...` renders and submits an sbatch "
+                                   "script from the config's launch: section; `ctvlp launch slurm status|cancel|logs "
+                                   "JOBID`; `ctvlp launch ray-local --nodes N [-- command]`. `ctvlp launch slurm "
+                                   "--help` and `ctvlp launch ray-local --help` say more.",
+                       epilog=_keys_epilog("launch"))
+    p.add_argument("target", choices=["slurm", "ray-local"])
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="the target's arguments")
+    cmds["launch"] = cmd_launch
+
     p = sub.add_parser("config", help="show the resolved config, or list every key",
                        description="`ctvlp config show [--config F] [overrides]` prints the resolved YAML; "
                                    "`ctvlp config keys` lists every valid key.")
@@ -365,6 +381,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     ap = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["launch"] and len(argv) > 1 and argv[1] in ("slurm", "ray-local"):
+        return _guarded("launch", lambda: cmd_launch(argparse.Namespace(target=argv[1], rest=argv[2:])))
     # `section.key=value` may stand anywhere after the command; argparse cannot interleave
     # a variadic positional with flags, so lift the overrides out first.
     over = [a for a in argv if OVERRIDE_RE.match(a)]
@@ -376,10 +394,14 @@ def main(argv=None) -> int:
     if not args.command:
         ap.print_help()
         return 0
+    return _guarded(args.command, lambda: args._cmds[args.command](args))
+
+
+def _guarded(command: str, fn: Callable[[], int]) -> int:
     try:
-        return args._cmds[args.command](args)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"ctvlp {args.command}: error: {e}", file=sys.stderr)
+        return fn()
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"ctvlp {command}: error: {e}", file=sys.stderr)
         return 2
 
 

@@ -176,3 +176,17 @@ def test_text_group_ids_equal_exactly_for_identical_texts():
     assert g.dtype == torch.int64 and g[0] == g[2] and len({int(x) for x in g}) == 3
     assert torch.equal(g, text_group_ids(["No pleural effusion.", "Cardiomegaly is present.", "No pleural effusion.",
                                           "no pleural effusion."]))  # stable: ranks hash alike
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_starting_an_epoch_leaves_the_global_rng_alone(cohort_npy, num_workers):
+    """A run resumed mid-epoch starts a fresh iterator where the uninterrupted run did not: if that
+    drew from torch's global RNG, the model's dropout masks (and losses) would differ after resume."""
+    loader = CTLoader(cohort_npy, LoaderConfig(batch_size=2, num_workers=num_workers, crop=(8, 16, 16)), split="train")
+    torch.manual_seed(11)
+    want = torch.rand(4)
+    torch.manual_seed(11)
+    it = iter(loader)
+    next(it)
+    it.close()
+    assert torch.equal(torch.rand(4), want)

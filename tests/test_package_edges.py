@@ -56,10 +56,19 @@ def test_no_module_imports_another_modules_private_names():
 def test_production_reads_no_ctvlp_environment_variables():
     """Kernel tiles and variants come through arguments (the config's `kernels:` section), not
     environment strings. Two CTVLP_ variables remain, neither a kernel switch: the model cache's
-    folder (like XDG_CACHE_HOME) and the resume test's fault injection."""
-    found = {}
+    folder (like XDG_CACHE_HOME) and the resume test's fault injection. The launcher's Python only
+    sets the variables of its node script's documented interface (launcher/ray_node.sh), for the
+    job's shell; it reads none."""
+    import re
+
+    found, node_vars = {}, set(re.findall(r"CTVLP_[A-Z0-9_]+", (ROOT / "launcher" / "ray_node.sh").read_text()))
     for rel, text in _sources():
-        for name in sorted(set(__import__("re").findall(r"CTVLP_[A-Z0-9_]+", text))):
+        names = set(re.findall(r"CTVLP_[A-Z0-9_]+", text))
+        if rel.parts[0] == "launcher":
+            assert names <= node_vars | {"CTVLP_NODE_SCRIPT"}, (rel, names - node_vars)  # the heredoc's delimiter
+            assert not re.search(r"environ(\.get\(|\[)[\"']CTVLP_", text), rel
+            continue
+        for name in sorted(names):
             found.setdefault(name, []).append(str(rel))
     assert found == {"CTVLP_CACHE": ["ctvlp_dist/labels/model_prep.py"],
                      "CTVLP_TEST_FAIL_AT_STEP": ["ctvlp_dist/train/faults.py"]}, found

@@ -3,6 +3,7 @@ counted FLOPs of the image tower (vs torch's FlopCounterMode), MFU, and the metr
 import json
 import math
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -156,3 +157,34 @@ def test_locked_image_tower_keeps_weights_and_statistics():
     after = m.state_dict()
     moved = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
     assert "image" not in moved and {"image_proj", "classifier"} <= moved  # BN buffers are in the state dict
+
+
+def _shared_check_rank(rank: int, world: int, store: str, folders: list[str], result: str) -> None:
+    import torch.distributed as dist
+
+    from ctvlp_dist.train.loop import check_shared_storage
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        out = f"nodes={check_shared_storage(Path(folders[rank]), rank)}"
+    except RuntimeError as e:
+        out = f"error: {e}"
+    Path(f"{result}.{rank}").write_text(out)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_train_out_must_be_seen_by_every_rank(tmp_path, shared):
+    """Two ranks (gloo, two processes). One host has one filesystem, so a node-local train.out is
+    played by giving rank 1 another folder at the same place: both ranks must fail, saying what to do."""
+    import torch.multiprocessing as mp
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    b.mkdir()
+    folders = [str(a), str(a if shared else b)]
+    mp.spawn(_shared_check_rank, args=(2, str(tmp_path / "store"), folders, str(tmp_path / "result")), nprocs=2)
+    got = [(tmp_path / f"result.{r}").read_text() for r in range(2)]
+    if shared:
+        assert got == ["nodes=1", "nodes=1"] and not list(a.glob(".shared-check-*"))
+    else:
+        assert all(g.startswith("error: train.out=") and "rank(s) [1]" in g and "every node mounts" in g for g in got), got

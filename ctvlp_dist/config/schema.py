@@ -131,7 +131,7 @@ class LabelConfig:
     key_column: Optional[str] = None  # CSV: default detects AccessionNo / VolumeName / key
     text_column: Optional[str] = None  # CSV: default detects report_text, or Findings_EN + Impressions_EN
     scoring: Literal["yesno", "json"] = "yesno"  # yesno: P(yes) per finding | json: schema-constrained JSON, value-token logprobs
-    engines: int = 1  # vLLM engine actors
+    engines: int = 1  # vLLM engine actors; 0: fill the Ray cluster, one per tensor_parallel_size GPUs of each node
     batch_size: int = 8  # reports per engine call
     tensor_parallel_size: int = 1
     max_model_len: int = 2048
@@ -284,6 +284,35 @@ class KernelsConfig:
 
 
 @dataclass
+class LaunchConfig:
+    """`ctvlp launch slurm`: the allocation of the sbatch script and what runs on it
+    (launcher/slurm.py). Values in #SBATCH lines must be single words (sbatch parses them, not
+    bash); everything else in the script is shell-quoted."""
+
+    nodes: int = 1
+    gpus_per_node: int = 0
+    cpus_per_node: int = 0  # --cpus-per-task of the one task per node, and Ray's --num-cpus there (0: SLURM's default)
+    workers_per_node: int = 0  # training workers per node: 0 = gpus_per_node, or 1 without GPUs
+    mem: str = ""  # per node, e.g. 256G ("": the partition's default)
+    time: str = ""  # the time limit, e.g. 24:00:00 ("": the partition's default)
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    constraint: str = ""
+    exclusive: bool = False
+    job_name: str = "ctvlp"
+    output: str = "runs/slurm"  # on shared storage: <output>/<job id>.out (the log) and <output>/<job id>/ (token, node script)
+    setup: tuple[str, ...] = ()  # shell lines run first (module load, source venv/bin/activate); empty: this Python's venv
+    engine: Literal["ray", "ray-symmetric", "torchrun"] = "ray"  # ray: ray start per node | ray-symmetric: ray symmetric-run | torchrun (train only)
+    ray_port: int = 0  # first of the job's 1000 ports; 0: 20000 + (job id % 10) x 1000, so jobs sharing a node differ
+    ray_tmpdir: str = "/tmp/ctvlp-ray"  # node-local; the job uses <ray_tmpdir>/<job id>/<node index>
+    node_wait_s: int = 300  # how long the job waits for every node to join Ray
+    requeue: bool = True  # on SIGUSR1 (time limit or preemption near) stop with a checkpoint, then `scontrol requeue`
+    signal_grace_s: int = 300  # --signal=B:USR1@<grace>: seconds of warning before the time limit
+    rdzv_port: int = 29500  # torchrun's c10d rendezvous on the head node
+
+
+@dataclass
 class Config:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
@@ -298,3 +327,4 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)

@@ -177,8 +177,13 @@ class CTLoader:
         ds = self.dataset
         ds.batches, ds.start, ds.epoch = batches, self.consumed, self.epoch
         nw = self.cfg.num_workers
+        # A private generator: starting an iterator draws its base seed from it, not from the global
+        # torch RNG that the model's dropout uses, so a run resumed mid-epoch (a fresh iterator) draws
+        # the same dropout masks as the uninterrupted run.
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.epoch * 101 + self.rank)
         dl = DataLoader(ds, batch_size=None, num_workers=nw, worker_init_fn=_worker_init if nw else None,
-                        prefetch_factor=self.cfg.prefetch_factor if nw else None, persistent_workers=False)
+                        prefetch_factor=self.cfg.prefetch_factor if nw else None, persistent_workers=False,
+                        generator=gen)
         for batch in dl:
             self.consumed += 1
             yield batch

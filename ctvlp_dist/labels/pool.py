@@ -20,8 +20,22 @@ from ..ray_cluster import init_ray
 log = logging.getLogger(__name__)
 
 
+def engine_count(nodes: list[dict], tensor_parallel_size: int, threads_per_engine: int, gpu: bool) -> int:
+    """label.engines=0 fills the cluster: on each alive node, one engine per tensor_parallel_size
+    GPUs (an engine never spans nodes: leftover GPUs of a node stay idle), or on CPU one per
+    threads_per_engine CPUs."""
+    per = max(1, tensor_parallel_size if gpu else threads_per_engine)
+    kind = "GPU" if gpu else "CPU"
+    total = sum(int(n.get("Resources", {}).get(kind, 0)) // per for n in nodes if n.get("Alive"))
+    if total == 0:
+        raise ValueError(f"label.engines=0 found no node with {per} {kind}s for one engine; lower "
+                         f"label.{'tensor_parallel_size' if gpu else 'threads_per_engine'} or set label.engines")
+    return total
+
+
 def run_pool(batches: list[list[tuple[str, str]]], *, model: str, cfg, gpu: bool,
-             on_rows: Callable[[list[dict]], None], on_restart: Callable[[], None] = lambda: None) -> None:
+             on_rows: Callable[[list[dict]], None], on_restart: Callable[[], None] = lambda: None) -> int:
+    """Label every batch; the number of engines it ran."""
     import ray
     from ray.exceptions import RayActorError
 
@@ -34,7 +48,9 @@ def run_pool(batches: list[list[tuple[str, str]]], *, model: str, cfg, gpu: bool
     Actor = ray.remote(**opts)(LabelEngine)
     actors = [Actor.remote(model, cfg.label_set, cfg.scoring, max_model_len=cfg.max_model_len,
                            max_tokens=cfg.max_tokens, retries=cfg.retries, tensor_parallel_size=cfg.tensor_parallel_size,
-                           dtype=cfg.dtype, seed=cfg.seed, load_format=cfg.load_format) for _ in range(cfg.engines)]
+                           dtype=cfg.dtype, seed=cfg.seed, load_format=cfg.load_format)
+              for _ in range(cfg.engines or engine_count(ray.nodes(), cfg.tensor_parallel_size, cfg.threads_per_engine,
+                                                         gpu))]
     queue = deque((b, 0) for b in batches)
     inflight: dict = {}
     incarnation = [0] * len(actors)  # bumped when a worker is known dead and has come back
@@ -82,6 +98,7 @@ def run_pool(batches: list[list[tuple[str, str]]], *, model: str, cfg, gpu: bool
     finally:
         for a in actors:
             ray.kill(a, no_restart=True)
+    return len(actors)
 
 
 def _wait_ready(actor, timeout: float = 900.0) -> bool:

@@ -72,7 +72,7 @@ def run_label(cfg, progress: bool = True) -> dict:
     todo = [(k, t) for k, t in reports if k not in done]
     acct = Accounting(lc.backend, lc.metrics_port, lc.metrics_addr)
     bar = tqdm(total=len(todo), desc=f"label ({lc.backend})", unit="report", disable=not progress)
-    gpu = False
+    gpu, engines = False, lc.engines
 
     def on_rows(rows):
         out = [_to_row(r, ls.names, lc.backend, model_id, h, lc.threshold, lc.uncertain_band) for r in rows]
@@ -96,10 +96,10 @@ def run_label(cfg, progress: bool = True) -> dict:
 
             gpu = torch.cuda.is_available()
             batches = [todo[i:i + lc.batch_size] for i in range(0, len(todo), lc.batch_size)]
-            run_pool(batches, model=model_path, cfg=lc, gpu=gpu, on_rows=on_rows, on_restart=acct.restart)
+            engines = run_pool(batches, model=model_path, cfg=lc, gpu=gpu, on_rows=on_rows, on_restart=acct.restart)
     finally:
         bar.close()
-    summary = acct.summary(device=_device(gpu), workers=lc.engines if lc.backend == "vllm" else 1,
+    summary = acct.summary(device=_device(gpu), workers=engines if lc.backend == "vllm" else 1,
                            devices_per_worker=lc.tensor_parallel_size if lc.backend == "vllm" else 1,
                            price_per_device_hour=lc.price_per_gpu_hour)
     summary.update({"reports_in": len(reports), "skipped_already_labelled": len(done), "model": model_id,

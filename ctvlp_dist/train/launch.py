@@ -8,17 +8,16 @@ torchrun / deepspeed: `torchrun --nproc-per-node N -m ctvlp_dist.train.worker --
 """
 from __future__ import annotations
 
-import json
 import os
 import socket
-import threading
 import time
 from pathlib import Path
 
 from ..config import config_to_dict
 from .faults import forwarded_env
+from .channel import DriverChannel
 from .loop import run_worker
-from .stop import DriverStop
+from .stop import StopRequest
 
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
 
@@ -77,29 +76,6 @@ def _ray_worker(config: dict) -> None:
     run_worker(config, sink="ray")
 
 
-def _follow(path: Path, total: int, stop: threading.Event, enabled: bool) -> None:
-    """The driver's progress bar, fed by rank 0's metrics.jsonl (Ray workers have no terminal)."""
-    from tqdm import tqdm
-
-    bar = tqdm(total=total or None, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)
-    pos = path.stat().st_size if path.exists() else 0
-    while not stop.is_set():
-        time.sleep(0.5)
-        if not path.exists():
-            continue
-        with open(path) as f:
-            f.seek(pos)
-            chunk = f.read()
-        lines = chunk.split("\n")
-        pos += len(chunk) - len(lines[-1])
-        for line in lines[:-1]:
-            row = json.loads(line)
-            bar.n = row["step"]
-            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", refresh=False)
-            bar.refresh()
-    bar.close()
-
-
 def train_ray(cfg) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -118,16 +94,15 @@ def train_ray(cfg) -> dict:
         run_config=RunConfig(name=name, storage_path=str(out / "ray"),
                              failure_config=FailureConfig(max_failures=tc.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=max(1, tc.keep_checkpoints))))
-    stop = threading.Event()
-    follower = threading.Thread(target=_follow, args=(out / "metrics.jsonl", tc.steps, stop, tc.progress), daemon=True)
-    follower.start()
-    signals = DriverStop(str(out))  # SIGUSR1 / SIGTERM: every worker stops after the same step, checkpointed
+    # SIGUSR1 / SIGTERM: every worker stops after the same step, checkpointed; rank 0's rows and
+    # summary come back through the channel, not through its files.
+    channel = DriverChannel(str(out), StopRequest().install(), tc.steps, tc.progress)
     try:
         result = trainer.fit()
+        summary = channel.summary()
     finally:
-        stop.set()
-        follower.join()
-        signals.close()
-    summary = json.loads((out / "summary.json").read_text())
+        channel.close()
+    if summary is None:
+        raise RuntimeError(f"the run ended without a summary from rank 0; see {out / 'ray'} for Ray Train's logs")
     summary["ray_checkpoint"] = result.checkpoint.path if result.checkpoint else None
     return summary

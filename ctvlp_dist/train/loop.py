@@ -28,6 +28,7 @@ from .faults import maybe_fail
 from .metrics import StepTimer, TrainMetrics
 from .optim import build_optimizer
 from .step import STAGES
+from .channel import worker_channel
 from .stop import StepStop
 
 log = logging.getLogger(__name__)
@@ -146,6 +147,7 @@ def run_worker(cfg_dict: dict, sink: str = "folder") -> dict:
     if tc.use_gpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     out = Path(tc.out)
+    nodes = check_shared_storage(out, rank, sink == "ray")
 
     _seed_all(tc.seed)  # the same initial weights on every rank
     model = build_model(cfg.model, cfg.kernels)
@@ -173,7 +175,8 @@ def run_worker(cfg_dict: dict, sink: str = "folder") -> dict:
         log.info("resumed from %s at step %d", resumed_from, step)
     set_bn_mode(engine.module, tc.bn_mode, _image_locked(tc))
 
-    stopper = StepStop(tc.out, sink == "ray")  # SIGUSR1 / SIGTERM from here on: a checkpointed stop
+    channel = worker_channel(tc.out) if sink == "ray" and rank == 0 else None  # the Ray driver's line
+    stopper = StepStop(channel)  # SIGUSR1 / SIGTERM from here on: a checkpointed stop
     precision = resolve_precision(tc.precision, tc.use_gpu)
     peak = (tc.peak_tflops or device_peak_tflops(precision)) * 1e12
     metrics = TrainMetrics(out, total, step, world, image_tower_train_flops(cfg.model, tuple(cfg.loader.crop)), peak,
@@ -197,6 +200,8 @@ def run_worker(cfg_dict: dict, sink: str = "folder") -> dict:
             scale = _logit_scale(engine) if tc.stage == "clip" else None
             if metrics:
                 row = metrics.record(step, loader.epoch, loss, sched.get_last_lr()[0], scale, gb, phases)
+                if channel is not None:
+                    channel.push.remote(row)
             if tc.ckpt_every and step % tc.ckpt_every == 0 and step < total:
                 save(step, {"loss": loss})
                 saved = step
@@ -215,12 +220,49 @@ def run_worker(cfg_dict: dict, sink: str = "folder") -> dict:
             metrics.close()
     summary = {"stage": tc.stage, "steps": step, "total_steps": total, "steps_per_epoch": per_epoch,
                "global_batch": gb, "micro_batch": cfg.loader.batch_size, "accumulation": accum, "workers": world,
-               "zero_stage": tc.zero_stage, "precision": precision, "final_loss": loss, "resumed_from": resumed_from,
+               "nodes": nodes, "zero_stage": tc.zero_stage, "precision": precision, "final_loss": loss, "resumed_from": resumed_from,
                "seconds": time.perf_counter() - t0, "export": str(export) if export else None, "last": row,
                "stopped": stopped}
     if rank == 0:
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    if channel is not None:
+        import ray
+
+        ray.get(channel.set_summary.remote(summary))
     return summary
+
+
+def _node_key(ray_run: bool) -> str:
+    if ray_run:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    return os.environ.get("SLURMD_NODENAME") or os.uname().nodename
+
+
+def check_shared_storage(out: Path, rank: int, ray_run: bool = False) -> int:
+    """Every rank must see what rank 0 writes in train.out (checkpoints, the summary, the export):
+    rank 0 writes a file, every rank looks for it, and all fail together with a message if one
+    cannot. The number of nodes the ranks run on."""
+    world = dist.get_world_size()
+    name = [f".shared-check-{os.getpid()}-{time.time_ns()}" if rank == 0 else None]
+    dist.broadcast_object_list(name, src=0)
+    probe = out / name[0]
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_text("written by rank 0\n")
+    dist.barrier()
+    seen = [None] * world
+    dist.all_gather_object(seen, (_node_key(ray_run), probe.exists()))
+    dist.barrier()
+    if rank == 0:
+        probe.unlink()
+    blind = [(r, node) for r, (node, ok) in enumerate(seen) if not ok]
+    if blind:
+        raise RuntimeError(f"train.out={out} is not shared storage: rank(s) {[r for r, _ in blind]} (node(s) "
+                           f"{sorted({n for _, n in blind})}) do not see the file rank 0 wrote there. Put train.out "
+                           "on storage that every node mounts at the same path (NFS, Lustre, GPFS, ...)")
+    return len({node for node, _ in seen})
 
 
 def _logit_scale(engine) -> float:

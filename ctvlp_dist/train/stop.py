@@ -8,12 +8,11 @@ an exit code of its own: EXIT_REQUEUE for SIGUSR1 (the job script may requeue, a
 job resumes with train.resume=auto), EXIT_CANCELLED for SIGTERM.
 
 Who sees the signal: in one process or under torchrun, every rank installs the handler. Under Ray
-the driver holds it and tells the workers through a named Ray actor (one per run folder), which
+the driver holds it and tells the workers through the run's channel actor (channel.py), which
 rank 0 reads after each step before the all-reduce.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import signal
 import threading
@@ -55,75 +54,26 @@ class StopRequest:
                 fn(self.reason)
 
 
-def actor_name(out: str) -> str:
-    """The run's stop actor: one per run folder, so two runs on one cluster do not mix."""
-    return "ctvlp-stop-" + hashlib.sha256(str(out).encode()).hexdigest()[:16]
-
-
-class _StopFlag:
-    def __init__(self):
-        self.reason = None
-
-    def set(self, reason: str) -> None:
-        self.reason = self.reason or reason
-
-    def get(self) -> Optional[str]:
-        return self.reason
-
-
-class DriverStop:
-    """The driver's side under Ray: its signal handler records the request, and a watcher thread
-    (not the handler: Ray calls do not belong in one) passes it to the run's named actor, which
-    the workers read. A fresh actor per driver, so that a requeued run starts unstopped."""
-
-    def __init__(self, out: str):
-        import ray
-
-        name = actor_name(out)
-        try:
-            ray.kill(ray.get_actor(name))  # a previous driver's, if it outlived it
-        except ValueError:
-            pass
-        self.actor = ray.remote(num_cpus=0)(_StopFlag).options(name=name).remote()
-        self.request = StopRequest().install()
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-
-    def _watch(self) -> None:
-        while not self._done.wait(0.2):
-            if self.request.reason is not None:
-                self.actor.set.remote(self.request.reason)
-                return
-
-    def close(self) -> None:
-        import ray
-
-        self._done.set()
-        self._thread.join()
-        ray.kill(self.actor)
-
-
 class StepStop:
-    """The workers' side: after each step, `agreed()` says on every rank whether to stop now."""
+    """The workers' side: after each step, `agreed()` says on every rank whether to stop now.
+    channel: rank 0's handle on the Ray driver's channel actor, else None (local signals only)."""
 
-    def __init__(self, out: str, ray_run: bool):
+    def __init__(self, channel=None):
         self.local = StopRequest().install()
-        self.actor = None
-        if ray_run and dist.get_rank() == 0:
-            import ray
-
-            try:
-                self.actor = ray.get_actor(actor_name(out))
-            except ValueError:  # no driver flag (a driver that installs none): local signals only
-                self.actor = None
+        self.channel = channel
 
     def agreed(self) -> Optional[str]:
         reason = self.local.reason
-        if reason is None and self.actor is not None:
+        if reason is None and self.channel is not None:
             import ray
+            from ray.exceptions import RayError
 
-            reason = ray.get(self.actor.get.remote())
+            try:
+                reason = ray.get(self.channel.stop_reason.remote())
+            except RayError as e:  # the driver is gone: it can no longer ask; a local signal still works
+                log.warning("the driver's channel is gone (%s): stop requests now come from signals here only",
+                            type(e).__name__)
+                self.channel = None
         device = torch.device("cuda", torch.cuda.current_device()) if dist.is_initialized() and \
             dist.get_backend() == "nccl" else torch.device("cpu")
         code = torch.tensor([EXIT_CODES.get(reason, 0)], dtype=torch.int64, device=device)

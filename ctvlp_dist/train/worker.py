@@ -12,6 +12,7 @@ import json
 
 from ..config import config_to_dict, load_config
 from .loop import run_worker
+from .stop import EXIT_CODES
 
 
 def main(argv=None) -> None:
@@ -28,6 +29,8 @@ def main(argv=None) -> None:
     if dist.get_rank() == 0:
         print(json.dumps(summary, indent=1))
     dist.destroy_process_group()
+    if summary["stopped"]:  # a checkpointed stop on a signal: the job script requeues on EXIT_REQUEUE
+        raise SystemExit(EXIT_CODES[summary["stopped"]])
 
 
 if __name__ == "__main__":
