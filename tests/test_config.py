@@ -146,3 +146,13 @@ def test_kernel_tiles_reach_the_model_and_refuse_the_torch_convolution():
     cfg = load_config(None, ["kernels.conv_fwd_tile=[64,64,32,4,1]", "model.num_labels=0"])
     with pytest.raises(ValueError, match="set model.conv_impl=triton"):
         build_model(cfg.model, cfg.kernels)
+
+
+def test_a_slurm_time_stays_a_string(tmp_path):
+    """YAML 1.1 reads 24:00:00 as the base-60 number 86400 (which sbatch would take as minutes);
+    the config reads YAML 1.2's way, in files and overrides alike."""
+    f = tmp_path / "c.yaml"
+    f.write_text("launch:\n  time: 24:00:00\noptim:\n  lr: 1.0e-4\n")
+    assert load_config(f).launch.time == "24:00:00" and load_config(f).optim.lr == 1e-4
+    assert load_config(None, ["launch.time=1:30:00", "train.steps=0x10"]).launch.time == "1:30:00"
+    assert load_config(None, ["train.steps=0x10"]).train.steps == 16

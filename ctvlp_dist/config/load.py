@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 import warnings
@@ -16,6 +17,25 @@ from .schema import Config
 
 class ConfigError(ValueError):
     pass
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader without YAML 1.1's base-60 numbers, as YAML 1.2 has it: a SLURM time
+    such as `24:00:00` stays a string instead of becoming 86400."""
+
+
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_Loader.yaml_implicit_resolvers = {c: [(t, rx) for t, rx in v if t not in (_INT, _FLOAT)]
+                                   for c, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(_INT, re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)"
+                                               r"|[-+]?0x[0-9a-fA-F_]+)$"), list("-+0123456789"))
+_Loader.add_implicit_resolver(_FLOAT, re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?"
+                                                 r"|\.[0-9_]+(?:[eE][-+][0-9]+)?|[-+]?\.(?:inf|Inf|INF)"
+                                                 r"|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader)
 
 
 def _keys(cls) -> list[str]:
@@ -72,7 +92,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}' expects {tp.__name__}, got {value!r}") from None
     if origin in (tuple, list):
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = _yaml(value)
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
         args = typing.get_args(tp)
@@ -85,7 +105,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return tuple(seq) if origin is tuple else seq
     if origin is dict or tp is dict:
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = _yaml(value)
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' expects a mapping, got {value!r}")
         return dict(value)
@@ -123,7 +143,7 @@ def parse_overrides(items: Iterable[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form section.key=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = _yaml(raw) if raw != "" else ""
         node = nested
         parts = key.strip().split(".")
         for p in parts[:-1]:
@@ -137,7 +157,7 @@ def _read_yaml(path: Path, seen: tuple = ()) -> list[dict]:
     path = Path(path).resolve()
     if path in seen:
         raise ConfigError(f"{path}: include cycle")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = _yaml(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     inc = data.pop("include", [])
