@@ -68,7 +68,7 @@ def _job_action(action: str, job: str, now: bool) -> int:
         return 0
     info = slurm.job_info(job)
     if action == "status":
-        keys = ("JobId", "JobName", "JobState", "Reason", "RunTime", "TimeLimit", "NodeList", "RestartCnt", "ExitCode",
+        keys = ("JobId", "JobName", "JobState", "Reason", "RunTime", "TimeLimit", "NodeList", "Restarts", "ExitCode",
                 "StdOut")
         for k in keys:
             print(f"{k:>10}: {info.get(k, '')}")

@@ -267,7 +267,7 @@ def test_cancel_checkpoints_and_ends_without_requeue(jobs):
     assert summary["stopped"] == "cancelled" and summary["steps"] < STEPS and summary["export"] is None
     assert r["later"]["JobState"] == end["JobState"] and r["later"]["Restarts"] == "0"  # not requeued
     assert r["status"].returncode == 0 and f"JobState: {end['JobState']}" in r["status"].stdout
-    assert "ExitCode: 76:0" in r["status"].stdout and "RestartCnt: 0" in r["status"].stdout
+    assert "ExitCode: 76:0" in r["status"].stdout and "Restarts: 0" in r["status"].stdout
     assert r["logs"].returncode == 0 and r["logs"].stdout.startswith(log) and "ray-node-1.log" in r["logs"].stdout
     assert_nothing_left(r["job"])
 
