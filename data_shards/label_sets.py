@@ -16,7 +16,7 @@ class Finding:
     definition: str = ""
     prevalence: float = 0.0  # in a reference cohort; drives the synthetic cohort
     synonyms: tuple[str, ...] = ()
-    anatomy: str = ""  # the mask region it belongs to (fVLM-style sets)
+    anatomy: str = ""  # the mask region it belongs to (fVLM-style sets); "global": the whole report
 
 
 @dataclass(frozen=True)

@@ -167,3 +167,16 @@ def test_loader_joins_silver_labels_by_key(tmp_path):
     v = t.lookup(["k2", "k1"])
     assert np.isnan(v[0]).all()  # failed row: no labels, not zeros
     assert v[1][LS.names.index("Pleural effusion")] == 1 and v[1][LS.names.index("Emphysema")] == 0
+
+
+def test_ctrate18_maps_each_finding_to_fvlm_s_organ():
+    """Per-anatomy evaluation scores a finding with its organ's embedding: fVLM's released CT-RATE
+    mapping (issue 31's table), the two without an organ on the whole report's."""
+    organs = {f.name: f.anatomy for f in load_label_set("ctrate18").findings}
+    want = {"lung": {"Emphysema", "Atelectasis", "Lung nodule", "Lung opacity", "Pulmonary fibrotic sequela",
+                     "Pleural effusion", "Mosaic attenuation pattern", "Peribronchial thickening", "Consolidation",
+                     "Bronchiectasis", "Interlobular septal thickening"},
+            "heart": {"Cardiomegaly", "Pericardial effusion", "Coronary artery wall calcification"},
+            "aorta": {"Arterial wall calcification"}, "esophagus": {"Hiatal hernia"},
+            "global": {"Medical material", "Lymphadenopathy"}}
+    assert {o: {n for n, a in organs.items() if a == o} for o in set(organs.values())} == want
