@@ -15,7 +15,8 @@ def channel_name(out: str) -> str:
 
 
 class RunChannel:
-    """The actor. Rows are kept whole (a few hundred bytes a step), for the driver to page through."""
+    """The actor. It holds only the rows the driver has not taken yet (the record of every step is
+    rank 0's metrics.jsonl)."""
 
     def __init__(self):
         self.stop: Optional[str] = None
@@ -31,8 +32,9 @@ class RunChannel:
     def push(self, row: dict) -> None:
         self.rows.append(row)
 
-    def rows_since(self, n: int) -> list[dict]:
-        return self.rows[n:]
+    def take_rows(self) -> list[dict]:
+        rows, self.rows = self.rows, []
+        return rows
 
     def set_summary(self, summary: dict) -> None:
         self.result = summary
@@ -79,14 +81,12 @@ class DriverChannel:
         from tqdm import tqdm
 
         bar = tqdm(total=self.total or None, desc="train", unit="step", disable=not self.progress, dynamic_ncols=True)
-        seen, relayed = 0, False
+        relayed = False
         while not self._done.wait(0.5):
             if self.request.reason is not None and not relayed:
                 self.actor.request_stop.remote(self.request.reason)
                 relayed = True
-            rows = ray.get(self.actor.rows_since.remote(seen))
-            seen += len(rows)
-            for row in rows:
+            for row in ray.get(self.actor.take_rows.remote()):
                 bar.n = row["step"]
                 bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", refresh=False)
                 bar.refresh()
