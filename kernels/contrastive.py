@@ -1,13 +1,15 @@
 """Blockwise symmetric InfoNCE with multi-positive targets, forward and backward fused per
 tile, memory O(b * d): never a b x b matrix. The public API of the kernel.
 
-    blockwise_clip_loss(image_features, text_features, logit_scale, *, group_ids=None,
+    blockwise_clip_loss(image_features, text_features, logit_scale, *, group_ids=None, valid=None,
                         reduction="mean", impl="auto", process_group=None, grad_average=True,
                         fwd_tiles=None, bwd_tiles=None)
 
 Logits are logit_scale * I T^T on the features as given. With `group_ids`, pairs with equal
 ids are positives with uniform target mass (fVLM false-negative calibration); without, the
-diagonal. Dispatch: CUDA tensors -> Triton; CPU tensors -> the chunked torch path of the same
+diagonal. `valid` (bool [b]) masks pairs: a masked row and its column take no part, exactly as if
+removed, and "mean" divides by the number of valid rows (fVLM's dropped organs: the shapes stay
+equal on every rank). No valid row gives a zero loss with zero gradients. Dispatch: CUDA tensors -> Triton; CPU tensors -> the chunked torch path of the same
 online algorithm; impl="triton" on CPU runs the Triton kernels in the interpreter
 (TRITON_INTERPRET=1). The Triton backward recomputes S once per direction (no atomics,
 deterministic). Tiles default to contrastive_triton.clip_tiles, the measured rule; `fwd_tiles`
@@ -28,7 +30,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from .contrastive_ref import chunked_backward, chunked_forward, merge_column_stats, positives_count, reference_clip_loss
+from .contrastive_ref import INVALID, chunked_backward, chunked_forward, merge_column_stats, positives_count, reference_clip_loss
 
 __all__ = ["blockwise_clip_loss", "reference_clip_loss"]
 
@@ -66,7 +68,7 @@ def _bwd(I, T, s, g_rows, g_cols, lse_r, lse_c, n_rows, coef, triton_path: bool,
 
 class _BlockwiseClipLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, I, T, scale, groups, reduction, triton_path, tf32, group, grad_average, diagonal, tiles):
+    def forward(ctx, I, T, scale, groups, reduction, triton_path, tf32, group, grad_average, diagonal, masked, tiles):
         I, T = I.contiguous(), T.contiguous()
         s = scale.detach().reshape(1).to(torch.float64 if I.dtype == torch.float64 else torch.float32).contiguous()
         world = dist.get_world_size(group) if group is not None else 1
@@ -99,23 +101,26 @@ class _BlockwiseClipLoss(torch.autograd.Function):
             else:
                 lse_c = merge_column_stats(cmax, csum)
             own = slice(rank * b_loc, (rank + 1) * b_loc)
-            loss = 0.5 * (lse_r.sum() + lse_c[own].sum()) - (pos / n_rows).sum()
+            terms = 0.5 * (lse_r + lse_c[own]) - pos / n_rows
+            loss = torch.where(groups != INVALID, terms, 0.0).sum() if masked else terms.sum()
             if group is not None:
                 dist.all_reduce(loss, group=group)
+        # the mean's divisor: b, or the number of valid rows of the global batch (a tensor: no sync)
+        denom = (g_all != INVALID).sum().to(acc).clamp_min(1) if masked else b
         if reduction == "mean":
-            loss = loss / b
+            loss = loss / denom
         elif reduction != "sum":
             raise ValueError(f"reduction must be mean or sum, got {reduction!r}")
         ctx.save_for_backward(I, T_all, s, groups, g_all, lse_r, lse_c, n_rows)
-        ctx.cfg = (reduction, b, triton_path, tf32, group, grad_average, world, rank, b_loc, scale.dtype, scale.shape,
+        ctx.cfg = (reduction, denom, triton_path, tf32, group, grad_average, world, rank, b_loc, scale.dtype, scale.shape,
                    tiles[1])
         return loss.to(I.dtype if I.dtype == torch.float64 else torch.float32)
 
     @staticmethod
     def backward(ctx, grad_out):
         I, T_all, s, g_rows, g_all, lse_r, lse_c, n_rows = ctx.saved_tensors
-        reduction, b, triton_path, tf32, group, grad_average, world, rank, b_loc, s_dtype, s_shape, bwd_tiles = ctx.cfg
-        coef = grad_out.to(s.dtype) / (b if reduction == "mean" else 1)
+        reduction, denom, triton_path, tf32, group, grad_average, world, rank, b_loc, s_dtype, s_shape, bwd_tiles = ctx.cfg
+        coef = grad_out.to(s.dtype) / (denom if reduction == "mean" else 1)
         if not triton_path:
             coef = coef.item()
         dI, dT_all, gs = _bwd(I, T_all, s, g_rows, g_all, lse_r, lse_c, n_rows, coef, triton_path, tf32,
@@ -127,7 +132,7 @@ class _BlockwiseClipLoss(torch.autograd.Function):
                 dI, dT, gs = dI * world, dT * world, gs * world
         else:
             dT = dT_all
-        return (dI.to(I.dtype), dT.to(I.dtype), gs.to(s_dtype).reshape(s_shape), *[None] * 8)
+        return (dI.to(I.dtype), dT.to(I.dtype), gs.to(s_dtype).reshape(s_shape), *[None] * 9)
 
 
 def _all_gather(x: torch.Tensor, group) -> torch.Tensor:
@@ -137,7 +142,7 @@ def _all_gather(x: torch.Tensor, group) -> torch.Tensor:
 
 
 def blockwise_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, *, group_ids=None,
-                        reduction: str = "mean", impl: str = "auto", tf32: bool = True, process_group=None,
+                        valid: torch.Tensor | None = None, reduction: str = "mean", impl: str = "auto", tf32: bool = True, process_group=None,
                         grad_average: bool = True, fwd_tiles=None, bwd_tiles=None) -> torch.Tensor:
     """(CE(image->text) + CE(text->image)) / 2 over the (global) batch; see the module doc."""
     if image_features.shape != text_features.shape or image_features.dim() != 2:
@@ -156,5 +161,9 @@ def blockwise_clip_loss(image_features: torch.Tensor, text_features: torch.Tenso
     groups = group_ids.to(device=image_features.device, dtype=ids_dtype).contiguous()
     if groups.shape != (b_loc,):
         raise ValueError(f"group_ids must have shape [{b_loc}], got {tuple(groups.shape)}")
+    if valid is not None:
+        if valid.shape != (b_loc,) or valid.dtype != torch.bool:
+            raise ValueError(f"valid must be a bool tensor of shape [{b_loc}], got {valid.dtype} {tuple(valid.shape)}")
+        groups = torch.where(valid.to(groups.device), groups, torch.full_like(groups, INVALID))
     return _BlockwiseClipLoss.apply(image_features, text_features, logit_scale, groups, reduction, tri, tf32,
-                                    process_group, grad_average, diagonal, (fwd_tiles, bwd_tiles))
+                                    process_group, grad_average, diagonal, valid is not None, (fwd_tiles, bwd_tiles))

@@ -8,10 +8,18 @@ Because m is symmetric and n_i = n_j whenever m_ij = 1, both positive terms are 
   loss (sum)  = (sum_i lse_r_i + sum_j lse_c_j) / 2 - sum_i pos_i / n_i,  pos_i = sum_j m_ij S_ij
   dL/dS_ij    = (exp(S_ij - lse_r_i) + exp(S_ij - lse_c_j)) / 2 - m_ij / n_i      (sum reduction)
 and with S = s I T^T: dI = s G T, dT = s G^T I, ds = sum_ij G_ij S_ij / s.
+
+A row mask (`valid`) removes pairs: a masked row i and its column i take no part, as if they
+were not in the batch, and the mean is over valid rows. Inside the kernels a masked row carries
+the group id INVALID, so that the ids alone say which rows and columns count; a masked entry's
+statistics are neutral (row lse and pos 0, column max -inf and sum 0, gradient 0) or NaN, and
+the callers leave them out of the loss.
 """
 from __future__ import annotations
 
 import torch
+
+INVALID = -(2 ** 31)  # the group id of a masked row (int32 min: reserved, never a user id)
 
 
 def positives_count(group_rows: torch.Tensor, group_all: torch.Tensor) -> torch.Tensor:
@@ -21,8 +29,12 @@ def positives_count(group_rows: torch.Tensor, group_all: torch.Tensor) -> torch.
     return counts[idx].to(torch.float64 if group_all.is_floating_point() else torch.float32)
 
 
-def reference_clip_loss(image_features, text_features, logit_scale, *, group_ids=None, reduction="mean"):
-    """Plain dense torch (b x b logits): the ground truth for tests. Same signature as the kernel."""
+def reference_clip_loss(image_features, text_features, logit_scale, *, group_ids=None, reduction="mean", valid=None):
+    """Plain dense torch (b x b logits): the ground truth for tests. Same signature as the kernel;
+    `valid` removes the masked pairs first."""
+    if valid is not None:
+        image_features, text_features = image_features[valid], text_features[valid]
+        group_ids = None if group_ids is None else group_ids[valid]
     b = image_features.shape[0]
     logits = logit_scale * image_features @ text_features.T
     if group_ids is None:
@@ -84,11 +96,27 @@ class _Positives:
             dT[a:e].add_(Ig[self.col_idx[a:e]], alpha=alpha)
 
 
+def _scatter(mask: torch.Tensor, values: torch.Tensor, fill: float) -> torch.Tensor:
+    """Values of the True entries back to the mask's full length; `fill` elsewhere."""
+    out = torch.full(mask.shape, fill, dtype=values.dtype, device=values.device)
+    out[mask] = values
+    return out
+
+
 def chunked_forward(I, T, s, g_rows, g_cols, chunk: int = 64):
     """Rows of I against all columns of T, `chunk` rows at a time (memory O(chunk * b_c)).
 
     Returns row lse [b_r], column partial stats (max [b_c], sum of exp(S - max) [b_c]) from these
-    rows, and pos [b_r]."""
+    rows, and pos [b_r]. Masked rows and columns (id INVALID) are left out: the pass runs on the
+    valid ones, and the results are scattered back with neutral values."""
+    vr, vc = g_rows != INVALID, g_cols != INVALID
+    if not bool(vc.any()):  # nothing valid in the whole batch
+        none = I.new_empty(0, dtype=_acc_dtype(I))
+        return _scatter(vr, none, 0.0), _scatter(vc, none, -float("inf")), _scatter(vc, none, 0.0), _scatter(vr, none, 0.0)
+    if not (bool(vr.all()) and bool(vc.all())):
+        lse_v, cmax_v, csum_v, pos_v = chunked_forward(I[vr], T[vc], s, g_rows[vr], g_cols[vc], chunk)
+        return (_scatter(vr, lse_v, 0.0), _scatter(vc, cmax_v, -float("inf")), _scatter(vc, csum_v, 0.0),
+                _scatter(vr, pos_v, 0.0))
     b_r, b_c = I.shape[0], T.shape[0]
     dev, acc = I.device, _acc_dtype(I)
     Tf, If, s = T.to(acc), I.to(acc), s.to(acc)
@@ -110,8 +138,20 @@ def chunked_forward(I, T, s, g_rows, g_cols, chunk: int = 64):
 
 def chunked_backward(I, T, s, g_rows, g_cols, lse_r, lse_c, n_rows, coef: float, chunk: int = 64):
     """G = coef * [(exp(S - lse_r) + exp(S - lse_c)) / 2 - m / n]; returns dI, dT (partial over
-    these rows), and sum(G * S) / s for d logit_scale. Each S chunk is recomputed once."""
+    these rows), and sum(G * S) / s for d logit_scale. Each S chunk is recomputed once. Masked
+    rows and columns get zero gradient."""
     acc = _acc_dtype(I)
+    vr, vc = g_rows != INVALID, g_cols != INVALID
+    if not bool(vc.any()):  # nothing valid in the whole batch
+        return (torch.zeros(I.shape, dtype=acc, device=I.device), torch.zeros(T.shape, dtype=acc, device=I.device),
+                torch.zeros(1, dtype=acc, device=I.device))
+    if not (bool(vr.all()) and bool(vc.all())):
+        dI_v, dT_v, gs = chunked_backward(I[vr], T[vc], s, g_rows[vr], g_cols[vc], lse_r[vr], lse_c[vc], n_rows[vr],
+                                          coef, chunk)
+        dI = torch.zeros(I.shape, dtype=acc, device=I.device)
+        dT = torch.zeros(T.shape, dtype=acc, device=I.device)
+        dI[vr], dT[vc] = dI_v, dT_v
+        return dI, dT, gs
     Tf, If, s = T.to(acc), I.to(acc), s.to(acc)
     inv_n = 1.0 / n_rows.to(acc)
     posi = _Positives(If, Tf, g_rows, g_cols, inv_n)

@@ -9,7 +9,8 @@ Backward: `_bwd_rows` (one program per row block, output-d chunk and column spli
 the S tiles, forms G in-tile from both directions and accumulates dI = s G T and sum(G S);
 `_bwd_cols` does the same per column block for dT = s G^T I. With FULL tiles the d chunk is all
 of d: each operand tile is loaded once and serves both the S dot and the gradient dot.
-Masking handles any b and any d.
+Masking handles any b and any d; a masked pair (group id INVALID, see contrastive_ref.py) is
+masked like a row or column beyond b.
 
 The launch configuration is one rule, `clip_tiles`, holding the tiles measured fastest on an
 H100 (benchmarks/results/loss-sweep-gpu-20261122T180000.json); a caller may pass others
@@ -24,10 +25,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .contrastive_ref import merge_column_stats
+from .contrastive_ref import INVALID as _INVALID, merge_column_stats
 from .device import num_sms
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INVALID = tl.constexpr(_INVALID)  # a jit function reads only constexpr globals
 
 
 @triton.jit
@@ -82,14 +84,16 @@ def _fwd(I, T, G_R, G_C, M_R, L_R, POS, CMAX, CSUM, scale_ptr, B_R, B_C, D, sI, 
         rows = rb * BM + tl.arange(0, BM)
         rmask = rows < B_R
         g_r = tl.load(G_R + rows, mask=rmask, other=-1)
+        r_ok = rmask & (g_r != INVALID)
         m_i = tl.full((BM,), -float("inf"), tl.float32)
         l_i = tl.zeros((BM,), tl.float32)
         pos = tl.zeros((BM,), tl.float32)
         for cb in range(cb_lo, cb_hi):
             cols = cb * BN + tl.arange(0, BN)
             cmask = cols < B_C
+            g_c = tl.load(G_C + cols, mask=cmask, other=-2)
             S = s_tile(I, T, rows, cols, rmask, cmask, s, D, sI, sT, BM, BN, BK, PREC)
-            valid = rmask[:, None] & cmask[None, :]
+            valid = r_ok[:, None] & (cmask & (g_c != INVALID))[None, :]
             S = tl.where(valid, S, -float("inf"))
             # rows: online log-sum-exp
             m_new = tl.maximum(m_i, tl.max(S, 1))
@@ -97,7 +101,6 @@ def _fwd(I, T, G_R, G_C, M_R, L_R, POS, CMAX, CSUM, scale_ptr, B_R, B_C, D, sI, 
             l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(S - m_safe[:, None]), 1)
             m_i = m_new
             # positives, computed in-tile from the group ids (never a b x b target matrix)
-            g_c = tl.load(G_C + cols, mask=cmask, other=-2)
             pos += tl.sum(tl.where(valid & (g_r[:, None] == g_c[None, :]), S, 0.0), 1)
             # columns: this tile's (max, sum) merged into the program's own partial slot
             t_max = tl.max(S, 0)
@@ -125,11 +128,11 @@ def g_tile(S, rows, cols, rmask, cmask, LSE_R, LSE_C, NPOS, G_R, G_C, TRANS: tl.
     g_c = tl.load(G_C + cols, mask=cmask, other=-2)
     if TRANS:
         p = 0.5 * (tl.exp(S - lr[None, :]) + tl.exp(S - lc[:, None]))
-        valid = cmask[:, None] & rmask[None, :]
+        valid = (cmask & (g_c != INVALID))[:, None] & (rmask & (g_r != INVALID))[None, :]
         t = tl.where(g_c[:, None] == g_r[None, :], 1.0 / npos[None, :], 0.0)
     else:
         p = 0.5 * (tl.exp(S - lr[:, None]) + tl.exp(S - lc[None, :]))
-        valid = rmask[:, None] & cmask[None, :]
+        valid = (rmask & (g_r != INVALID))[:, None] & (cmask & (g_c != INVALID))[None, :]
         t = tl.where(g_r[:, None] == g_c[None, :], 1.0 / npos[:, None], 0.0)
     return tl.where(valid, p - t, 0.0)
 
@@ -216,10 +219,10 @@ def _merge_stats(M, L, n, idx, mask, B):
 
 
 @triton.jit
-def _finalize(M_R, L_R, POS, CMAX, CSUM, NPOS, LSE_R, LSE_C, LOSS_PART, B, Q, P, BLOCK: tl.constexpr):
+def _finalize(M_R, L_R, POS, CMAX, CSUM, NPOS, G, LSE_R, LSE_C, LOSS_PART, B, Q, P, BLOCK: tl.constexpr):
     """One launch instead of ~20 small torch ops (at small b their launch latency is the cost):
     merge the row partials over Q splits and the column partials over P programs, and sum this
-    block's share of the loss, 0.5 (lse_r + lse_c) - pos / n_pos."""
+    block's share of the loss, 0.5 (lse_r + lse_c) - pos / n_pos, over the valid pairs."""
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < B
     lse_r = _merge_stats(M_R, L_R, Q, idx, mask, B)
@@ -230,7 +233,8 @@ def _finalize(M_R, L_R, POS, CMAX, CSUM, NPOS, LSE_R, LSE_C, LOSS_PART, B, Q, P,
     n = tl.load(NPOS + idx, mask=mask, other=1.0)
     tl.store(LSE_R + idx, lse_r, mask=mask)
     tl.store(LSE_C + idx, lse_c, mask=mask)
-    tl.store(LOSS_PART + tl.program_id(0), tl.sum(tl.where(mask, 0.5 * (lse_r + lse_c) - pos / n, 0.0), 0))
+    ok = mask & (tl.load(G + idx, mask=mask, other=INVALID) != INVALID)
+    tl.store(LOSS_PART + tl.program_id(0), tl.sum(tl.where(ok, 0.5 * (lse_r + lse_c) - pos / n, 0.0), 0))
 
 
 # ---- launch configuration -------------------------------------------------------------------
@@ -337,7 +341,7 @@ def triton_forward(I, T, s, g_rows, g_cols, tf32: bool = True, tiles: Optional[C
     return lse_r, cmax, csum, pos.sum(0)
 
 
-def finalize(m_r, l_r, pos, cmax, csum, n_rows):
+def finalize(m_r, l_r, pos, cmax, csum, n_rows, groups):
     """Single process (b_r == b_c): one launch merges the forward's partials. Returns row lse,
     column lse and the summed loss (a 0-d fp32 tensor)."""
     b = m_r.shape[1]
@@ -345,13 +349,13 @@ def finalize(m_r, l_r, pos, cmax, csum, n_rows):
     nb = triton.cdiv(b, BLOCK)
     out = torch.empty(2 * b + nb, dtype=torch.float32, device=m_r.device)
     lse_r, lse_c, part = out[:b], out[b:2 * b], out[2 * b:]
-    _finalize[(nb,)](m_r, l_r, pos, cmax, csum, n_rows, lse_r, lse_c, part, b, m_r.shape[0], cmax.shape[0], BLOCK=BLOCK)
+    _finalize[(nb,)](m_r, l_r, pos, cmax, csum, n_rows, groups, lse_r, lse_c, part, b, m_r.shape[0], cmax.shape[0], BLOCK=BLOCK)
     return lse_r, lse_c, part.sum()
 
 
 def triton_forward_loss(I, T, s, g_rows, g_cols, n_rows, tf32: bool = True, tiles: Optional[ClipTiles] = None):
     """Single process (b_r == b_c): the forward kernel, then the finalize launch."""
-    return finalize(*_forward_partials(I, T, s, g_rows, g_cols, tf32, tiles), n_rows)
+    return finalize(*_forward_partials(I, T, s, g_rows, g_cols, tf32, tiles), n_rows, g_rows)
 
 
 def triton_backward(I, T, s, g_rows, g_cols, lse_r, lse_c, n_rows, coef, tf32: bool = True, grad_dtype=None,

@@ -167,3 +167,49 @@ def test_cuda_triton_against_fp64(dtype, b, d, grouped, scale, bwd_tiles):
 @pytest.mark.parametrize("b,d,grouped", [(1000, 40, False), (2049, 300, True)])
 def test_cuda_fp32_without_tf32(b, d, grouped):
     check("triton", b, d, torch.float32, grouped, 30.0, device="cuda", tol=1e-4, tf32=False)
+
+
+def masked_case(b, d, grouped, drop, dtype, device="cpu"):
+    """A batch whose `drop` rows are masked; their features are large (finite) garbage, which
+    must not reach the loss or the other rows' gradients."""
+    I, T, s, g = case(b, d, torch.float64, grouped, 20.0, device)
+    valid = torch.ones(b, dtype=torch.bool, device=device)
+    valid[torch.randperm(b, device=device)[:drop]] = False
+    I[~valid], T[~valid] = 50 * torch.randn(drop, d, dtype=torch.float64), -30.0
+    return I.to(dtype).double(), T.to(dtype).double(), s, g, valid
+
+
+@pytest.mark.parametrize("impl,dtype", [("torch", torch.float64)] + [("triton", torch.float32)] * ("triton" in CPU_IMPLS))
+@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("drop", [1, 37, 100])
+def test_valid_mask_equals_removing_the_rows(impl, dtype, grouped, drop):
+    """Masking pairs gives the loss and gradients of the batch without them (fp64 reference on
+    the removed batch, as a test of the reference's own `valid`); masked rows get exactly zero
+    gradient; the mean is over valid rows. drop=100: no valid pair, a zero loss and zero grads.
+    The Triton kernels accumulate in fp32, so they run on fp32 inputs."""
+    b = 100
+    I, T, s, g, valid = masked_case(b, 48, grouped, drop, dtype)
+    Ir, Tr, sr = I[valid].clone().requires_grad_(), T[valid].clone().requires_grad_(), s.clone().requires_grad_()
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    Ik, Tk, sk = I.to(dtype).requires_grad_(), T.to(dtype).requires_grad_(), s.to(sdt).requires_grad_()
+    out = blockwise_clip_loss(Ik, Tk, sk, group_ids=g, valid=valid, impl=impl, tf32=False)
+    out.backward()
+    assert torch.count_nonzero(Ik.grad[~valid]) == 0 and torch.count_nonzero(Tk.grad[~valid]) == 0
+    if drop == b:
+        assert out.item() == 0 and sk.grad.item() == 0
+        return
+    ref = reference_clip_loss(Ir, Tr, sr, group_ids=None if g is None else g[valid])
+    ref.backward()
+    masked_ref = reference_clip_loss(I, T, s, group_ids=g, valid=valid)
+    assert torch.equal(masked_ref, ref.detach())
+    tol = TOL[dtype]
+    for name, a, r in [("loss", out, ref), ("dI", Ik.grad[valid], Ir.grad), ("dT", Tk.grad[valid], Tr.grad),
+                       ("dscale", sk.grad, sr.grad)]:
+        err = float((a.detach().double() - r.detach()).norm() / r.detach().norm().clamp_min(1e-30))
+        assert err < tol, f"{impl} drop={drop} groups={grouped}: {name} rel err {err:.2e}"
+
+
+def test_valid_mask_is_checked():
+    I, T, s, _ = case(8, 4, torch.float64, False, 1.0, "cpu")
+    with pytest.raises(ValueError, match="valid must be a bool tensor"):
+        blockwise_clip_loss(I, T, s, valid=torch.ones(8), impl="torch")

@@ -447,7 +447,7 @@ class _VariantLoss(torch.autograd.Function):
         I, T = I.contiguous(), T.contiguous()
         s1 = s.detach().reshape(1).float().contiguous()
         n_rows = positives_count(g, g).float()
-        lse_r, lse_c, loss = finalize(*launch_forward(I, T, s1, g, g, tf32, fwd), n_rows)
+        lse_r, lse_c, loss = finalize(*launch_forward(I, T, s1, g, g, tf32, fwd), n_rows, g)
         ctx.save_for_backward(I, T, s1, g, lse_r, lse_c, n_rows)
         ctx.cfg = (bwd, backward, panel, tf32, s.dtype, s.shape)
         return loss / I.shape[0]
