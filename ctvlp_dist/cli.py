@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "--out", "ingest.out", help="output dataset folder")
     _flag(p, "--codec", "shard.codec", choices=["npy", "lz4"], help="volume codec")
     _flag(p, "--metadata", "ingest.metadata", help="CT-RATE metadata CSV (RescaleSlope/Intercept)")
-    _flag(p, "--masks", "ingest.masks", help="folder of anatomy masks with the images' file names")
+    _flag(p, "--masks", "ingest.masks", help="anatomy masks per case: <case>.nii.gz (TotalSegmentator --ml) or <case>/ (its per-class files); merged by ingest.mask_map (default fvlm4)")
     _flag(p, "--workers", "ingest.workers", type=int, help="parallel processes")
     _add_common(p)
     cmds["shard"] = cmd_shard

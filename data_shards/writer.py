@@ -48,6 +48,8 @@ class DatasetWriter:
         # cases whose patient id came from the file name because the scan's own could not be read:
         # listed in ingest_report.json, since a wrong id can put one patient in two splits
         self.patient_id_fallbacks = list(patient_id_fallbacks or [])
+        self.mask_gaps: list[dict] = []  # written samples whose mask lacks an anatomy
+
 
     def __enter__(self):
         return self
@@ -78,6 +80,12 @@ class DatasetWriter:
     def reject(self, case: str, reason: str) -> None:
         log.warning("rejected %s: %s", case, reason)
         self.rejected.append({"case": case, "reason": reason})
+
+    def note_mask_gap(self, gap: dict) -> None:
+        """A written sample whose mask lacks anatomies ({case, missing, empty}): kept, and listed
+        in ingest_report.json with a count per anatomy."""
+        log.info("%s: mask without %s", gap["case"], ", ".join(gap["missing"] + gap["empty"]))
+        self.mask_gaps.append(gap)
 
     def _finish(self, split: str) -> None:
         w = self._open.pop(split)
@@ -110,9 +118,19 @@ class DatasetWriter:
         write_json_atomic(self.out / "ingest_report.json", {
             "cases_in": self.cases_total if self.cases_total is not None else cases,
             "samples_written": self.written, "rejected": len(self.rejected), "rejects": self.rejected,
-            "patient_id_fallbacks": self.patient_id_fallbacks})
+            "patient_id_fallbacks": self.patient_id_fallbacks,
+            "mask_gaps": self.mask_gaps, "mask_gap_counts": _gap_counts_of(self.mask_gaps)})
         write_json_atomic(self.out / MANIFEST, manifest)
         return manifest
+
+
+def _gap_counts_of(gaps: list[dict]) -> dict:
+    out: dict[str, dict[str, int]] = {}
+    for g in gaps:
+        for kind in ("missing", "empty"):
+            for a in g[kind]:
+                out.setdefault(a, {"missing": 0, "empty": 0})[kind] += 1
+    return out
 
 
 def load_manifest(root: str | Path) -> dict:

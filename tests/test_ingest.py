@@ -226,7 +226,8 @@ def test_anatomy_mask_follows_the_volume(shared_data, tmp_path):
     nib.save(nib.Nifti1Image(lps, aff), tmp_path / "img" / "m_1_a_1.nii.gz")
     nib.save(nib.Nifti1Image((lps > 300).astype(np.uint8) * 6, aff), tmp_path / "masks" / "m_1_a_1.nii.gz")
     cfg = make_cfg(ingest=dict(images=str(tmp_path / "img"), masks=str(tmp_path / "masks"), out=str(tmp_path / "out"),
-                               reports=str(_reports(tmp_path / "r.csv", ["m_1_a_1.nii.gz"])), workers=1))
+                               reports=str(_reports(tmp_path / "r.csv", ["m_1_a_1.nii.gz"])), workers=1,
+                               mask_source="labels"))
     assert run_ingest(cfg, progress=False)["samples_written"] == 1
     loader = CTLoader(tmp_path / "out", make_cfg(loader=dict(raw=True, batch_size=1, num_workers=0)).loader, split=None)
     b = next(iter(loader))
@@ -236,3 +237,81 @@ def test_anatomy_mask_follows_the_volume(shared_data, tmp_path):
     assert bone.sum() > 1000
     assert np.median(vol[bone]) > 300 and np.median(vol[~bone & (vol > -2000)]) < 300
     assert (vol[bone] > 150).mean() > 0.95  # aligned: mask and volume went through the same geometry
+
+
+def _ts_case(shape=(8, 6, 4)):
+    """A hand-built TotalSegmentator v2 multi-label volume in (R, A, S) voxel order at 2 mm:
+    each class in its own box, plus classes outside the map (liver 5, trachea 16)."""
+    ml = np.zeros(shape, dtype=np.uint8)
+    boxes = {10: (slice(0, 2), slice(0, 3), slice(0, 2)), 11: (slice(0, 2), slice(3, 6), slice(0, 2)),
+             12: (slice(2, 4), slice(0, 2), slice(0, 4)), 13: (slice(2, 4), slice(2, 4), slice(0, 4)),
+             14: (slice(2, 4), slice(4, 6), slice(0, 4)), 51: (slice(4, 6), slice(0, 3), slice(0, 4)),
+             61: (slice(4, 6), slice(3, 4), slice(0, 4)), 15: (slice(6, 7), slice(0, 2), slice(0, 4)),
+             5: (slice(6, 8), slice(4, 6), slice(0, 4)), 16: (slice(7, 8), slice(0, 2), slice(0, 4))}
+    for v, box in boxes.items():
+        ml[box] = v
+    merged = np.zeros(shape, dtype=np.uint8)  # the expected fvlm4 merge, by hand
+    for v, a in {10: 1, 11: 1, 12: 1, 13: 1, 14: 1, 51: 2, 61: 2, 15: 4}.items():
+        merged[ml == v] = a
+    return ml, merged
+
+
+def test_totalsegmentator_masks_merge_and_resample(tmp_path):
+    """fvlm4 on a hand-built label map, from the multi-label file and from per-class files: lobes
+    -> lung, heart + left atrial appendage -> heart, esophagus; aorta absent (empty) in one case,
+    esophagus's file missing in the other; both are kept and listed in ingest_report.json. The
+    2 mm grid resampled to 1 mm with nearest neighbour equals each voxel repeated 2 x 2 x 2."""
+    from data_shards.ingest.masks import load_anatomy_map, merge_multilabel
+    from data_shards.label_sets import RESOURCES
+
+    ml, merged = _ts_case()
+    assert np.array_equal(merge_multilabel(ml, load_anatomy_map("fvlm4")), merged)
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    for d in ("img", "masks"):
+        (tmp_path / d).mkdir()
+    rng = np.random.default_rng(0)
+    for case in ("ml_1_a_1", "pc_2_a_1"):
+        nib.save(nib.Nifti1Image(rng.integers(-1000, 400, ml.shape).astype(np.int16), aff),
+                 tmp_path / "img" / f"{case}.nii.gz")
+    nib.save(nib.Nifti1Image(ml, aff), tmp_path / "masks" / "ml_1_a_1.nii.gz")
+    per_class = tmp_path / "masks" / "pc_2_a_1"
+    per_class.mkdir()
+    names = {10: "lung_upper_lobe_left", 11: "lung_lower_lobe_left", 12: "lung_upper_lobe_right",
+             13: "lung_middle_lobe_right", 14: "lung_lower_lobe_right", 51: "heart", 61: "atrial_appendage_left",
+             5: "liver", 16: "trachea"}
+    for v, n in names.items():  # no esophagus.nii.gz: missing; aorta.nii.gz present but empty
+        nib.save(nib.Nifti1Image((ml == v).astype(np.uint8), aff), per_class / f"{n}.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros_like(ml), aff), per_class / "aorta.nii.gz")
+    cfg = make_cfg(ingest=dict(images=str(tmp_path / "img"), masks=str(tmp_path / "masks"), out=str(tmp_path / "out"),
+                               reports=str(_reports(tmp_path / "r.csv", ["ml_1_a_1.nii.gz", "pc_2_a_1.nii.gz"])),
+                               workers=1),
+                   preprocess=dict(spacing=(1.0, 1.0, 1.0), stored_shape=(8, 12, 16)))
+    assert run_ingest(cfg, progress=False)["samples_written"] == 2
+    loader = CTLoader(tmp_path / "out", make_cfg(loader=dict(raw=True, batch_size=1, num_workers=0,
+                                                              shuffle=False)).loader, split=None)
+    got = {b.key[0]: (b.anatomy[0, 0].numpy(), b.meta[0]) for b in loader}
+    expect = np.transpose(merged, (2, 1, 0)).repeat(2, 0).repeat(2, 1).repeat(2, 2)  # (S, A, R) at 1 mm
+    without_esophagus = np.where(expect == 4, 0, expect)
+    for key, want in (("ml_1_a_1", expect), ("pc_2_a_1", without_esophagus)):
+        mask, meta = got[key]
+        assert meta["mask_labels"] == {"lung": 1, "heart": 2, "aorta": 3, "esophagus": 4}
+        assert mask.shape == want.shape and np.array_equal(mask, want), key
+    report = json.loads((tmp_path / "out" / "ingest_report.json").read_text())
+    assert sorted(report["mask_gaps"], key=lambda g: g["case"]) == [
+        {"case": "ml_1_a_1", "missing": [], "empty": ["aorta"]},
+        {"case": "pc_2_a_1", "missing": ["esophagus"], "empty": ["aorta"]}]
+    assert report["mask_gap_counts"] == {"aorta": {"missing": 0, "empty": 2}, "esophagus": {"missing": 1, "empty": 0}}
+    assert (RESOURCES / "anatomy" / "fvlm4.yaml").exists()
+
+
+def test_anatomy_map_errors_name_the_fix(tmp_path):
+    import pytest
+
+    from data_shards.ingest.masks import load_anatomy_map
+
+    with pytest.raises(FileNotFoundError, match="shipped maps: \\['fvlm4'\\]"):
+        load_anatomy_map("nope")
+    bad = tmp_path / "m.yaml"
+    bad.write_text("anatomies:\n  lung: [lung_upper_lobe]\n")
+    with pytest.raises(ValueError, match="not TotalSegmentator v2"):
+        load_anatomy_map(str(bad))

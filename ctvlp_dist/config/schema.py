@@ -42,8 +42,11 @@ class IngestConfig:
     images: str = ""
     reports: str = ""
     out: str = ""
-    masks: Optional[str] = None  # optional folder of uint8 anatomy masks, same file names as images
-    mask_labels: dict = field(default_factory=lambda: dict(ANATOMY_LABELS))  # name -> value in the masks
+    # optional folder of anatomy masks per case: <case>.nii.gz (one file) or <case>/ (per-class files)
+    masks: Optional[str] = None
+    mask_source: Literal["totalsegmentator", "labels"] = "totalsegmentator"  # labels: already merged maps
+    mask_map: str = "fvlm4"  # totalsegmentator: classes -> anatomies (a shipped map's name or a YAML path)
+    mask_labels: dict = field(default_factory=lambda: dict(ANATOMY_LABELS))  # labels: name -> value in the masks
     metadata: Optional[str] = None  # optional CSV with RescaleSlope/RescaleIntercept per volume
     key_column: str = "VolumeName"
     findings_column: str = "Findings_EN"

@@ -18,8 +18,9 @@ from ..parallel import bounded_map
 from ..sample import Sample
 from ..split import assign_splits
 from ..writer import DatasetWriter
+from .masks import load_anatomy_map, mask_gaps, read_mask
 from .preprocess import preprocess
-from .readers import CaseError, case_name, discover_cases, read_case, read_nifti
+from .readers import CaseError, case_name, discover_cases, read_case
 from .reports import load_reports, load_rescale_table
 
 log = logging.getLogger(__name__)
@@ -48,24 +49,33 @@ def _sanitize_key(name: str) -> str:
 
 
 def _process(job_and_cfg):
-    """Worker: one case -> ('ok', Sample) or ('reject', name, reason). Never raises."""
-    job, pcfg, mask_labels = job_and_cfg
+    """Worker: one case -> ('ok', Sample, mask gaps or None) or ('reject', name, reason). Never
+    raises. With masks configured, a case without its mask gets an empty one (every anatomy
+    `missing`), so that all samples carry a mask."""
+    job, pcfg, masks = job_and_cfg
     try:
         if job.report is None:
             raise CaseError("no report for this volume in the reports CSV")
         if not job.report.strip():
             raise CaseError("report is empty")
         raw = read_case(job.path)
-        mask = None
-        if job.mask is not None:
-            mask = np.asarray(read_nifti(job.mask).array).astype(np.uint8)
+        mask, missing = None, []
+        if masks is not None:
+            amap, labels = masks
+            if job.mask is not None:
+                mask, missing = read_mask(job.mask, amap)
+            else:
+                mask, missing = np.zeros(np.shape(raw.array), dtype=np.uint8), list(labels)
         vol, m, facts = preprocess(raw, pcfg, mask=mask, rescale_override=job.rescale)
         ids = {k: v for k, v in raw.ids.items() if v} or job.ids
         ids = {**job.ids, **ids}
         meta = {**facts, **ids, "source_file": str(job.path.name), "hu_window_applied": None}
+        gaps = None
         if m is not None:
-            meta["mask_labels"] = dict(mask_labels)
-        return ("ok", Sample(key=_sanitize_key(job.name), volume=vol, report=job.report, meta=meta, mask=m))
+            meta["mask_labels"] = dict(labels)
+            gaps = mask_gaps(m, labels, missing)
+            gaps = {"case": job.name, **gaps} if gaps["missing"] or gaps["empty"] else None
+        return ("ok", Sample(key=_sanitize_key(job.name), volume=vol, report=job.report, meta=meta, mask=m), gaps)
     except CaseError as e:
         return ("reject", job.name, str(e))
     except Exception as e:  # an unexpected failure is still one counted reject, not a crash
@@ -107,16 +117,21 @@ def run_ingest(cfg, progress: bool = True) -> dict:
         name = case_name(p)
         mpath = None
         if masks_dir is not None:
-            cand = [masks_dir / p.name, masks_dir / f"{name}.nii.gz", masks_dir / f"{name}.nii"]
+            # one file (a label map, or TotalSegmentator's --ml output) or a folder of per-class files
+            cand = [masks_dir / p.name, masks_dir / f"{name}.nii.gz", masks_dir / f"{name}.nii", masks_dir / name]
             mpath = next((c for c in cand if c.exists()), None)
         jobs.append(_Job(p, name, reports.get(name), mpath, rescale.get(name), _ids_for(name, ic.patient_regex)))
+    masks = None
+    if masks_dir is not None:
+        amap = load_anatomy_map(ic.mask_map) if ic.mask_source == "totalsegmentator" else None
+        masks = (amap, amap.labels if amap else dict(ic.mask_labels))
     fallbacks = [f for j in jobs if j.path.is_dir() and (f := _dicom_patient(j)) is not None]
     splits = assign_splits([j.ids["patient_id"] for j in jobs], sc.split_fractions, sc.split_seed)
     keys_seen: set[str] = set()
     with DatasetWriter(ic.out, sc, preprocess=pc, patient_splits=splits, cases_total=len(jobs),
                        source={"images": str(ic.images), "reports": str(ic.reports), "kind": "ingest"},
                        patient_id_fallbacks=fallbacks) as w:
-        it = bounded_map(_process, [(j, pc, ic.mask_labels) for j in jobs], workers=ic.workers)
+        it = bounded_map(_process, [(j, pc, masks) for j in jobs], workers=ic.workers)
         for res in tqdm(it, total=len(jobs), desc="ingest", unit="case", disable=not progress):
             if res[0] == "reject":
                 w.reject(res[1], res[2])
@@ -127,6 +142,8 @@ def run_ingest(cfg, progress: bool = True) -> dict:
                 continue
             keys_seen.add(sample.key)
             w.write(sample)
+            if res[2] is not None:
+                w.note_mask_gap(res[2])
     summary = {"cases_in": len(jobs), "samples_written": w.written, "rejected": len(w.rejected), "out": str(ic.out),
                "patient_id_fallbacks": len(fallbacks)}
     return summary
