@@ -144,6 +144,8 @@ def cmd_label(args) -> int:
 
         print(prepare_model(args.out, force=args.force))
         return 0
+    if args.label_cmd == "split":
+        return _label_split(args)
     from .labels.runner import run_label
 
     s = run_label(_cfg(args), progress=not args.quiet)
@@ -157,6 +159,23 @@ def cmd_label(args) -> int:
           f"+ skipped (already labelled): {s['skipped_already_labelled']}")
     if s["damaged_label_parts"]:
         print(f"damaged label parts, their reports labelled again: {', '.join(s['damaged_label_parts'])}")
+    return 0
+
+
+def _label_split(args) -> int:
+    from .labels.split import split_table
+    from .labels.split_run import run_split
+
+    s = run_split(_cfg(args), progress=not args.quiet)
+    score = s.pop("score", None)
+    if score is not None:
+        print(split_table(score))
+        if args.json:
+            Path(args.json).write_text(json.dumps(score, indent=1))
+        s["accuracy"] = score["accuracy"]
+    print(json.dumps(s))
+    print(f"reports in: {s['reports_in']} = split ok: {s['ok']} + failed: {s['failed']} "
+          f"(reused from an earlier run: {s['skipped_already_split']})")
     return 0
 
 
@@ -301,7 +320,23 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "--engines", "label.engines", type=int, help="vLLM engine workers")
     _flag(p, "--scoring", "label.scoring", choices=["yesno", "json"], help="how vllm scores each finding")
     _add_common(p)
-    lsub = p.add_subparsers(dest="label_cmd", metavar="[eval|prepare-model]")
+    lsub = p.add_subparsers(dest="label_cmd", metavar="[split|eval|prepare-model]")
+    sp = lsub.add_parser("split", help="per-anatomy report text for fVLM (rules or vLLM), scored on sentence truth",
+                         description="`ctvlp label split --reports SRC --silver labels.parquet --out split.parquet` cuts "
+                                     "each report into sentences and assigns each to an anatomy of label.anatomy_map "
+                                     "(default fvlm4: lung, heart, aorta, esophagus) or to other; an organ with no "
+                                     "positive silver finding gets the text '<Organ> shows no significant "
+                                     "abnormalities.'. Resumable like `ctvlp label`. --truth scores it per anatomy.",
+                         epilog=_keys_epilog("label"))
+    _add_common(sp)
+    _flag(sp, "--reports", "label.reports", help="shard dataset folder or CSV of reports")
+    _flag(sp, "--silver", "label.silver", help="silver labels Parquet from `ctvlp label` (decides the normal organs)")
+    _flag(sp, "--out", "label.out", help="output Parquet file")
+    _flag(sp, "--backend", "label.backend", choices=["rules", "vllm"], help="splitter")
+    _flag(sp, "--model", "label.model", help="HF model folder for vllm (default: bundled SmolLM2-135M-Instruct)")
+    _flag(sp, "--anatomy-map", "label.anatomy_map", help="anatomies: a shipped map's name or a YAML path (default fvlm4)")
+    _flag(sp, "--truth", "label.truth", help="sentence_truth.jsonl to score against (the synthetic cohort writes one)")
+    sp.add_argument("--json", help="with --truth: write the score JSON here")
     e = lsub.add_parser("eval", help="score labels against hand labels",
                         description="Per finding AUC (probabilities), F1/precision/recall (hard labels) and support; "
                                     "macro and micro; markdown table and JSON (macro_auc, macro_f1 at the top).")

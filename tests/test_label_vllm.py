@@ -73,6 +73,38 @@ def test_vllm_json_scoring_validates_and_scores(shared_data, tmp_path):
             assert (row[f"{name}__prob"] >= 0.5) == v or 0.0 < row[f"{name}__prob"] < 1.0
 
 
+def test_vllm_split_of_real_dev_reports(shared_data, tmp_path):
+    """`ctvlp label split --backend vllm` on 3 real dev reports with the 135M model: the schema
+    holds every output to one anatomy enum per sentence number, so every sentence of every
+    report gets an assignment (its quality is the small model's, not asserted)."""
+    from ctvlp_dist.labels.split import report_sentences
+    from ctvlp_dist.labels.sources import read_reports
+    from ctvlp_dist.labels.split_run import read_split
+
+    dev = shared_data / "ctrate_reports_dev.csv"
+    silver = tmp_path / "silver.parquet"
+    r = subprocess.run([sys.executable, "-m", "ctvlp_dist", "label", "--reports", str(dev), "--out", str(silver),
+                        "--quiet", "label.limit=3", "label.metrics_port=-1"], capture_output=True, text=True,
+                       timeout=300, env=ENV)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "split.parquet"
+    r = subprocess.run([sys.executable, "-m", "ctvlp_dist", "label", "split", "--reports", str(dev), "--silver",
+                        str(silver), "--out", str(out), "--backend", "vllm", "--quiet", "label.limit=3",
+                        "label.batch_size=3"], capture_output=True, text=True, timeout=1200, env=ENV)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == "reports in: 3 = split ok: 3 + failed: 0 (reused from an earlier run: 0)"
+    rows, meta = read_split(out)
+    texts = dict(read_reports(str(dev), None, None))
+    for row in rows:
+        pairs = json.loads(row["sentences"])
+        assert [s for s, _ in pairs] == report_sentences(texts[row["key"]]) and len(pairs) > 3
+        assert {a for _, a in pairs} <= {"lung", "heart", "aorta", "esophagus", "other"}
+        assert row["tokens_in"] > 0 and row["model"] == "smollm2-135m-instruct"
+        for a in ("lung", "heart", "aorta", "esophagus"):
+            assert row[f"text__{a}"] and isinstance(row[f"normal__{a}"], bool)
+    assert meta["backend"] == "vllm" and meta["engines"] == 1
+
+
 def _engine_pids():
     out = []
     for p in psutil.process_iter(["pid", "cmdline"]):

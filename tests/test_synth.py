@@ -66,11 +66,11 @@ def test_prevalence_matches_ctrate():
 
 def test_reports_follow_labels():
     off = {n: False for n in NAMES}
-    _, _, _, normal, _ = _render(4, off)
+    _, _, _, normal, *_ = _render(4, off)
     assert normal.startswith("Findings: ") and "\nImpression: " in normal
     imp = normal.split("\nImpression: ")[1]
     assert "normal" in imp.lower() or "no significant" in imp.lower()
-    _, _, _, allpos, _ = _render(4, {n: True for n in NAMES})
+    _, _, _, allpos, *_ = _render(4, {n: True for n in NAMES})
     assert allpos.split("\nImpression: ")[1].count("•") == 18
 
 

@@ -151,6 +151,10 @@ class LabelConfig:
     metrics_addr: str = "127.0.0.1"
     price_per_gpu_hour: float = 2.0  # USD, for the 50k-report cost estimate
     seed: int = 0
+    # `ctvlp label split`: per-anatomy report text (fVLM)
+    silver: str = ""  # the silver labels (Parquet from `ctvlp label`): an organ is normal when none of its findings is positive
+    anatomy_map: str = "fvlm4"  # the anatomies to split into (data_shards/resources/anatomy/, or a YAML path)
+    truth: Optional[str] = None  # sentence_truth.jsonl (the synthetic cohort's): score the split against it
 
 
 @dataclass

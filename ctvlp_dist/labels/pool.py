@@ -34,8 +34,9 @@ def engine_count(nodes: list[dict], tensor_parallel_size: int, threads_per_engin
 
 
 def run_pool(batches: list[list[tuple[str, str]]], *, model: str, cfg, gpu: bool,
-             on_rows: Callable[[list[dict]], None], on_restart: Callable[[], None] = lambda: None) -> int:
-    """Label every batch; the number of engines it ran."""
+             on_rows: Callable[[list[dict]], None], on_restart: Callable[[], None] = lambda: None,
+             task: str = "label") -> int:
+    """Label (or, task="split", split) every batch; the number of engines it ran."""
     import ray
     from ray.exceptions import RayActorError
 
@@ -48,7 +49,8 @@ def run_pool(batches: list[list[tuple[str, str]]], *, model: str, cfg, gpu: bool
     Actor = ray.remote(**opts)(LabelEngine)
     actors = [Actor.remote(model, cfg.label_set, cfg.scoring, max_model_len=cfg.max_model_len,
                            max_tokens=cfg.max_tokens, retries=cfg.retries, tensor_parallel_size=cfg.tensor_parallel_size,
-                           dtype=cfg.dtype, seed=cfg.seed, load_format=cfg.load_format)
+                           dtype=cfg.dtype, seed=cfg.seed, load_format=cfg.load_format, task=task,
+                           anatomy_map=cfg.anatomy_map)
               for _ in range(cfg.engines or engine_count(ray.nodes(), cfg.tensor_parallel_size, cfg.threads_per_engine,
                                                          gpu))]
     queue = deque((b, 0) for b in batches)

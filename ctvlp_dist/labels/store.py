@@ -37,11 +37,13 @@ def _atomic_write(table: pa.Table, path: Path) -> None:
 
 
 class LabelStore:
-    def __init__(self, out: str | Path, names: list[str], settings_hash: str):
+    """`names`: the label columns; or a whole `schema` of one's own (the report split's)."""
+
+    def __init__(self, out: str | Path, names: list[str], settings_hash: str, schema: pa.Schema | None = None):
         self.out = Path(out)
         self.parts = self.out.with_name(self.out.name + ".parts")
         self.names, self.hash = names, settings_hash
-        self.schema = _schema(names)
+        self.schema = schema if schema is not None else _schema(names)
         self._n = len(list(self.parts.glob("part-*.parquet"))) if self.parts.exists() else 0
         self.damaged: list[str] = []  # unreadable files met while reading back, each logged once
 
@@ -72,15 +74,20 @@ class LabelStore:
     def _good(self, r: dict) -> bool:
         return r.get("settings_hash") == self.hash and r.get("status") == "ok"
 
-    def finalize(self, keys_in_order: list[str], metadata: dict) -> list[dict]:
+    def finalize(self, keys_in_order: list[str], metadata: dict, transform=None, schema: pa.Schema | None = None) \
+            -> list[dict]:
         """Merge the old file and the parts: an OK row with our settings is kept; otherwise the
-        newest row for a key wins. Only keys of this run's source are written."""
+        newest row for a key wins. Only keys of this run's source are written, each through
+        `transform` (columns derived at the end) into `schema` when given."""
         latest: dict[str, dict] = {}
         for r in self._existing():
             if self._good(r) or not self._good(latest.get(r["key"], {})):
                 latest[r["key"]] = r
         rows = [latest[k] for k in keys_in_order if k in latest]
-        table = pa.Table.from_pylist(rows, schema=self.schema.with_metadata({"ctvlp": json.dumps(metadata)}))
+        if transform is not None:
+            rows = [transform(r) for r in rows]
+        schema = schema if schema is not None else self.schema
+        table = pa.Table.from_pylist(rows, schema=schema.with_metadata({"ctvlp": json.dumps(metadata)}))
         self.out.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(table, self.out)
         shutil.rmtree(self.parts, ignore_errors=True)

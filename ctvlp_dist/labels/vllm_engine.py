@@ -17,7 +17,7 @@ CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
 class LabelEngine:
     def __init__(self, model: str, label_set: str, scoring: str, *, max_model_len: int, max_tokens: int,
                  retries: int, tensor_parallel_size: int = 1, dtype: str = "auto", seed: int = 0,
-                 load_format: str = "auto"):
+                 load_format: str = "auto", task: str = "label", anatomy_map: str = "fvlm4"):
         import torch
         from vllm import LLM
 
@@ -33,6 +33,7 @@ class LabelEngine:
         self.tok = self.llm.get_tokenizer()
         self.ls = load_label_set(label_set)
         self.scoring, self.max_tokens, self.retries = scoring, max_tokens, retries
+        self.task, self.anatomy_map = task, anatomy_map
         from .scoring import NO, YES
 
         ids = {}
@@ -51,7 +52,10 @@ class LabelEngine:
     def label(self, batch: list[tuple[str, str]]) -> list[dict]:
         """[(key, text)] -> one result dict per report, in order. Never raises for bad outputs."""
         t0 = time.perf_counter()
-        rows = self._yesno(batch) if self.scoring == "yesno" else self._json(batch)
+        if self.task == "split":
+            rows = self._split(batch)
+        else:
+            rows = self._yesno(batch) if self.scoring == "yesno" else self._json(batch)
         for r in rows:
             r["engine_seconds"] = (time.perf_counter() - t0) / max(1, len(batch))
         return rows
@@ -116,6 +120,53 @@ class LabelEngine:
                     rows[i] = {"key": batch[i][0], "probs": probs, "raw": c.text, "status": "ok", "attempts": attempt + 1}
                 except ParseError as e:
                     rows[i] = {"key": batch[i][0], "probs": {}, "raw": c.text, "attempts": attempt + 1,
+                               "status": f"failed: {e} after {attempt + 1} attempt(s) (finish: {c.finish_reason})"}
+                    left.append(i)
+            todo = left
+        for i, r in enumerate(rows):
+            r["tokens_in"], r["tokens_out"] = tin[i], tout[i]
+        return rows
+
+    def _split(self, batch):
+        """Each report's numbered sentences -> one anatomy enum per number, under a JSON schema;
+        an output that does not validate is asked again with twice the budget."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
+
+        from data_shards.ingest.masks import load_anatomy_map
+
+        from .split import parse_split, report_sentences, split_messages, split_schema
+
+        anat = load_anatomy_map(self.anatomy_map).anatomies
+        sents = [report_sentences(text) for _, text in batch]
+        rows: list = [None] * len(batch)
+        tin, tout = [0] * len(batch), [0] * len(batch)
+        todo = []
+        for i, s in enumerate(sents):
+            if s:
+                todo.append(i)
+            else:
+                rows[i] = {"key": batch[i][0], "sentences": "[]", "raw": "", "attempts": 0,
+                           "status": "failed: the report has no sentence"}
+        for attempt in range(self.retries + 1):
+            if not todo:
+                break
+            sps = [SamplingParams(max_tokens=max(self.max_tokens, 12 * len(sents[i]) + 16) * (2 ** attempt),
+                                  temperature=0.0,
+                                  structured_outputs=StructuredOutputsParams(json=split_schema(len(sents[i]), anat)))
+                   for i in todo]
+            outs = self.llm.generate([self._prompt(split_messages(sents[i], anat)) for i in todo], sps, use_tqdm=False)
+            left = []
+            for i, o in zip(todo, outs):
+                c = o.outputs[0]
+                tin[i] += len(o.prompt_token_ids)
+                tout[i] += len(c.token_ids)
+                try:
+                    assigned = parse_split(c.text, len(sents[i]), anat)
+                    rows[i] = {"key": batch[i][0], "sentences": json.dumps([list(x) for x in zip(sents[i], assigned)]),
+                               "raw": c.text, "status": "ok", "attempts": attempt + 1}
+                except ValueError as e:
+                    rows[i] = {"key": batch[i][0], "sentences": "[]", "raw": c.text, "attempts": attempt + 1,
                                "status": f"failed: {e} after {attempt + 1} attempt(s) (finish: {c.finish_reason})"}
                     left.append(i)
             todo = left

@@ -36,6 +36,7 @@ class AnatomyMap:
     name: str
     anatomies: tuple[str, ...]  # label value i + 1
     classes: tuple[tuple[str, ...], ...]  # per anatomy, its TotalSegmentator classes
+    words: tuple[tuple[str, ...], ...] = ()  # per anatomy, regexes naming it (the rules report split)
 
     @property
     def labels(self) -> dict[str, int]:
@@ -67,9 +68,14 @@ def load_anatomy_map(name_or_path: str = "fvlm4") -> AnatomyMap:
             if c in seen:
                 raise ValueError(f"{p}: class {c!r} is in both {seen[c]!r} and {a!r}")
             seen[c] = a
+    words = data.get("words") or {}
+    unknown = set(words) - set(anat)
+    if unknown:
+        raise ValueError(f"{p}: `words` names {sorted(unknown)}, which are not among its anatomies")
     if len(anat) > 255:
         raise ValueError(f"{p}: at most 255 anatomies fit a uint8 mask")
-    return AnatomyMap(str(data.get("name", p.stem)), tuple(anat), tuple(tuple(c) for c in anat.values()))
+    return AnatomyMap(str(data.get("name", p.stem)), tuple(anat), tuple(tuple(c) for c in anat.values()),
+                      tuple(tuple(words.get(a, ())) for a in anat))
 
 
 def merge_multilabel(arr: np.ndarray, amap: AnatomyMap) -> np.ndarray:

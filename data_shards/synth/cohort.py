@@ -8,6 +8,7 @@ files at real CT-RATE spacings and sizes plus CT-RATE-style CSVs, to exercise `c
 from __future__ import annotations
 
 import csv
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -66,25 +67,26 @@ class ScanJob:
     only: Optional[dict] = None  # override labels (tests toggle single findings)
 
 
-def render_scan(job: ScanJob) -> tuple[np.ndarray, np.ndarray, dict, str, dict]:
-    """-> (int16 HU volume (D,H,W), uint8 mask, labels, report, details)."""
+def render_scan(job: ScanJob) -> tuple[np.ndarray, np.ndarray, dict, str, dict, list[dict]]:
+    """-> (int16 HU volume (D,H,W), uint8 mask, labels, report, details, sentence truth)."""
     labels = job.only if job.only is not None else patient_labels(job.seed, job.patient, job.label_set)
     cv = Canvas(job.shape, job.spacing)
     anatomy = draw_anatomy(np.random.default_rng([job.seed, job.patient, 1, 1]))
     details = render(cv, anatomy, labels, _rngs(job.seed, job.patient, list(labels)))
     noise = np.random.default_rng([job.seed, job.patient, job.recon, 7]).normal(0, job.noise_hu, cv.shape)
     vol = np.clip(np.rint(cv.hu + noise), -32768, 32767).astype(np.int16)
-    report = write_report(labels, details, np.random.default_rng([job.seed, job.patient, 2]))
-    return vol, cv.label, labels, report, details
+    anatomy_of = {f.name: f.anatomy for f in load_label_set(job.label_set).findings}
+    report, truth = write_report(labels, details, np.random.default_rng([job.seed, job.patient, 2]), anatomy_of=anatomy_of)
+    return vol, cv.label, labels, report, details, truth
 
 
-def _make_sample(job: ScanJob) -> tuple[Sample, dict]:
-    vol, mask, labels, report, _ = render_scan(job)
+def _make_sample(job: ScanJob) -> tuple[Sample, dict, list[dict]]:
+    vol, mask, labels, report, _, truth = render_scan(job)
     meta = {"patient_id": patient_id(job.patient), "study_id": f"{patient_id(job.patient)}_a",
             "spacing": [float(s) for s in job.spacing], "orientation": "RAS", "axes": ["S", "A", "R"],
             "source_file": "synthetic", "synthetic": True, "mask_labels": ANATOMY_LABELS,
             "rescale_applied": False, "hu_window_applied": None}
-    return Sample(key=scan_key(job.patient, job.recon), volume=vol, report=report, meta=meta, mask=mask), labels
+    return Sample(key=scan_key(job.patient, job.recon), volume=vol, report=report, meta=meta, mask=mask), labels, truth
 
 
 def _jobs(cfg, shape, spacing):
@@ -110,17 +112,39 @@ def run_synth(cfg, progress: bool = True) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     n = sc.patients * sc.scans_per_patient
     gt_path = out / "ground_truth.csv"
-    with open(str(gt_path) + ".partial", "w", newline="") as gf, \
+    with open(str(gt_path) + ".partial", "w", newline="") as gf, SentenceTruth(out) as st, \
             DatasetWriter(out, cfg.shard, preprocess=pre, patient_splits=splits, cases_total=n,
                           source={"kind": "synthetic", "patients": sc.patients, "seed": sc.seed}) as w:
         gw = csv.writer(gf)
         gw.writerow(["AccessionNo", "report_text", *names])  # same layout as the CT-RATE dev file
         it = bounded_map(_make_sample, _jobs(cfg, shape, spacing), workers=sc.workers)
-        for sample, labels in tqdm(it, total=n, desc="synth", unit="scan", disable=not progress):
+        for sample, labels, truth in tqdm(it, total=n, desc="synth", unit="scan", disable=not progress):
             w.write(sample)
             gw.writerow([sample.key, sample.report, *[int(labels[k]) for k in names]])
+            st.write(sample.key, truth)
     Path(str(gt_path) + ".partial").replace(gt_path)
     return {"cases_in": n, "samples_written": w.written, "rejected": len(w.rejected), "out": str(out)}
+
+
+class SentenceTruth:
+    """sentence_truth.jsonl: one line per report sentence (key, index, section, sentence, finding,
+    stated, anatomy), written as `.partial` and renamed when complete."""
+
+    def __init__(self, out: Path):
+        self.path = Path(out) / "sentence_truth.jsonl"
+
+    def __enter__(self):
+        self.f = open(str(self.path) + ".partial", "w")
+        return self
+
+    def write(self, key: str, truth: list[dict]) -> None:
+        for i, t in enumerate(truth):
+            self.f.write(json.dumps({"key": key, "index": i, **t}) + "\n")
+
+    def __exit__(self, exc_type, *_):
+        self.f.close()
+        if exc_type is None:
+            Path(str(self.path) + ".partial").replace(self.path)
 
 
 def _draw(rng, deciles):
@@ -142,7 +166,7 @@ def _make_raw(job_and_out):
     job, out = job_and_out
     import nibabel as nib
 
-    vol, _, labels, report, _ = render_scan(job)
+    vol, _, labels, report, _, truth = render_scan(job)
     key = scan_key(job.patient, job.recon)
     arr = np.transpose(vol, (2, 1, 0))  # (S,A,R) -> (R,A,S) voxel order (i, j, k)
     sz, sy, sx = job.spacing
@@ -155,7 +179,7 @@ def _make_raw(job_and_out):
     img.set_qform(aff, code=1)
     img.set_sform(aff, code=1)
     nib.save(img, str(Path(out) / "volumes" / f"{key}.nii.gz"))
-    return key, labels, report, job.shape, job.spacing
+    return key, labels, report, job.shape, job.spacing, truth
 
 
 def run_synth_raw(cfg, progress: bool = True) -> dict:
@@ -169,14 +193,16 @@ def run_synth_raw(cfg, progress: bool = True) -> dict:
         for r in range(sc.scans_per_patient):
             jobs.append((ScanJob(sc.seed, i, r, shape, spacing, sc.noise_hu, cfg.shard.label_set), out))
     with open(out / "reports.csv", "w", newline="") as rf, open(out / "labels.csv", "w", newline="") as lf, \
-            open(out / "metadata.csv", "w", newline="") as mf:
+            open(out / "metadata.csv", "w", newline="") as mf, SentenceTruth(out) as st:
         rw, lw, mw = csv.writer(rf), csv.writer(lf), csv.writer(mf)
         rw.writerow(["VolumeName", "Findings_EN", "Impressions_EN"])
         lw.writerow(["VolumeName", *names])
         mw.writerow(["VolumeName", "Rows", "Columns", "NumberofSlices", "XYSpacing", "ZSpacing",
                      "RescaleIntercept", "RescaleSlope"])
         it = bounded_map(_make_raw, jobs, workers=sc.workers)
-        for key, labels, report, shape, spacing in tqdm(it, total=len(jobs), desc="synth raw", disable=not progress):
+        for key, labels, report, shape, spacing, truth in tqdm(it, total=len(jobs), desc="synth raw",
+                                                               disable=not progress):
+            st.write(key, truth)
             fnd, imp = report.split("\nImpression: ")
             vn = f"{key}.nii.gz"
             rw.writerow([vn, fnd.removeprefix("Findings: "), imp])

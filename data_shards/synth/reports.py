@@ -1,5 +1,7 @@
 """CT-RATE-style reports: findings then impression; present findings described in varied
 words (with the rendered side and size), absent ones often negated, sometimes not mentioned.
+Each report comes with its sentence truth: every sentence with its finding (or none), whether it
+states the finding present or absent, and its anatomy, so that a report split can be scored.
 """
 from __future__ import annotations
 
@@ -103,24 +105,41 @@ def _fill(template: str, d: dict, rng) -> str:
                            zone=d.get("zone", "upper lobes"), stations=" and ".join(stations))
 
 
-def write_report(labels: dict[str, bool], details: dict, rng: np.random.Generator, p_negate: float = 0.7) -> str:
-    sents = ["Trachea and both main bronchi are open."]
+def _truth(sentence: str, section: str, finding=None, stated=None, anatomy=None) -> dict:
+    return {"section": section, "sentence": sentence, "finding": finding, "stated": stated, "anatomy": anatomy}
+
+
+def write_report(labels: dict[str, bool], details: dict, rng: np.random.Generator, p_negate: float = 0.7,
+                 anatomy_of: dict[str, str] | None = None) -> tuple[str, list[dict]]:
+    """-> (report text, sentence truth). A finding's anatomy comes from `anatomy_of` (the label
+    set's); "global" findings and sentences about no finding are `other`, except the lung-window
+    header, which is the lung's."""
+    anatomy_of = anatomy_of or {}
+    organ = lambda n: anatomy_of.get(n) if anatomy_of.get(n) not in (None, "", "global") else "other"  # noqa: E731
+    sents = [_truth("Trachea and both main bronchi are open.", "findings", anatomy="other")]
     for name in ORDER:
         if name == "Emphysema":
-            sents.append("When examined in the lung parenchyma window;")
+            sents.append(_truth("When examined in the lung parenchyma window;", "findings", anatomy="lung"))
         if labels.get(name):
             opts = POS[name]
             if isinstance(opts, dict):
                 opts = opts[details.get(name, {}).get("kind", next(iter(opts)))]
-            sents.append(_fill(str(rng.choice(opts)), details.get(name, {}), rng))
+            text = _fill(str(rng.choice(opts)), details.get(name, {}), rng)
+            sents.append(_truth(text, "findings", name, "present", organ(name)))
         elif NEG[name] and rng.random() < p_negate:
-            sents.append(str(rng.choice(NEG[name])))
-    sents.append(str(rng.choice(["Upper abdominal organs included in the sections are normal.",
-                                 "No space-occupying lesion was detected in the liver that entered the cross-sectional area."])))
-    sents.append(str(rng.choice(["Bone structures in the study area are natural.", "Vertebral corpus heights are preserved."])))
+            sents.append(_truth(str(rng.choice(NEG[name])), "findings", name, "absent", organ(name)))
+    sents.append(_truth(str(rng.choice(["Upper abdominal organs included in the sections are normal.",
+                                        "No space-occupying lesion was detected in the liver that entered the "
+                                        "cross-sectional area."])), "findings", anatomy="other"))
+    sents.append(_truth(str(rng.choice(["Bone structures in the study area are natural.",
+                                        "Vertebral corpus heights are preserved."])), "findings", anatomy="other"))
     present = [n for n in ORDER if labels.get(n)]
     if present:
-        imp = " ".join(f"• {IMPRESSION[n]}." for n in present)
+        imp = [_truth(f"{IMPRESSION[n]}.", "impression", n, "present", organ(n)) for n in present]
+        imp_text = " ".join(f"• {t['sentence']}" for t in imp)
     else:
-        imp = str(rng.choice(["Thoracic CT examination within normal limits.", "No significant pathology."]))
-    return "Findings: " + " ".join(sents) + "\nImpression: " + imp
+        imp = [_truth(str(rng.choice(["Thoracic CT examination within normal limits.", "No significant pathology."])),
+                      "impression", anatomy="other")]
+        imp_text = imp[0]["sentence"]
+    report = "Findings: " + " ".join(t["sentence"] for t in sents) + "\nImpression: " + imp_text
+    return report, sents + imp
