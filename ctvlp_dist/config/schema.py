@@ -88,6 +88,7 @@ class LoaderConfig:
     out_range: tuple[float, float] = (-1.0, 1.0)
     last_batch: Literal["pad", "drop"] = "pad"  # pad (repeat, flagged in batch.is_pad) | drop
     labels: Optional[str] = None  # CSV/Parquet joined by key -> batch.labels
+    organ_texts: Optional[str] = None  # fVLM: `ctvlp label split`'s Parquet joined by key -> batch.organ_text
     text_view: Literal["report", "sentence"] = "report"  # report | sentence: one random sentence per sample and epoch (train only; data/text.py)
     raw: bool = False  # yield stored int16 volumes untouched (for checks and benchmarks)
     prefetch_factor: int = 2
@@ -176,6 +177,9 @@ class ModelConfig:
     logit_scale_init: float = 14.285714  # 1 / 0.07, as CLIP
     logit_scale_max: float = 100.0
     num_labels: int = 18  # the shared classifier for the auxiliary BCE (0: none)
+    anatomies: list = field(default_factory=list)  # fVLM: organs with an embedding each, by mask name ([]: none)
+    organ_width: int = 256  # fVLM pooling: the common width of layers 2-4's positions
+    organ_heads: int = 8  # fVLM pooling: heads of the shared attention
 
 
 @dataclass
@@ -201,7 +205,7 @@ class TrainConfig:
     contrastive batch, reached with GradCache when it exceeds micro-batch x workers; for supervised,
     with gradient accumulation."""
 
-    stage: Literal["supervised", "clip"] = "supervised"  # supervised | clip
+    stage: Literal["supervised", "clip", "fvlm"] = "supervised"  # supervised | clip | fvlm (per-organ contrastive; needs model.anatomies, loader.organ_texts)
     data: str = ""  # shard dataset folder (`ctvlp shard` / `ctvlp synth`); labels come from loader.labels
     split: str = "train"
     out: str = "runs/train"  # checkpoints/, metrics.jsonl, model.safetensors, summary.json
@@ -213,6 +217,8 @@ class TrainConfig:
     aux_weight: float = 0.0  # clip: weight of the auxiliary BCE through the shared classifier
     aux_text: bool = True  # clip: the auxiliary BCE on the text latents too (off for loader.text_view=sentence)
     group_identical_texts: bool = False  # clip: identical texts are positives of each other (fVLM calibration)
+    fvlm_global_weight: float = 0.0  # fvlm: weight of the report-level CLIP term beside the organ terms
+    fvlm_drop_cut: bool = True  # fvlm: an organ that touches a face of the random crop takes no part (fVLM)
     init_from: Optional[str] = None  # a model.safetensors export (e.g. the supervised stage) to start from
     bn_mode: Literal["train", "eval"] = "train"  # train | eval: frozen BN statistics (GradCache then equals the full batch exactly)
     lock_image: bool = False  # clip: freeze the image tower, BN statistics included (open_clip --lock-image; LiT)

@@ -1,7 +1,7 @@
 """The one batch type every loader (CPU webdataset, DALI) produces and every stage consumes."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
@@ -16,14 +16,21 @@ class CTBatch:
     labels: Optional[torch.Tensor] = None  # float [B, K]; 1 / 0 / -1 uncertain, joined by key
     is_pad: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))  # [B] repeats
     meta: list[dict] = field(default_factory=list)
+    # fVLM (loader.organ_texts): per sample, one text per organ (None: its report split failed),
+    # and which organs are normal [B, K]
+    organ_text: Optional[list] = None
+    organ_normal: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return len(self.key)
 
     def to(self, device, non_blocking: bool = True) -> "CTBatch":
         mv = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
-        return CTBatch(mv(self.volume), self.report, self.key, mv(self.anatomy), mv(self.labels), mv(self.is_pad), self.meta)
+        return self._map(mv)
 
     def pin_memory(self) -> "CTBatch":
-        pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
-        return CTBatch(pin(self.volume), self.report, self.key, pin(self.anatomy), pin(self.labels), pin(self.is_pad), self.meta)
+        return self._map(lambda t: None if t is None else t.pin_memory())
+
+    def _map(self, fn) -> "CTBatch":
+        return replace(self, volume=fn(self.volume), anatomy=fn(self.anatomy), labels=fn(self.labels),
+                       is_pad=fn(self.is_pad), organ_normal=fn(self.organ_normal))

@@ -54,3 +54,32 @@ class LabelTable:
 
     def __contains__(self, key: str) -> bool:
         return key in self._row
+
+
+class OrganTexts:
+    """fVLM's per-organ texts and normal flags from `ctvlp label split`'s Parquet, by key. A
+    report whose split failed has no texts (None): the fVLM stage masks all its organs."""
+
+    def __init__(self, path: str | Path, anatomies: list[str]):
+        import pyarrow.parquet as pq
+
+        cols = pq.read_table(path).to_pydict()
+        missing = [c for a in anatomies for c in (f"text__{a}", f"normal__{a}") if c not in cols]
+        if missing:
+            raise ValueError(f"{path}: no column {missing[0]}: split the reports into these anatomies "
+                             f"(ctvlp label split --anatomy-map ...) or change model.anatomies")
+        self.anatomies = list(anatomies)
+        self._rows = {}
+        for i, k in enumerate(cols["key"]):
+            ok = cols["status"][i] == "ok"
+            self._rows[strip_volume_ext(str(k))] = (
+                [cols[f"text__{a}"][i] for a in anatomies] if ok else None,
+                [bool(cols[f"normal__{a}"][i]) if ok else False for a in anatomies])
+
+    def lookup(self, keys: list[str]) -> tuple[list, np.ndarray]:
+        absent = [k for k in keys if k not in self._rows]
+        if absent:
+            raise KeyError(f"{len(absent)} sample(s) have no organ texts, e.g. {absent[:3]}; run "
+                           f"`ctvlp label split` on the whole dataset")
+        rows = [self._rows[k] for k in keys]
+        return [t for t, _ in rows], np.array([n for _, n in rows], dtype=bool).reshape(len(keys), -1)

@@ -21,7 +21,7 @@ from data_shards.tar_io import read_index, read_sample_members
 from data_shards.writer import load_manifest
 
 from .batch import CTBatch
-from .labels import LabelTable
+from .labels import LabelTable, OrganTexts
 from .plan import rank_batches
 from .text import check_text_view, text_view
 from .transforms import crop_pair, random_flip, window_into
@@ -57,8 +57,10 @@ class _EpochDataset(IterableDataset):
     which is the order torch's DataLoader collects them in, so output order never depends
     on the worker count."""
 
-    def __init__(self, index: ShardIndex, cfg, labels: Optional[LabelTable]):
+    def __init__(self, index: ShardIndex, cfg, labels: Optional[LabelTable], organs: Optional[OrganTexts] = None,
+                 anatomies: tuple[str, ...] = ()):
         self.index, self.cfg, self.labels = index, cfg, labels
+        self.organs, self.anatomies = organs, anatomies
         self.batches: list = []
         self.start = 0
         self.epoch = 0
@@ -94,14 +96,21 @@ class _EpochDataset(IterableDataset):
                 window_into(vol[i, 0], v, c.hu_window, c.out_range)
             if with_mask:
                 np.copyto(anat[i, 0].numpy(), m)
+                if self.anatomies and not c.raw:
+                    s.meta["mask_inside"] = _inside(s.mask, m, s.meta.get("mask_labels", {}), self.anatomies)
         keys = [s.key for s in samples]
         reports = [s.report for s in samples]
         if c.train and c.text_view != "report":
             reports = [text_view(r, c.text_view, np.random.default_rng([c.seed, self.epoch, pos, 0x7E]))
                        for r, (_, pos, _) in zip(reports, items)]
         labels = torch.from_numpy(self.labels.lookup(keys)) if self.labels is not None else None
+        organ_text = organ_normal = None
+        if self.organs is not None:
+            organ_text, normal = self.organs.lookup(keys)
+            organ_normal = torch.from_numpy(normal)
         return CTBatch(volume=vol, report=reports, key=keys, anatomy=anat, labels=labels,
-                       is_pad=torch.tensor([p for _, _, p in items], dtype=torch.bool), meta=[s.meta for s in samples])
+                       is_pad=torch.tensor([p for _, _, p in items], dtype=torch.bool), meta=[s.meta for s in samples],
+                       organ_text=organ_text, organ_normal=organ_normal)
 
     def _close(self) -> None:
         for mv in self._files.values():
@@ -123,6 +132,17 @@ class _EpochDataset(IterableDataset):
             self._close()
 
 
+def _inside(full: np.ndarray, crop: np.ndarray, labels: dict, anatomies) -> dict:
+    """Per organ, the share of its voxels that the crop kept (fVLM skips organs under 90% in
+    evaluation); None for an organ the stored mask does not hold."""
+    n_full, n_crop = np.bincount(full.ravel(), minlength=256), np.bincount(crop.ravel(), minlength=256)
+    out = {}
+    for a in anatomies:
+        v = labels.get(a)
+        out[a] = None if v is None or n_full[v] == 0 else float(n_crop[v] / n_full[v])
+    return out
+
+
 def _alloc(shape, dtype) -> torch.Tensor:
     """Batch buffers are born in shared memory inside loader workers, so handing a batch to
     the main process moves a file descriptor instead of copying tens of MB per batch."""
@@ -141,7 +161,9 @@ class CTLoader:
     the rest of that epoch, in the same order. A completed pass advances the epoch."""
 
     def __init__(self, root: str | Path, cfg, split: Optional[str] = "train", rank: int = 0, world_size: int = 1,
-                 label_names: Optional[list[str]] = None):
+                 label_names: Optional[list[str]] = None, anatomies: Optional[list[str]] = None):
+        """`anatomies` (fVLM's model.anatomies): each sample's meta gets `mask_inside` (the share
+        of each organ the crop kept), and with loader.organ_texts the batch gets organ texts."""
         check_text_view(cfg.text_view)  # at construction, not in a worker's first batch
         self.cfg, self.rank, self.world = cfg, rank, world_size
         self.index = ShardIndex(root, split)
@@ -152,7 +174,13 @@ class CTLoader:
 
                 label_names = load_label_set(self.index.manifest.get("label_set", "ctrate18")).names
             labels = LabelTable.from_file(cfg.labels, label_names)
-        self.dataset = _EpochDataset(self.index, cfg, labels)
+        organs = None
+        if cfg.organ_texts:
+            if not anatomies:
+                raise ValueError("loader.organ_texts needs the organs: set model.anatomies (e.g. [lung, heart, aorta, "
+                                 "esophagus])")
+            organs = OrganTexts(cfg.organ_texts, anatomies)
+        self.dataset = _EpochDataset(self.index, cfg, labels, organs, tuple(anatomies or ()))
         self.epoch = 0
         self.consumed = 0
 

@@ -8,8 +8,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .anatomy import AnatomyPool
 from .resnet3d import ResNet3d18
 from .text import TextEncoder
+
+
+ORGAN_LAYERS = (2, 3, 4)  # the ResNet stages whose maps the organ queries attend over (fVLM: several depths)
 
 
 class CTCLIP(nn.Module):
@@ -26,9 +30,17 @@ class CTCLIP(nn.Module):
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(cfg.logit_scale_init)))
         self.max_log_scale = math.log(cfg.logit_scale_max)
         self.classifier = nn.Linear(cfg.latent_dim, cfg.num_labels) if cfg.num_labels else None
+        # fVLM: one embedding per organ of model.anatomies, from layers 2-4 (None: no organs)
+        self.organ_pool = None
+        self.anatomies = list(cfg.anatomies)
+        if cfg.anatomies:
+            dims = [self.image.stage_dims[i - 1] for i in ORGAN_LAYERS]
+            self.organ_pool = AnatomyPool(dims, len(cfg.anatomies), cfg.latent_dim, cfg.organ_width, cfg.organ_heads)
 
     def forward(self, kind: str, x=None) -> torch.Tensor:
-        """One call for every part: model("image", volume), ("text", tokens), ("classify", z), ("scale").
+        """One call for every part: model("image", volume), ("text", tokens), ("classify", z), ("scale"),
+        ("organs", (volume, organ masks [B, K, D, H, W])) -> [B, 1 + K, latent]: the global image
+        embedding, then one per organ.
         Stages call the model (or its DeepSpeed engine) only this way, so ZeRO-3 gathers the
         parameters each part needs, the root's own logit scale included."""
         if kind == "image":
@@ -39,13 +51,24 @@ class CTCLIP(nn.Module):
             return self.classify(x)
         if kind == "scale":
             return self.scale()
-        raise ValueError(f"unknown model part {kind!r}: image | text | classify | scale")
+        if kind == "organs":
+            return self.encode_organs(*x)
+        raise ValueError(f"unknown model part {kind!r}: image | text | classify | scale | organs")
 
     def scale(self) -> torch.Tensor:
         return self.logit_scale.clamp(max=self.max_log_scale).exp().squeeze(0)
 
     def encode_image(self, volume: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.image_proj(self.image(volume)), dim=-1)
+
+    def encode_organs(self, volume: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """One image pass for both: the global embedding and the organs' ([B, 1 + K, latent])."""
+        if self.organ_pool is None:
+            raise RuntimeError("model.anatomies is empty: no organ embeddings (fVLM needs e.g. "
+                               "model.anatomies=[lung,heart,aorta,esophagus])")
+        pooled, maps = self.image(volume, features=ORGAN_LAYERS)
+        z = torch.cat([self.image_proj(pooled)[:, None], self.organ_pool(maps, masks).to(pooled.dtype)], 1)
+        return F.normalize(z, dim=-1)
 
     def encode_text(self, tokens: dict) -> torch.Tensor:
         return F.normalize(self.text_proj(self.text(tokens)), dim=-1)

@@ -90,9 +90,23 @@ class ResNet3d18(nn.Module):
                 nn.init.zeros_(blk.bn2.weight)
 
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def stage_dims(self) -> list[int]:
+        return [blk[-1].conv2.out_channels for blk in self.layers]
+
+    def forward(self, x: torch.Tensor, features: tuple[int, ...] = ()):
+        """Global average pooled features [B, out_dim]; with `features` (stage indices, 1-based
+        as layer1..layer4), also those stages' maps: (pooled, [maps])."""
         # Activations run in channels_last_3d; weights stay contiguous, because DeepSpeed views
         # parameters as flat byte buffers (broadcast, ZeRO partitions) and cuDNN takes either.
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
-        return self.layers(self.stem(x)).mean(dim=(2, 3, 4))
+        x = self.stem(x)
+        if not features:
+            return self.layers(x).mean(dim=(2, 3, 4))
+        maps = []
+        for i, stage in enumerate(self.layers, 1):
+            x = stage(x)
+            if i in features:
+                maps.append(x)
+        return x.mean(dim=(2, 3, 4)), maps

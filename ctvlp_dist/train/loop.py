@@ -82,6 +82,8 @@ def freeze_unused(model: torch.nn.Module, tc) -> None:
         frozen += [*model.text.parameters(), *model.text_proj.parameters(), model.logit_scale]
     if _image_locked(tc):
         frozen += list(model.image.parameters())
+    if model.organ_pool is not None and tc.stage != "fvlm":
+        frozen += list(model.organ_pool.parameters())
     for p in frozen:
         p.requires_grad_(False)
 
@@ -156,7 +158,7 @@ def run_worker(cfg_dict: dict, sink: str = "folder") -> dict:
     freeze_unused(model, tc)
     tokenize = model.text.tokenize
     loader = CTLoader(tc.data, dataclasses.replace(cfg.loader, last_batch="drop", train=True), split=tc.split,
-                      rank=rank, world_size=world)
+                      rank=rank, world_size=world, anatomies=cfg.model.anatomies)
     accum, per_epoch, total = _plan(cfg, loader, world)
     opt, sched = build_optimizer(model, cfg.optim, total)
     engine, _, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
@@ -197,7 +199,7 @@ def run_worker(cfg_dict: dict, sink: str = "folder") -> dict:
             loss = step_fn(engine, group, tc, timer, tokenize)
             step += 1
             phases = timer.pop()
-            scale = _logit_scale(engine) if tc.stage == "clip" else None
+            scale = _logit_scale(engine) if tc.stage in ("clip", "fvlm") else None
             if metrics:
                 row = metrics.record(step, loader.epoch, loss, sched.get_last_lr()[0], scale, gb, phases)
                 if channel is not None:

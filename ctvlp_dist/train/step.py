@@ -94,4 +94,6 @@ def clip_step(engine, batches: Sequence[CTBatch], tc, timer, tokenize: Callable,
     return float(_global_mean(loss.double().cpu()))  # the auxiliary BCE is per rank
 
 
-STAGES = {"supervised": supervised_step, "clip": clip_step}
+from .fvlm import fvlm_step  # noqa: E402  (fvlm reuses this module's helpers)
+
+STAGES = {"supervised": supervised_step, "clip": clip_step, "fvlm": fvlm_step}
