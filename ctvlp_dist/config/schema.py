@@ -265,6 +265,7 @@ class EvalConfig:
     runs: tuple[str, ...] = ()  # training run folders: their metrics.jsonl give the loss-curve plot
     batch_size: int = 4
     seed: int = 0
+    organ_min_inside: float = 0.9  # fVLM models: an organ under this share inside the evaluated crop is skipped
 
 
 @dataclass

@@ -52,6 +52,35 @@ def zero_shot_metrics(Y: np.ndarray, known: np.ndarray, S: np.ndarray, names: li
     return out
 
 
+def organ_zero_shot(emb: dict, S: np.ndarray, known: np.ndarray, pos, neg, scale: float, organs: list[str],
+                    label_set, min_inside: float) -> dict:
+    """fVLM's evaluation, in place on S and known: a finding of an organ is scored on that organ's
+    embedding; a volume whose organ is under `min_inside` inside the evaluated crop is skipped
+    for that organ's findings (fVLM: 90%). Whole-report findings keep the global embedding.
+    -> {organ: {"findings": [...], "skipped_volumes": n}}."""
+    out = {a: {"findings": [], "skipped_volumes": int((emb["inside"][:, k] < min_inside).sum())}
+           for k, a in enumerate(organs)}
+    out["global"] = {"findings": [], "skipped_volumes": 0}
+    for j, f in enumerate(label_set.findings):
+        if f.anatomy not in organs:
+            out["global"]["findings"].append(f.name)
+            continue
+        k = organs.index(f.anatomy)
+        S[:, j] = zero_shot_scores(emb["organs"][:, k], pos[j:j + 1], neg[j:j + 1], scale)[:, 0].numpy()
+        known[emb["inside"][:, k] < min_inside, j] = False
+        out[f.anatomy]["findings"].append(f.name)
+    return {a: v for a, v in out.items() if v["findings"]}
+
+
+def organ_summary(zs: dict, per_organ: dict) -> dict:
+    """Per organ: the macro AUC of its findings (those with both classes), and what was skipped."""
+    out = {}
+    for a, v in per_organ.items():
+        aucs = [zs["per_finding"][f]["auc"] for f in v["findings"] if not np.isnan(zs["per_finding"][f]["auc"])]
+        out[a] = {**v, "macro_auc": float(np.mean(aucs)) if aucs else float("nan")}
+    return out
+
+
 def linear_probe(train: dict, test: dict, Ytr: np.ndarray, Yte: np.ndarray, names: list[str], seed: int) -> dict:
     from sklearn.linear_model import LogisticRegression
 
@@ -103,7 +132,13 @@ def evaluate_model(cfg, progress: bool = True) -> dict:
         pos, neg = prompt_embeddings(lambda t: model("text", model.text.tokenize(t)), names, ensemble=ev.ensemble,
                                      template=ev.template)
         S = zero_shot_scores(emb["image"], pos, neg, float(model.scale())).numpy()
+        per_organ = None
+        if emb["organs"] is not None:
+            per_organ = organ_zero_shot(emb, S, known, pos, neg, float(model.scale()), list(model.anatomies),
+                                        load_label_set(ev.label_set), ev.organ_min_inside)
     zs = zero_shot_metrics(Y, known, S, names, ev.bootstrap, ev.seed)
+    if per_organ is not None:
+        zs["per_organ"] = organ_summary(zs, per_organ)
     n = len(emb["keys"])
     img_map = map_at_k(Y, emb["image"], ev.map_ks)
     pub_map = published_map_at_k(Y, emb["image"], ev.map_ks)
@@ -157,6 +192,13 @@ def render_report(m: dict, names: list[str], ev, figs: dict) -> str:
     rows.append({"finding": "**weighted**", "AUC": "", "F1": _f(w["f1"]), "sensitivity": _f(w["sensitivity"]),
                  "specificity": _f(w["specificity"]), "precision": _f(w["precision"]), "positives": ""})
     lines += [markdown_table(rows, ["finding", "AUC", "F1", "sensitivity", "specificity", "precision", "positives"]), ""]
+    if "per_organ" in zs:
+        lines += ["### Per organ (fVLM: each finding scored on its organ's embedding)", "",
+                  f"A volume whose organ lies under {ev.organ_min_inside:.0%} inside the evaluated crop is skipped for "
+                  "that organ's findings; `global`: findings judged on the whole-volume embedding.", "",
+                  markdown_table([{"organ": a, "macro AUC": _f(v["macro_auc"]), "findings": len(v["findings"]),
+                                   "skipped volumes": v["skipped_volumes"]} for a, v in zs["per_organ"].items()],
+                                 ["organ", "macro AUC", "findings", "skipped volumes"]), ""]
     for key, title in (("auc", "AUC per finding"), ("roc", "ROC curves"), ("loss", "Training loss")):
         if key in figs:
             lines += [f"![{title}]({figs[key]})", ""]

@@ -23,6 +23,23 @@ def organ_masks(anatomy: torch.Tensor, values: list[int]) -> torch.Tensor:
     return anatomy == v
 
 
+def batch_organ_masks(batch, anatomies, device=None) -> torch.Tensor:
+    """A CTBatch's label maps -> bool [B, K, D, H, W] for these organs, by the masks' own label
+    map (`mask_labels` in each sample's json; one map per batch)."""
+    if batch.anatomy is None:
+        raise ValueError("organ embeddings need anatomy masks in the shards (ctvlp shard --masks, or the synthetic "
+                         "cohort)")
+    maps = {tuple(sorted(m.get("mask_labels", {}).items())) for m in batch.meta}
+    if len(maps) != 1:
+        raise ValueError(f"one batch holds samples with different mask label maps: {sorted(maps)[:2]}")
+    labels = dict(next(iter(maps)))
+    absent = [a for a in anatomies if a not in labels]
+    if absent:
+        raise ValueError(f"model.anatomies {absent} are not in the masks' label map {sorted(labels)}")
+    return organ_masks(batch.anatomy.to(device if device is not None else batch.anatomy.device),
+                       [int(labels[a]) for a in anatomies])
+
+
 def pooled_keep(masks: torch.Tensor, grid) -> torch.Tensor:
     """Organ masks [B, K, D, H, W] max-pooled to a feature grid -> bool [B, K, positions]."""
     return F.adaptive_max_pool3d(masks.float(), tuple(grid)).flatten(2) > 0

@@ -20,25 +20,10 @@ import torch.distributed as dist
 from ..data.batch import CTBatch
 from ..data.text import text_group_ids
 from ..loss import clip_loss
-from ..models.anatomy import organ_masks
+from ..models.anatomy import batch_organ_masks
 from .gradcache import gradcache_step, wide
 
 NORMAL_GROUP = 0  # the group id of every normal organ text
-
-
-def mask_values(batch: CTBatch, anatomies: Sequence[str]) -> list[int]:
-    """The label value of each organ in the batch's masks (the same label map for every sample)."""
-    if batch.anatomy is None:
-        raise ValueError("train.stage=fvlm needs anatomy masks in the shards (ctvlp shard --masks, or the synthetic "
-                         "cohort)")
-    maps = {tuple(sorted(m.get("mask_labels", {}).items())) for m in batch.meta}
-    if len(maps) != 1:
-        raise ValueError(f"one batch holds samples with different mask label maps: {sorted(maps)[:2]}")
-    labels = dict(next(iter(maps)))
-    absent = [a for a in anatomies if a not in labels]
-    if absent:
-        raise ValueError(f"model.anatomies {absent} are not in the masks' label map {sorted(labels)}")
-    return [int(labels[a]) for a in anatomies]
 
 
 def organ_validity(masks: torch.Tensor, drop_cut: bool) -> torch.Tensor:
@@ -109,13 +94,13 @@ def fvlm_step(engine, batches: Sequence[CTBatch], tc, timer, tokenize: Callable,
     """One step: the organ masks and validity per micro-batch, one image pass for the global and
     organ embeddings, the texts as [report, organ 1..K] per sample; GradCache above one
     micro-batch, exactly as the clip stage."""
-    from .step import _global_mean, _inputs
+    from .step import global_mean, model_inputs
 
     anatomies = engine.module.anatomies
     K = len(anatomies)
     masks, valid, normal, texts = [], [], [], []
     for b in batches:
-        m = organ_masks(b.anatomy.to(engine.device, non_blocking=True), mask_values(b, anatomies))
+        m = batch_organ_masks(b, anatomies, engine.device)
         ok = torch.tensor([t is not None for t in b.organ_text], device=m.device)
         masks.append(m)
         valid.append(organ_validity(m, tc.fvlm_drop_cut) & ok[:, None])
@@ -134,7 +119,7 @@ def fvlm_step(engine, batches: Sequence[CTBatch], tc, timer, tokenize: Callable,
     def encode_text(t):
         return engine("text", t).view(-1, 1 + K, engine.module.text_proj.out_features)
 
-    images = [(_inputs(engine, b), m) for b, m in zip(batches, masks)]
+    images = [(model_inputs(engine, b), m) for b, m in zip(batches, masks)]
     tokens = [tokenize(fvlm_texts(b)) for b in batches]
     if len(batches) == 1:
         with timer("forward"):
@@ -143,7 +128,7 @@ def fvlm_step(engine, batches: Sequence[CTBatch], tc, timer, tokenize: Callable,
             engine.backward(loss)
         with timer("optimizer"):
             engine.step()
-        return float(_global_mean(loss.detach().double().cpu()))
+        return float(global_mean(loss.detach().double().cpu()))
 
     def backward(surrogate):
         with timer("backward"):
@@ -153,4 +138,4 @@ def fvlm_step(engine, batches: Sequence[CTBatch], tc, timer, tokenize: Callable,
 
     loss = gradcache_step(encode_image, encode_text, images, tokens, loss_fn, modules=[engine.module],
                           backward=backward, timer=timer)
-    return float(_global_mean(loss.double().cpu()))
+    return float(global_mean(loss.double().cpu()))

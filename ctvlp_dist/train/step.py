@@ -20,7 +20,7 @@ from .gradcache import wide, gradcache_step
 from .objectives import clip_objective, supervised_objective
 
 
-def _inputs(engine, batch: CTBatch) -> torch.Tensor:
+def model_inputs(engine, batch: CTBatch) -> torch.Tensor:
     dtype = next(engine.module.parameters()).dtype  # bf16 under DeepSpeed bf16, else the model's own
     return batch.volume.to(engine.device, dtype=dtype, non_blocking=True)
 
@@ -32,7 +32,7 @@ def _labels(batches: Sequence[CTBatch], device) -> torch.Tensor:
     return torch.cat([b.labels for b in batches]).to(device)
 
 
-def _global_mean(x: torch.Tensor) -> torch.Tensor:
+def global_mean(x: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         x = x.clone()
         dist.all_reduce(x)
@@ -47,13 +47,13 @@ def supervised_step(engine, batches: Sequence[CTBatch], tc, timer, tokenize: Cal
         with timer("forward"):
             labels = _labels([b], engine.device)
             texts = tokenize(b.report) if tc.text_bce else None
-            loss = supervised_objective(engine, _inputs(engine, b), labels, tc.uncertain, texts)
+            loss = supervised_objective(engine, model_inputs(engine, b), labels, tc.uncertain, texts)
         with timer("backward"):
             engine.backward(loss)
         with timer("optimizer"):
             engine.step()
         total += loss.detach().double().cpu()
-    return float(_global_mean(total / len(batches)))
+    return float(global_mean(total / len(batches)))
 
 
 def clip_step(engine, batches: Sequence[CTBatch], tc, timer, tokenize: Callable, kernels=None) -> float:
@@ -74,13 +74,13 @@ def clip_step(engine, batches: Sequence[CTBatch], tc, timer, tokenize: Callable,
     if len(batches) == 1:
         b = batches[0]
         with timer("forward"):
-            zi, zt = engine("image", _inputs(engine, b)), engine("text", tokenize(b.report))
+            zi, zt = engine("image", model_inputs(engine, b)), engine("text", tokenize(b.report))
             loss = loss_fn(wide(zi), wide(zt))
         with timer("backward"):
             engine.backward(loss)
         with timer("optimizer"):
             engine.step()
-        return float(_global_mean(loss.detach().double().cpu()))
+        return float(global_mean(loss.detach().double().cpu()))
 
     def backward(surrogate):
         with timer("backward"):
@@ -89,9 +89,9 @@ def clip_step(engine, batches: Sequence[CTBatch], tc, timer, tokenize: Callable,
             engine.step()
 
     loss = gradcache_step(lambda v: engine("image", v), lambda t: engine("text", t),
-                          [_inputs(engine, b) for b in batches], [tokenize(b.report) for b in batches],
+                          [model_inputs(engine, b) for b in batches], [tokenize(b.report) for b in batches],
                           loss_fn, modules=[engine.module], backward=backward, timer=timer)
-    return float(_global_mean(loss.double().cpu()))  # the auxiliary BCE is per rank
+    return float(global_mean(loss.double().cpu()))  # the auxiliary BCE is per rank
 
 
 from .fvlm import fvlm_step  # noqa: E402  (fvlm reuses this module's helpers)
