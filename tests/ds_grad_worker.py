@@ -8,7 +8,8 @@ gradient). The reference is the plain full-batch gradient of the same
 objective, computed in this process before torch.distributed exists (one process, no DeepSpeed).
 After the step, the weights are exported (ZeRO-3 partitions gathered) to OUT.safetensors and the
 trained engine's embeddings of the batch saved to OUT.emb.safetensors, for the reload test.
-usage: ds_grad_worker.py STAGE MICRO ZERO DTYPE OUT.json   (DTYPE float64 | float32 | bfloat16)
+usage: ds_grad_worker.py STAGE MICRO ZERO DTYPE OUT.json   (STAGE clip | supervised | fvlm; DTYPE float64 |
+float32 | bfloat16)
 """
 import contextlib
 import json
@@ -35,20 +36,42 @@ def main():
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     torch.manual_seed(0)
+    fvlm = stage == "fvlm"  # two organs from layers 2-4, organ texts, masks with cut and absent organs
     cfg = ModelConfig(stem="k4s4", norm="gn", gn_groups=8, channels_last=False, latent_dim=32, num_labels=18,
-                      text_max_length=32)
+                      text_max_length=32, anatomies=["lung", "heart"] if fvlm else [], organ_width=8, organ_heads=2)
     model = CTCLIP(cfg).to(dtype).eval()  # eval: dropout off; GroupNorm is the same in both modes
     tc = SimpleNamespace(uncertain="ignore", aux_weight=0.5, text_bce=True, zero_stage=zero, precision="bf16" if bf16 else "fp32",
-                         use_gpu=False, aux_text=True, group_identical_texts=False)
+                         use_gpu=False, aux_text=True, group_identical_texts=False, fvlm_drop_cut=True,
+                         fvlm_global_weight=0.5)
     g = torch.Generator().manual_seed(1)
     vol = torch.randn(B, 1, 8, 16, 16, generator=g).to(dtype)
     reports = [f"Report {i}: {'nodule' if i % 3 else 'no effusion'} in the {'right' if i % 2 else 'left'} lung."
                for i in range(B)]
     labels = torch.randint(0, 2, (B, 18), generator=g).to(dtype)
 
+    anat = torch.zeros(B, 1, 8, 16, 16, dtype=torch.uint8)
+    anat[:, 0, 2:6, 3:9, 2:7] = 1  # lung: inside
+    anat[:, 0, 3:7, 9:14, 8:13] = 2  # heart: inside
+    anat[[1, 6], 0, 0, 9:14, 8:13] = 2  # heart cut by the crop in samples 1 and 6
+    anat[3, 0][anat[3, 0] == 1] = 0  # no lung in sample 3
+    normal = torch.tensor([[i % 3 == 0, i % 2 == 0] for i in range(B)])
+    organ_text = [["Lung shows no significant abnormalities." if normal[i, 0] else ("A nodule." if i % 2 else "Effusion."),
+                   "Heart shows no significant abnormalities." if normal[i, 1] else "Cardiomegaly."] for i in range(B)]
+    meta = [{"mask_labels": {"lung": 1, "heart": 2}} for _ in range(B)]
+
     # reference: one process, the whole batch, plain autograd
     tok = model.text.tokenize(reports)
-    if stage == "clip":
+    if fvlm:
+        from ctvlp_dist.models.anatomy import organ_masks
+        from ctvlp_dist.train.fvlm import counted_organs, fvlm_loss, organ_groups, organ_validity
+
+        m = organ_masks(anat, [1, 2])
+        valid = organ_validity(m, True)
+        assert valid.sum() == 2 * B - 3
+        ftok = model.text.tokenize([t for r, ts in zip(reports, organ_text) for t in [r, *ts]])
+        loss = fvlm_loss(model("organs", (vol, m)), model("text", ftok).view(B, 3, -1), model("scale"), valid,
+                         organ_groups(organ_text, normal), counted_organs(valid, normal), tc.fvlm_global_weight)
+    elif stage == "clip":
         loss = clip_objective(model, model("image", vol), model("text", tok), labels, tc.aux_weight)
     else:
         loss = supervised_objective(model, vol, labels, tc.uncertain, tok)
@@ -69,7 +92,10 @@ def main():
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr), config=ds)
     rows = range(rank * per_rank, (rank + 1) * per_rank)
     batches = [CTBatch(volume=vol[list(rows[i:i + micro])], report=[reports[j] for j in rows[i:i + micro]],
-                       key=[str(j) for j in rows[i:i + micro]], labels=labels[list(rows[i:i + micro])])
+                       key=[str(j) for j in rows[i:i + micro]], labels=labels[list(rows[i:i + micro])],
+                       anatomy=anat[list(rows[i:i + micro])], meta=[meta[j] for j in rows[i:i + micro]],
+                       organ_text=[organ_text[j] for j in rows[i:i + micro]] if fvlm else None,
+                       organ_normal=normal[list(rows[i:i + micro])] if fvlm else None)
                for i in range(0, per_rank, micro)]
     timer = lambda phase: contextlib.nullcontext()  # noqa: E731
     got_loss = STAGES[stage](engine, batches, tc, timer, model.text.tokenize)

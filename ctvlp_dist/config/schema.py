@@ -221,7 +221,7 @@ class TrainConfig:
     fvlm_drop_cut: bool = True  # fvlm: an organ that touches a face of the random crop takes no part (fVLM)
     init_from: Optional[str] = None  # a model.safetensors export (e.g. the supervised stage) to start from
     bn_mode: Literal["train", "eval"] = "train"  # train | eval: frozen BN statistics (GradCache then equals the full batch exactly)
-    lock_image: bool = False  # clip: freeze the image tower, BN statistics included (open_clip --lock-image; LiT)
+    lock_image: bool = False  # clip, fvlm: freeze the image tower, BN statistics included (open_clip --lock-image; LiT); fvlm still trains its organ pooling
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3
     launcher: Literal["ray", "local"] = "ray"  # ray (Ray Train TorchTrainer) | local (one process); torchrun/deepspeed run `python -m ctvlp_dist.train.worker`

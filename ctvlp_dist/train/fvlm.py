@@ -21,7 +21,6 @@ from ..data.batch import CTBatch
 from ..data.text import text_group_ids
 from ..loss import clip_loss
 from ..models.anatomy import batch_organ_masks
-from .gradcache import gradcache_step, wide
 
 NORMAL_GROUP = 0  # the group id of every normal organ text
 
@@ -94,7 +93,7 @@ def fvlm_step(engine, batches: Sequence[CTBatch], tc, timer, tokenize: Callable,
     """One step: the organ masks and validity per micro-batch, one image pass for the global and
     organ embeddings, the texts as [report, organ 1..K] per sample; GradCache above one
     micro-batch, exactly as the clip stage."""
-    from .step import global_mean, model_inputs
+    from .step import contrastive_step, model_inputs
 
     anatomies = engine.module.anatomies
     K = len(anatomies)
@@ -120,22 +119,5 @@ def fvlm_step(engine, batches: Sequence[CTBatch], tc, timer, tokenize: Callable,
         return engine("text", t).view(-1, 1 + K, engine.module.text_proj.out_features)
 
     images = [(model_inputs(engine, b), m) for b, m in zip(batches, masks)]
-    tokens = [tokenize(fvlm_texts(b)) for b in batches]
-    if len(batches) == 1:
-        with timer("forward"):
-            loss = loss_fn(wide(encode_image(images[0])), wide(encode_text(tokens[0])))
-        with timer("backward"):
-            engine.backward(loss)
-        with timer("optimizer"):
-            engine.step()
-        return float(global_mean(loss.detach().double().cpu()))
-
-    def backward(surrogate):
-        with timer("backward"):
-            engine.backward(surrogate, scale_wrt_gas=False)
-        with timer("optimizer"):
-            engine.step()
-
-    loss = gradcache_step(encode_image, encode_text, images, tokens, loss_fn, modules=[engine.module],
-                          backward=backward, timer=timer)
-    return float(global_mean(loss.double().cpu()))
+    return contrastive_step(engine, encode_image, encode_text, images, [tokenize(fvlm_texts(b)) for b in batches],
+                            loss_fn, timer)

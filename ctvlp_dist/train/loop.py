@@ -59,15 +59,16 @@ class StepBatches:
 
 
 def load_init(model: torch.nn.Module, path: str) -> None:
-    """Start from an export (e.g. the supervised stage's). Only the classifier may be absent (a
-    model exported with num_labels=0); any other mismatch is an error."""
+    """Start from an export (e.g. the supervised stage's). Only the classifier (a model exported
+    with num_labels=0) and the organ pooling (fVLM started from a tower trained without it) may be
+    absent; any other mismatch is an error."""
     sd, _, _ = read_exported(path)
     try:
         missing, unexpected = model.load_state_dict(sd, strict=False)
     except RuntimeError as e:  # shapes differ
         raise ValueError(f"train.init_from={path} does not fit this model ({str(e).splitlines()[1].strip()}); "
                          f"build it with the export's model config") from None
-    if unexpected or [k for k in missing if not k.startswith("classifier.")]:
+    if unexpected or [k for k in missing if not k.startswith(("classifier.", "organ_pool."))]:
         raise ValueError(f"train.init_from={path} does not fit this model: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}; build it with the export's model config")
 
@@ -89,7 +90,7 @@ def freeze_unused(model: torch.nn.Module, tc) -> None:
 
 
 def _image_locked(tc) -> bool:
-    return tc.stage == "clip" and tc.lock_image  # the supervised stage trains nothing but the tower
+    return tc.stage in ("clip", "fvlm") and tc.lock_image  # the supervised stage trains nothing but the tower
 
 
 def _setup_process(tc) -> None:

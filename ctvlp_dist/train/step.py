@@ -71,11 +71,18 @@ def clip_step(engine, batches: Sequence[CTBatch], tc, timer, tokenize: Callable,
         return clip_objective(engine.module, zi, zt, labels, tc.aux_weight, tc.uncertain, groups, tc.aux_text,
                               kernels)
 
-    if len(batches) == 1:
-        b = batches[0]
+    return contrastive_step(engine, lambda v: engine("image", v), lambda t: engine("text", t),
+                            [model_inputs(engine, b) for b in batches], [tokenize(b.report) for b in batches],
+                            loss_fn, timer)
+
+
+def contrastive_step(engine, encode_image: Callable, encode_text: Callable, images: Sequence, texts: Sequence,
+                     loss_fn: Callable, timer) -> float:
+    """One optimizer step of a contrastive loss over every micro-batch: a plain step for one,
+    GradCache above. Returns the loss averaged over ranks (an auxiliary BCE is per rank)."""
+    if len(images) == 1:
         with timer("forward"):
-            zi, zt = engine("image", model_inputs(engine, b)), engine("text", tokenize(b.report))
-            loss = loss_fn(wide(zi), wide(zt))
+            loss = loss_fn(wide(encode_image(images[0])), wide(encode_text(texts[0])))
         with timer("backward"):
             engine.backward(loss)
         with timer("optimizer"):
@@ -88,10 +95,9 @@ def clip_step(engine, batches: Sequence[CTBatch], tc, timer, tokenize: Callable,
         with timer("optimizer"):
             engine.step()
 
-    loss = gradcache_step(lambda v: engine("image", v), lambda t: engine("text", t),
-                          [model_inputs(engine, b) for b in batches], [tokenize(b.report) for b in batches],
-                          loss_fn, modules=[engine.module], backward=backward, timer=timer)
-    return float(global_mean(loss.double().cpu()))  # the auxiliary BCE is per rank
+    loss = gradcache_step(encode_image, encode_text, images, texts, loss_fn, modules=[engine.module],
+                          backward=backward, timer=timer)
+    return float(global_mean(loss.double().cpu()))
 
 
 from .fvlm import fvlm_step  # noqa: E402  (fvlm reuses this module's helpers)
