@@ -175,20 +175,22 @@ def masked_case(b, d, grouped, drop, dtype, device="cpu"):
     I, T, s, g = case(b, d, torch.float64, grouped, 20.0, device)
     valid = torch.ones(b, dtype=torch.bool, device=device)
     valid[torch.randperm(b, device=device)[:drop]] = False
-    I[~valid], T[~valid] = 50 * torch.randn(drop, d, dtype=torch.float64), -30.0
+    I[~valid], T[~valid] = 50 * torch.randn(drop, d, dtype=torch.float64, device=device), -30.0
     return I.to(dtype).double(), T.to(dtype).double(), s, g, valid
 
 
-@pytest.mark.parametrize("impl,dtype", [("torch", torch.float64)] + [("triton", torch.float32)] * ("triton" in CPU_IMPLS))
+@pytest.mark.parametrize("impl,dtype,device", [("torch", torch.float64, "cpu")]
+                         + [("triton", torch.float32, "cpu")] * ("triton" in CPU_IMPLS)
+                         + [("triton", torch.float32, "cuda")] * CUDA)
 @pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("drop", [1, 37, 100])
-def test_valid_mask_equals_removing_the_rows(impl, dtype, grouped, drop):
+def test_valid_mask_equals_removing_the_rows(impl, dtype, device, grouped, drop):
     """Masking pairs gives the loss and gradients of the batch without them (fp64 reference on
     the removed batch, as a test of the reference's own `valid`); masked rows get exactly zero
     gradient; the mean is over valid rows. drop=100: no valid pair, a zero loss and zero grads.
     The Triton kernels accumulate in fp32, so they run on fp32 inputs."""
     b = 100
-    I, T, s, g, valid = masked_case(b, 48, grouped, drop, dtype)
+    I, T, s, g, valid = masked_case(b, 48, grouped, drop, dtype, device)
     Ir, Tr, sr = I[valid].clone().requires_grad_(), T[valid].clone().requires_grad_(), s.clone().requires_grad_()
     sdt = torch.float64 if dtype == torch.float64 else torch.float32
     Ik, Tk, sk = I.to(dtype).requires_grad_(), T.to(dtype).requires_grad_(), s.to(sdt).requires_grad_()
