@@ -74,25 +74,27 @@ def test_vllm_json_scoring_validates_and_scores(shared_data, tmp_path):
 
 
 def test_vllm_split_of_real_dev_reports(shared_data, tmp_path):
-    """`ctvlp label split --backend vllm` on 3 real dev reports with the 135M model: the schema
+    """`ctvlp label split --backend vllm` on 2 real dev reports with the 135M model: the schema
     holds every output to one anatomy enum per sentence number, so every sentence of every
     report gets an assignment (its quality is the small model's, not asserted)."""
     from ctvlp_dist.labels.split import report_sentences
     from ctvlp_dist.labels.sources import read_reports
     from ctvlp_dist.labels.split_run import read_split
 
+    from ctvlp_dist.labels.runner import run_label
+
+    from .conftest import make_cfg
+
     dev = shared_data / "ctrate_reports_dev.csv"
-    silver = tmp_path / "silver.parquet"
-    r = subprocess.run([sys.executable, "-m", "ctvlp_dist", "label", "--reports", str(dev), "--out", str(silver),
-                        "--quiet", "label.limit=3", "label.metrics_port=-1"], capture_output=True, text=True,
-                       timeout=300, env=ENV)
-    assert r.returncode == 0, r.stderr[-3000:]
+    silver = tmp_path / "silver.parquet"  # the rules' labels decide the normal organs (no engine needed)
+    run_label(make_cfg(label=dict(reports=str(dev), out=str(silver), backend="rules", metrics_port=-1, limit=2)),
+              progress=False)
     out = tmp_path / "split.parquet"
     r = subprocess.run([sys.executable, "-m", "ctvlp_dist", "label", "split", "--reports", str(dev), "--silver",
-                        str(silver), "--out", str(out), "--backend", "vllm", "--quiet", "label.limit=3",
-                        "label.batch_size=3"], capture_output=True, text=True, timeout=1200, env=ENV)
+                        str(silver), "--out", str(out), "--backend", "vllm", "--quiet", "label.limit=2",
+                        "label.batch_size=2"], capture_output=True, text=True, timeout=1200, env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.strip().splitlines()[-1] == "reports in: 3 = split ok: 3 + failed: 0 (reused from an earlier run: 0)"
+    assert r.stdout.strip().splitlines()[-1] == "reports in: 2 = split ok: 2 + failed: 0 (reused from an earlier run: 0)"
     rows, meta = read_split(out)
     texts = dict(read_reports(str(dev), None, None))
     for row in rows:

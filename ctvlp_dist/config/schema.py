@@ -177,7 +177,7 @@ class ModelConfig:
     logit_scale_init: float = 14.285714  # 1 / 0.07, as CLIP
     logit_scale_max: float = 100.0
     num_labels: int = 18  # the shared classifier for the auxiliary BCE (0: none)
-    anatomies: list = field(default_factory=list)  # fVLM: organs with an embedding each, by mask name ([]: none)
+    anatomies: tuple[str, ...] = ()  # fVLM: organs with an embedding each, by mask name (empty: none)
     organ_width: int = 256  # fVLM pooling: the common width of layers 2-4's positions
     organ_heads: int = 8  # fVLM pooling: heads of the shared attention
 
