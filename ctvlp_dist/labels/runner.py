@@ -50,6 +50,20 @@ def _rules_rows(todo, ls):
         yield {"key": key, "probs": prob, "hard": hard, "raw": json.dumps(evidence), "status": "ok"}
 
 
+def reports_and_model(lc) -> tuple[list, str | None, str]:
+    """The reports to process (label.limit applied), and the model folder and its id for the
+    vllm backend (None, "rules" for rules): what `ctvlp label` and `ctvlp label split` share."""
+    reports = read_reports(lc.reports, lc.key_column, lc.text_column)
+    if lc.limit:
+        reports = reports[: lc.limit]
+    if lc.backend != "vllm":
+        return reports, None, "rules"
+    from .model_prep import DEFAULT_MODEL, prepare_model
+
+    model_path = lc.model or str(prepare_model())
+    return reports, model_path, os.path.basename(os.path.normpath(model_path)) if lc.model else DEFAULT_MODEL
+
+
 def run_label(cfg, progress: bool = True) -> dict:
     lc = cfg.label
     if not lc.reports or not lc.out:
@@ -57,15 +71,7 @@ def run_label(cfg, progress: bool = True) -> dict:
     if lc.backend not in ("rules", "vllm"):
         raise ValueError(f"label.backend must be rules or vllm, got {lc.backend!r}")
     ls = load_label_set(lc.label_set)
-    reports = read_reports(lc.reports, lc.key_column, lc.text_column)
-    if lc.limit:
-        reports = reports[: lc.limit]
-    model_path, model_id = None, "rules"
-    if lc.backend == "vllm":
-        from .model_prep import DEFAULT_MODEL, prepare_model
-
-        model_path = lc.model or str(prepare_model())
-        model_id = os.path.basename(os.path.normpath(model_path)) if lc.model else DEFAULT_MODEL
+    reports, model_path, model_id = reports_and_model(lc)
     h = settings_hash(ls, lc.backend, model_id, lc.scoring if lc.backend == "vllm" else "rules")
     store = LabelStore(lc.out, ls.names, h)
     done = store.reusable()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -20,7 +19,7 @@ from tqdm import tqdm
 from data_shards.ingest.masks import load_anatomy_map
 from data_shards.label_sets import load_label_set
 from .accounting import Accounting
-from .sources import read_reports
+from .runner import reports_and_model
 from .split import SPLIT_SYSTEM, RulesSplitter, organ_findings, organ_texts, report_sentences, score_split, split_messages
 from .store import LabelStore, read_labels
 
@@ -65,15 +64,7 @@ def run_split(cfg, progress: bool = True) -> dict:
         raise ValueError(f"label set {ls.name!r} names no finding of the anatomies {list(amap.anatomies)}: "
                          f"give its findings an `anatomy:` (see data_shards/resources/ctrate18.yaml)")
     positives = _positives(lc.silver, ls.names)
-    reports = read_reports(lc.reports, lc.key_column, lc.text_column)
-    if lc.limit:
-        reports = reports[: lc.limit]
-    model_path, model_id = None, "rules"
-    if lc.backend == "vllm":
-        from .model_prep import DEFAULT_MODEL, prepare_model
-
-        model_path = lc.model or str(prepare_model())
-        model_id = os.path.basename(os.path.normpath(model_path)) if lc.model else DEFAULT_MODEL
+    reports, model_path, model_id = reports_and_model(lc)
     h = _hash(ls, amap, lc.backend, model_id)
     base, final = _schemas(amap.anatomies)
     store = LabelStore(lc.out, [], h, schema=base)

@@ -95,31 +95,42 @@ class LabelEngine:
         from vllm.sampling_params import StructuredOutputsParams
 
         from .prompt import json_messages, json_schema
-        from .scoring import ParseError, json_probabilities
+        from .scoring import json_probabilities
 
         names = self.ls.names
-        todo = list(range(len(batch)))
-        rows: list = [None] * len(batch)
-        tin = [0] * len(batch)
-        tout = [0] * len(batch)
+
+        def params(i, attempt):
+            return SamplingParams(max_tokens=self.max_tokens * (2 ** attempt), temperature=0.0, logprobs=5,
+                                  structured_outputs=StructuredOutputsParams(json=json_schema(self.ls)))
+
+        def parse(i, c):
+            steps = [(self.tok.decode([t]), {self.tok.decode([cid]): lp.logprob for cid, lp in (lps or {}).items()})
+                     for t, lps in zip(c.token_ids, c.logprobs or [])]
+            return {"probs": json_probabilities(c.text, steps, names)}
+
+        return self._ask(batch, list(range(len(batch))), lambda i: json_messages(self.ls, batch[i][1]), params, parse,
+                         {"probs": {}})
+
+    def _ask(self, batch, todo, messages, params, parse, empty: dict, rows=None) -> list[dict]:
+        """Generate for the reports `todo`, parse each output (a ValueError: it does not parse or
+        validate) and ask again, up to label.retries times, for those that failed (params(i,
+        attempt) doubles the budget). Rows not in `todo` come given in `rows`. Never raises."""
+        rows = rows or [None] * len(batch)
+        tin, tout = [0] * len(batch), [0] * len(batch)
         for attempt in range(self.retries + 1):
             if not todo:
                 break
-            sp = SamplingParams(max_tokens=self.max_tokens * (2 ** attempt), temperature=0.0, logprobs=5,
-                                structured_outputs=StructuredOutputsParams(json=json_schema(self.ls)))
-            outs = self.llm.generate([self._prompt(json_messages(self.ls, batch[i][1])) for i in todo], sp, use_tqdm=False)
+            outs = self.llm.generate([self._prompt(messages(i)) for i in todo], [params(i, attempt) for i in todo],
+                                     use_tqdm=False)
             left = []
             for i, o in zip(todo, outs):
                 c = o.outputs[0]
                 tin[i] += len(o.prompt_token_ids)
                 tout[i] += len(c.token_ids)
-                steps = [(self.tok.decode([t]), {self.tok.decode([cid]): lp.logprob for cid, lp in (lps or {}).items()})
-                         for t, lps in zip(c.token_ids, c.logprobs or [])]
                 try:
-                    probs = json_probabilities(c.text, steps, names)
-                    rows[i] = {"key": batch[i][0], "probs": probs, "raw": c.text, "status": "ok", "attempts": attempt + 1}
-                except ParseError as e:
-                    rows[i] = {"key": batch[i][0], "probs": {}, "raw": c.text, "attempts": attempt + 1,
+                    rows[i] = {"key": batch[i][0], **parse(i, c), "raw": c.text, "status": "ok", "attempts": attempt + 1}
+                except ValueError as e:
+                    rows[i] = {"key": batch[i][0], **empty, "raw": c.text, "attempts": attempt + 1,
                                "status": f"failed: {e} after {attempt + 1} attempt(s) (finish: {c.finish_reason})"}
                     left.append(i)
             todo = left
@@ -139,37 +150,16 @@ class LabelEngine:
 
         anat = load_anatomy_map(self.anatomy_map).anatomies
         sents = [report_sentences(text) for _, text in batch]
-        rows: list = [None] * len(batch)
-        tin, tout = [0] * len(batch), [0] * len(batch)
-        todo = []
-        for i, s in enumerate(sents):
-            if s:
-                todo.append(i)
-            else:
-                rows[i] = {"key": batch[i][0], "sentences": "[]", "raw": "", "attempts": 0,
-                           "status": "failed: the report has no sentence"}
-        for attempt in range(self.retries + 1):
-            if not todo:
-                break
-            sps = [SamplingParams(max_tokens=max(self.max_tokens, 12 * len(sents[i]) + 16) * (2 ** attempt),
+        rows: list = [None if s else {"key": batch[i][0], "sentences": "[]", "raw": "", "attempts": 0,
+                                      "status": "failed: the report has no sentence"} for i, s in enumerate(sents)]
+
+        def params(i, attempt):
+            return SamplingParams(max_tokens=max(self.max_tokens, 12 * len(sents[i]) + 16) * (2 ** attempt),
                                   temperature=0.0,
                                   structured_outputs=StructuredOutputsParams(json=split_schema(len(sents[i]), anat)))
-                   for i in todo]
-            outs = self.llm.generate([self._prompt(split_messages(sents[i], anat)) for i in todo], sps, use_tqdm=False)
-            left = []
-            for i, o in zip(todo, outs):
-                c = o.outputs[0]
-                tin[i] += len(o.prompt_token_ids)
-                tout[i] += len(c.token_ids)
-                try:
-                    assigned = parse_split(c.text, len(sents[i]), anat)
-                    rows[i] = {"key": batch[i][0], "sentences": json.dumps([list(x) for x in zip(sents[i], assigned)]),
-                               "raw": c.text, "status": "ok", "attempts": attempt + 1}
-                except ValueError as e:
-                    rows[i] = {"key": batch[i][0], "sentences": "[]", "raw": c.text, "attempts": attempt + 1,
-                               "status": f"failed: {e} after {attempt + 1} attempt(s) (finish: {c.finish_reason})"}
-                    left.append(i)
-            todo = left
-        for i, r in enumerate(rows):
-            r["tokens_in"], r["tokens_out"] = tin[i], tout[i]
-        return rows
+
+        def parse(i, c):
+            return {"sentences": json.dumps([list(x) for x in zip(sents[i], parse_split(c.text, len(sents[i]), anat))])}
+
+        return self._ask(batch, [i for i, s in enumerate(sents) if s], lambda i: split_messages(sents[i], anat), params,
+                         parse, {"sentences": "[]"}, rows)
