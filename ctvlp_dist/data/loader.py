@@ -96,7 +96,7 @@ class _EpochDataset(IterableDataset):
                 window_into(vol[i, 0], v, c.hu_window, c.out_range)
             if with_mask:
                 np.copyto(anat[i, 0].numpy(), m)
-                if self.anatomies and not c.raw:
+                if self.anatomies and not c.raw and not c.train:  # evaluation's 90% rule; not the training path
                     s.meta["mask_inside"] = _inside(s.mask, m, s.meta.get("mask_labels", {}), self.anatomies)
         keys = [s.key for s in samples]
         reports = [s.report for s in samples]
@@ -162,8 +162,9 @@ class CTLoader:
 
     def __init__(self, root: str | Path, cfg, split: Optional[str] = "train", rank: int = 0, world_size: int = 1,
                  label_names: Optional[list[str]] = None, anatomies: Optional[list[str]] = None):
-        """`anatomies` (fVLM's model.anatomies): each sample's meta gets `mask_inside` (the share
-        of each organ the crop kept), and with loader.organ_texts the batch gets organ texts."""
+        """`anatomies` (fVLM's model.anatomies): in evaluation (loader.train=false) each sample's meta
+        gets `mask_inside` (the share of each organ the centre crop kept); with loader.organ_texts
+        the batch gets organ texts."""
         check_text_view(cfg.text_view)  # at construction, not in a worker's first batch
         self.cfg, self.rank, self.world = cfg, rank, world_size
         self.index = ShardIndex(root, split)
