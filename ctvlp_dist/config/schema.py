@@ -74,8 +74,9 @@ class SynthConfig:
 
 @dataclass
 class LoaderConfig:
-    """The CPU loader (`ctvlp_dist.data`); the DALI loader reads the same fields."""
+    """Both loaders (`ctvlp_dist.data.build_loader`): the torch DataLoader and the DALI pipeline."""
 
+    backend: Literal["auto", "torch", "dali"] = "auto"  # auto: DALI on a GPU host with DALI installed, else torch
     batch_size: int = 2
     num_workers: int = 2
     seed: int = 0
@@ -91,7 +92,8 @@ class LoaderConfig:
     organ_texts: Optional[str] = None  # fVLM: `ctvlp label split`'s Parquet joined by key -> batch.organ_text
     text_view: Literal["report", "sentence"] = "report"  # report | sentence: one random sentence per sample and epoch (train only; data/text.py)
     raw: bool = False  # yield stored int16 volumes untouched (for checks and benchmarks)
-    prefetch_factor: int = 2
+    prefetch_factor: int = 2  # torch: batches per worker in flight; DALI: prefetch queue depth
+    dali_shuffle_buffer: int = 64  # DALI random_shuffle's initial_fill (samples mixed on each rank)
 
 
 @dataclass

@@ -24,7 +24,7 @@ from .batch import CTBatch
 from .labels import LabelTable, OrganTexts
 from .plan import rank_batches
 from .text import check_text_view, text_view
-from .transforms import crop_pair, random_flip, window_into
+from .transforms import TEXT, crop_pair, random_flip, sample_rng, window_into
 
 
 class ShardIndex:
@@ -57,10 +57,8 @@ class _EpochDataset(IterableDataset):
     which is the order torch's DataLoader collects them in, so output order never depends
     on the worker count."""
 
-    def __init__(self, index: ShardIndex, cfg, labels: Optional[LabelTable], organs: Optional[OrganTexts] = None,
-                 anatomies: tuple[str, ...] = ()):
-        self.index, self.cfg, self.labels = index, cfg, labels
-        self.organs, self.anatomies = organs, anatomies
+    def __init__(self, index: ShardIndex, cfg, join, anatomies: tuple[str, ...] = ()):
+        self.index, self.cfg, self.join, self.anatomies = index, cfg, join, anatomies
         self.batches: list = []
         self.start = 0
         self.epoch = 0
@@ -82,14 +80,14 @@ class _EpochDataset(IterableDataset):
         with_mask = all(s.mask is not None for s in samples)
         vol = _alloc((len(items), 1, *shape), torch.int16 if c.raw else torch.float32)
         anat = _alloc((len(items), 1, *shape), torch.uint8) if with_mask else None
-        for i, ((sid, pos, pad), s) in enumerate(zip(items, samples)):
+        for i, s in enumerate(samples):
             v, m = s.volume, s.mask
             if c.raw:
                 if tuple(v.shape) != shape:
                     raise ValueError(f"sample {s.key}: shape {v.shape} differs from {shape} in one raw batch")
                 np.copyto(vol[i, 0].numpy(), v)
             else:
-                rng = np.random.default_rng([c.seed, self.epoch, pos, 0xC0])
+                rng = sample_rng(c.seed, self.epoch, s.key)
                 v, m = crop_pair(v, m, c.crop, rng if c.train else None, s.meta.get("pad_value", -1024))
                 if c.train and c.flip_prob > 0:
                     v, m = random_flip(v, m, c.flip_axes, c.flip_prob, rng)
@@ -97,17 +95,13 @@ class _EpochDataset(IterableDataset):
             if with_mask:
                 np.copyto(anat[i, 0].numpy(), m)
                 if self.anatomies and not c.raw and not c.train:  # evaluation's 90% rule; not the training path
-                    s.meta["mask_inside"] = _inside(s.mask, m, s.meta.get("mask_labels", {}), self.anatomies)
+                    s.meta["mask_inside"] = mask_inside(np.bincount(s.mask.ravel(), minlength=256), m,
+                                                        s.meta.get("mask_labels", {}), self.anatomies)
         keys = [s.key for s in samples]
         reports = [s.report for s in samples]
         if c.train and c.text_view != "report":
-            reports = [text_view(r, c.text_view, np.random.default_rng([c.seed, self.epoch, pos, 0x7E]))
-                       for r, (_, pos, _) in zip(reports, items)]
-        labels = torch.from_numpy(self.labels.lookup(keys)) if self.labels is not None else None
-        organ_text = organ_normal = None
-        if self.organs is not None:
-            organ_text, normal = self.organs.lookup(keys)
-            organ_normal = torch.from_numpy(normal)
+            reports = [text_view(r, c.text_view, sample_rng(c.seed, self.epoch, k, TEXT)) for r, k in zip(reports, keys)]
+        labels, organ_text, organ_normal = self.join(keys)
         return CTBatch(volume=vol, report=reports, key=keys, anatomy=anat, labels=labels,
                        is_pad=torch.tensor([p for _, _, p in items], dtype=torch.bool), meta=[s.meta for s in samples],
                        organ_text=organ_text, organ_normal=organ_normal)
@@ -132,14 +126,41 @@ class _EpochDataset(IterableDataset):
             self._close()
 
 
-def _inside(full: np.ndarray, crop: np.ndarray, labels: dict, anatomies) -> dict:
+class KeyJoin:
+    """keys -> (labels [B, K] or None, organ texts or None, organ normal flags [B, K] or None): what
+    both loaders join to a batch by key (loader.labels, loader.organ_texts)."""
+
+    def __init__(self, index: ShardIndex, cfg, label_names: Optional[list[str]], anatomies):
+        self.labels = self.organs = None
+        if cfg.labels:
+            if label_names is None:
+                from data_shards.label_sets import load_label_set
+
+                label_names = load_label_set(index.manifest.get("label_set", "ctrate18")).names
+            self.labels = LabelTable.from_file(cfg.labels, label_names)
+        if cfg.organ_texts:
+            if not anatomies:
+                raise ValueError("loader.organ_texts needs the organs: set model.anatomies (e.g. [lung, heart, "
+                                 "aorta, esophagus])")
+            self.organs = OrganTexts(cfg.organ_texts, anatomies)
+
+    def __call__(self, keys: list[str]):
+        y = torch.from_numpy(self.labels.lookup(keys)) if self.labels is not None else None
+        if self.organs is None:
+            return y, None, None
+        text, normal = self.organs.lookup(keys)
+        return y, text, torch.from_numpy(normal)
+
+
+def mask_inside(full_counts: np.ndarray, crop: np.ndarray, labels: dict, anatomies) -> dict:
     """Per organ, the share of its voxels that the crop kept (fVLM skips organs under 90% in
-    evaluation); None for an organ the stored mask does not hold."""
-    n_full, n_crop = np.bincount(full.ravel(), minlength=256), np.bincount(crop.ravel(), minlength=256)
+    evaluation); None for an organ the stored mask does not hold. `full_counts`: voxels per
+    label value of the whole stored mask."""
+    n_crop = np.bincount(np.asarray(crop).ravel(), minlength=256)
     out = {}
     for a in anatomies:
         v = labels.get(a)
-        out[a] = None if v is None or n_full[v] == 0 else float(n_crop[v] / n_full[v])
+        out[a] = None if v is None or full_counts[v] == 0 else float(n_crop[v] / full_counts[v])
     return out
 
 
@@ -168,20 +189,8 @@ class CTLoader:
         check_text_view(cfg.text_view)  # at construction, not in a worker's first batch
         self.cfg, self.rank, self.world = cfg, rank, world_size
         self.index = ShardIndex(root, split)
-        labels = None
-        if cfg.labels:
-            if label_names is None:
-                from data_shards.label_sets import load_label_set
-
-                label_names = load_label_set(self.index.manifest.get("label_set", "ctrate18")).names
-            labels = LabelTable.from_file(cfg.labels, label_names)
-        organs = None
-        if cfg.organ_texts:
-            if not anatomies:
-                raise ValueError("loader.organ_texts needs the organs: set model.anatomies (e.g. [lung, heart, aorta, "
-                                 "esophagus])")
-            organs = OrganTexts(cfg.organ_texts, anatomies)
-        self.dataset = _EpochDataset(self.index, cfg, labels, organs, tuple(anatomies or ()))
+        self.dataset = _EpochDataset(self.index, cfg, KeyJoin(self.index, cfg, label_names, anatomies),
+                                     tuple(anatomies or ()))
         self.epoch = 0
         self.consumed = 0
 

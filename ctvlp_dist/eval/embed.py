@@ -25,13 +25,13 @@ def embed_split(model, data: str, loader_cfg, split: str, labels: Optional[str],
     centre crops, no flips, every sample exactly once (padding repeats are dropped)."""
     from tqdm import tqdm
 
-    from ..data.loader import CTLoader
+    from ..data import build_loader
     from ..models.anatomy import batch_organ_masks
 
     lc = dataclasses.replace(loader_cfg, train=False, shuffle=False, last_batch="pad", labels=labels,
                              batch_size=batch_size)
     organs = list(getattr(model, "anatomies", []))
-    loader = CTLoader(data, lc, split=split, label_names=names, anatomies=organs)
+    loader = build_loader(data, lc, split=split, label_names=names, anatomies=organs)
     keys, zi, zt, ys, zo, inside = [], [], [], [], [], []
     dtype = next(model.parameters()).dtype
     with torch.no_grad():

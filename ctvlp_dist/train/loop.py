@@ -1,5 +1,5 @@
 """The training loop every launcher runs: Ray Train workers, torchrun / deepspeed processes, or
-one local process. Data flows shards -> CTLoader -> model -> loss -> DeepSpeed engine -> metrics.
+one local process. Data flows shards -> loader (build_loader: torch or DALI) -> model -> loss -> DeepSpeed engine -> metrics.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import config_from_dict, config_to_dict
-from ..data.loader import CTLoader
+from ..data import build_loader
 from ..models import build_model
 from ..models.export import read_exported
 from ..models.flops import device_peak_tflops, image_tower_train_flops
@@ -39,7 +39,7 @@ class StepBatches:
     len(loader) // accum groups (a remainder that cannot fill a step is skipped); positions are
     the loader's own, so a checkpoint between steps resumes exactly."""
 
-    def __init__(self, loader: CTLoader, accum: int):
+    def __init__(self, loader, accum: int):
         self.loader, self.accum = loader, accum
         self.per_epoch = len(loader) // accum
         self._it = None
@@ -119,7 +119,7 @@ def set_bn_mode(module: torch.nn.Module, mode: str, lock_image: bool = False) ->
         module.image.eval()  # a locked tower keeps its BN statistics too
 
 
-def _plan(cfg, loader: CTLoader, world: int) -> tuple[int, int, int]:
+def _plan(cfg, loader, world: int) -> tuple[int, int, int]:
     """(micro-batches per step, steps per epoch, total steps)."""
     tc, micro = cfg.train, cfg.loader.batch_size
     gb = tc.global_batch or micro * world
@@ -158,8 +158,8 @@ def run_worker(cfg_dict: dict, sink: str = "folder") -> dict:
         load_init(model, tc.init_from)
     freeze_unused(model, tc)
     tokenize = model.text.tokenize
-    loader = CTLoader(tc.data, dataclasses.replace(cfg.loader, last_batch="drop", train=True), split=tc.split,
-                      rank=rank, world_size=world, anatomies=cfg.model.anatomies)
+    loader = build_loader(tc.data, dataclasses.replace(cfg.loader, last_batch="drop", train=True), split=tc.split,
+                          rank=rank, world_size=world, anatomies=cfg.model.anatomies)
     accum, per_epoch, total = _plan(cfg, loader, world)
     opt, sched = build_optimizer(model, cfg.optim, total)
     engine, _, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
