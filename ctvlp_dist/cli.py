@@ -288,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmds["verify"] = cmd_verify
 
     p = sub.add_parser("bench", help="benchmarks; results go to benchmarks/results/ as JSON",
-                       description="`ctvlp bench loader`: samples/s and MB/s of the CPU loader at the stored size, "
+                       description="`ctvlp bench loader`: scans/s and GB/s of the torch and DALI loaders at the stored size, "
+                                   "per codec, against one .npz / .npy file per scan through a torch DataLoader, "
                                    "and each codec's compression ratio. `ctvlp bench label`: vLLM reports/s and macro "
                                    "AUC on dev reports, per scoring method. `ctvlp bench loss`: contrastive loss time and memory, "
                                    "dense vs chunked vs Triton. `ctvlp bench train`: image-tower "
@@ -299,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["loader", "label", "loss", "train", "conv"], help="what to benchmark")
     _flag(p, "--data", "bench.data", help="existing dataset (default: a fresh synthetic one)")
     _flag(p, "--patients", "bench.patients", type=int, help="synthetic patients when --data is not given")
+    _flag(p, "--backend", "bench.loader_backends", metavar="torch|dali|[torch,dali]",
+          type=lambda v: v if v.startswith("[") else f"[{v}]",
+          help="loader: which loader backends to time (default both)")
     _flag(p, "--model-config", "bench.model_config", help="label: architecture with dummy weights, e.g. llama-3.1-8b")
     p.add_argument("--dummy-weights", dest="bench__dummy_weights", action="store_const", const="true", default=None,
                    help="label: vLLM load_format=dummy (throughput without weights)")

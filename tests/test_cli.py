@@ -122,10 +122,14 @@ def test_bench_loader_writes_result(tmp_path):
     rec = json.loads(res.read_text())
     for k in ("device", "date", "torch", "command", "throughput", "compression_ratio_synthetic"):
         assert k in rec
-    assert {row["dataset"] for row in rec["throughput"]} == {"npy", "lz4"}
+    assert {row["dataset"] for row in rec["throughput"]} == {"npy", "lz4", "one .npz per scan", "one .npy per scan"}
+    assert {row["backend"] for row in rec["throughput"]} == {"torch (threads)", "torch (processes)", "dali",
+                                                             "torch DataLoader (baseline)"}
     assert all(row["samples_per_s"] > 0 for row in rec["throughput"])
+    ours = [row for row in rec["throughput"] if row["pass"] == "train transforms" and "baseline" not in row["backend"]]
+    assert all(row["x_vs_per_file_npz"] > 0 and row["x_vs_per_file_npy"] > 0 for row in ours)
     assert rec["compression_ratio_synthetic"]["npy"] < 1.0 < rec["compression_ratio_synthetic"]["lz4"]
-    assert "| dataset | pass |" in r.stdout
+    assert "| dataset | backend | pass |" in r.stdout and "goal x_vs_per_file_npy >= 1.2" in r.stdout
 
 
 @pytest.mark.slow

@@ -96,3 +96,19 @@ def test_preflight_names_every_planned_launch_and_compiles_them(tmp_path):
     assert {"conv_fwd_kernel", "conv_dgrad_kernel", "conv_wgrad_kernel", "conv_fwd_variant", "conv_dgrad_variant", "conv_wgrad_variant"} <= {m[5] for m in tower}
     r = subprocess.run(run + ["--limit", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "2 launches, 0 failed" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+
+
+def test_loader_gpu_script_dry_run_on_cpu(tmp_path):
+    """`loader_gpu.py --dry`: the agreement check (CPU-only DALI against the torch loader, bit for
+    bit, both codecs, centre and augmented crops) and `bench loader` with every row the GPU run
+    will have, on tiny volumes."""
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "loader_gpu.py"), str(tmp_path), "--dry"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "SKIPPED" not in r.stdout and "TIMEOUT" not in r.stdout, r.stdout[-3000:]
+    check = json.loads((tmp_path / "check.json").read_text())
+    assert len(check) == 4 and all(c["bit_identical"] and c["device"] == "cpu" for c in check), check
+    (rec,) = [json.loads(p.read_text()) for p in tmp_path.glob("loader-cpu-*.json")]
+    backends = {(row["dataset"], row["backend"]) for row in rec["throughput"]}
+    assert {b for _, b in backends} >= {"torch (threads)", "torch (processes)", "dali", "torch DataLoader (baseline)"}
+    assert rec["training_step"] is None and set(rec["goals"]) == {"x_vs_per_file_npz", "x_vs_per_file_npy"}

@@ -97,9 +97,11 @@ def test_two_processes_two_workers_cover_each_sample_once(cohort_npy, tmp_path):
     assert single == orders[0]
 
 
-@pytest.mark.parametrize("stop_after", [1, 3])
-def test_mid_epoch_resume_yields_exactly_the_rest(cohort_npy, stop_after):
-    cfg = LoaderConfig(batch_size=2, num_workers=2, seed=3, crop=(8, 16, 16))
+@pytest.mark.parametrize("stop_after,worker_type", [(1, "thread"), (3, "thread"), (3, "process")])
+def test_mid_epoch_resume_yields_exactly_the_rest(cohort_npy, stop_after, worker_type):
+    """2 worker threads or processes hand out exactly the batches of 0 workers, in order, and a
+    fresh loader restored from the state continues them."""
+    cfg = LoaderConfig(batch_size=2, num_workers=2, seed=3, crop=(8, 16, 16), worker_type=worker_type)
     full = [(b.key, b.volume.clone()) for b in CTLoader(cohort_npy, dataclasses.replace(cfg, num_workers=0), split="train")]
     first = CTLoader(cohort_npy, cfg, split="train")
     it = iter(first)
@@ -178,11 +180,12 @@ def test_text_group_ids_equal_exactly_for_identical_texts():
                                           "no pleural effusion."]))  # stable: ranks hash alike
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_starting_an_epoch_leaves_the_global_rng_alone(cohort_npy, num_workers):
+@pytest.mark.parametrize("num_workers,worker_type", [(0, "thread"), (2, "thread"), (2, "process")])
+def test_starting_an_epoch_leaves_the_global_rng_alone(cohort_npy, num_workers, worker_type):
     """A run resumed mid-epoch starts a fresh iterator where the uninterrupted run did not: if that
     drew from torch's global RNG, the model's dropout masks (and losses) would differ after resume."""
-    loader = CTLoader(cohort_npy, LoaderConfig(batch_size=2, num_workers=num_workers, crop=(8, 16, 16)), split="train")
+    loader = CTLoader(cohort_npy, LoaderConfig(batch_size=2, num_workers=num_workers, crop=(8, 16, 16),
+                                               worker_type=worker_type), split="train")
     torch.manual_seed(11)
     want = torch.rand(4)
     torch.manual_seed(11)

@@ -79,6 +79,7 @@ class LoaderConfig:
     backend: Literal["auto", "torch", "dali"] = "auto"  # auto: DALI on a GPU host with DALI installed, else torch
     batch_size: int = 2
     num_workers: int = 2
+    worker_type: Literal["thread", "process"] = "thread"  # torch backend: worker threads (no shared-memory batches) or DataLoader processes
     seed: int = 0
     shuffle: bool = True
     train: bool = True  # random crop + flips; False: centre crop/pad
@@ -103,6 +104,9 @@ class BenchConfig:
     data: Optional[str] = None  # default: a fresh synthetic cohort in a temp folder
     patients: int = 32
     batches: int = 0  # 0 = one full epoch
+    loader_backends: tuple[Literal["torch", "dali"], ...] = ("torch", "dali")  # bench loader (--backend)
+    loader_baselines: bool = True  # bench loader: also one .npz / .npy file per scan through a torch DataLoader
+    loader_worker_types: tuple[Literal["thread", "process"], ...] = ("thread", "process")  # bench loader: torch worker kinds
     repeats: int = 3  # timed passes; the median is reported
     label_reports: int = 100  # bench label: dev reports to label
     label_scorings: tuple[Literal["yesno", "json"], ...] = ("yesno", "json")

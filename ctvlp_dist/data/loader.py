@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import threading
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -63,14 +64,24 @@ class _EpochDataset(IterableDataset):
         self.start = 0
         self.epoch = 0
         self._files: dict = {}
+        self._opening = threading.Lock()  # worker threads share the maps
+
+    def __getstate__(self):  # worker processes get their own maps and lock
+        return {**self.__dict__, "_files": {}, "_opening": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _opening=threading.Lock())
 
     def _read(self, sid: int):
         """Decode one sample from the mmapped shard: volume and mask are zero-copy views (npy)."""
         path, entry = self.index.entries[sid]
         mv = self._files.get(path)
         if mv is None:
-            with open(path, "rb") as f:
-                mv = self._files[path] = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+            with self._opening:
+                mv = self._files.get(path)
+                if mv is None:
+                    with open(path, "rb") as f:
+                        mv = self._files[path] = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
         return decode_members(entry.key, read_sample_members(mv, entry), decode_mask=True)
 
     def _make(self, items) -> CTBatch:
@@ -164,14 +175,25 @@ def mask_inside(full_counts: np.ndarray, crop: np.ndarray, labels: dict, anatomi
     return out
 
 
+def read_sample(path: str, entry):
+    """One sample through its index entry, read from the shard file (no mmap kept)."""
+    with open(path, "rb") as f:
+        return decode_members(entry.key, read_sample_members(f, entry), decode_mask=True)
+
+
 def _alloc(shape, dtype) -> torch.Tensor:
     """Batch buffers are born in shared memory inside loader workers, so handing a batch to
-    the main process moves a file descriptor instead of copying tens of MB per batch."""
-    t = torch.empty(shape, dtype=dtype)
-    return t.share_memory_() if get_worker_info() is not None else t
+    the main process moves a file descriptor instead of copying tens of MB per batch. They are
+    allocated there directly, as torch's default_collate does: `empty().share_memory_()` would
+    touch and copy a private buffer first (it made a worker's batch 2.5x slower at 96x192x192)."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    n = int(np.prod(shape))
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(n)
+    return torch.empty(0, dtype=dtype).new(storage).view(shape)
 
 
-def _worker_init(_):
+def worker_init(_):
     os.environ["OMP_NUM_THREADS"] = "1"  # a loaded 2-core box slows 30x with torch's default threads
     torch.set_num_threads(1)
 
@@ -214,18 +236,48 @@ class CTLoader:
             batches = self.plan()
         ds = self.dataset
         ds.batches, ds.start, ds.epoch = batches, self.consumed, self.epoch
+        for batch in self._threads(ds) if self.cfg.worker_type == "thread" else self._processes(ds):
+            self.consumed += 1
+            yield batch
+        self.epoch, self.consumed = self.epoch + 1, 0
+
+    def _processes(self, ds: _EpochDataset) -> Iterator[CTBatch]:
         nw = self.cfg.num_workers
         # A private generator: starting an iterator draws its base seed from it, not from the global
         # torch RNG that the model's dropout uses, so a run resumed mid-epoch (a fresh iterator) draws
         # the same dropout masks as the uninterrupted run.
         gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.epoch * 101 + self.rank)
-        dl = DataLoader(ds, batch_size=None, num_workers=nw, worker_init_fn=_worker_init if nw else None,
-                        prefetch_factor=self.cfg.prefetch_factor if nw else None, persistent_workers=False,
-                        generator=gen)
-        for batch in dl:
-            self.consumed += 1
-            yield batch
-        self.epoch, self.consumed = self.epoch + 1, 0
+        yield from DataLoader(ds, batch_size=None, num_workers=nw, worker_init_fn=worker_init if nw else None,
+                              prefetch_factor=self.cfg.prefetch_factor if nw else None, persistent_workers=False,
+                              generator=gen)
+
+    def _threads(self, ds: _EpochDataset) -> Iterator[CTBatch]:
+        """Worker threads build whole batches, handed out in plan order. The copies and the window
+        release the GIL, and a batch lives in this process's memory, which the allocator recycles
+        warm; a worker process must give each batch fresh shared memory, whose first touch cost
+        more than the decoding itself (benchmarks/README.md, "Data path")."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        nw = self.cfg.num_workers
+        todo = ds.batches[ds.start:]
+        if nw == 0:
+            try:
+                yield from (ds._make(b) for b in todo)
+            finally:
+                ds._close()
+            return
+        ahead = nw * max(1, self.cfg.prefetch_factor)
+        pool = ThreadPoolExecutor(nw, thread_name_prefix="ctvlp-loader")
+        try:
+            pending = [pool.submit(ds._make, b) for b in todo[:ahead]]
+            for j in range(len(todo)):
+                if j + ahead < len(todo):
+                    pending.append(pool.submit(ds._make, todo[j + ahead]))
+                batch, pending[j] = pending[j].result(), None
+                yield batch
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # no thread reads a shard after it closes
+            ds._close()
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batches_consumed": self.consumed, "seed": self.cfg.seed,

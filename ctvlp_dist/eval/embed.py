@@ -33,21 +33,22 @@ def embed_split(model, data: str, loader_cfg, split: str, labels: Optional[str],
     organs = list(getattr(model, "anatomies", []))
     loader = build_loader(data, lc, split=split, label_names=names, anatomies=organs)
     keys, zi, zt, ys, zo, inside = [], [], [], [], [], []
-    dtype = next(model.parameters()).dtype
+    dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
     with torch.no_grad():
         for b in tqdm(loader, total=len(loader), desc=f"embed {split}", unit="batch", disable=not progress):
             keep = ~b.is_pad
             keys += [k for k, p in zip(b.key, b.is_pad.tolist()) if not p]
             if organs:  # one pass: the global embedding first, then the organs'
-                z = model("organs", (b.volume.to(dtype), batch_organ_masks(b, organs)))[keep].float()
+                z = model("organs", (b.volume.to(device, dtype), batch_organ_masks(b, organs, device)))[keep.to(device)]
+                z = z.float().cpu()
                 zi.append(z[:, 0])
                 zo.append(z[:, 1:])
                 inside += [[(m.get("mask_inside") or {}).get(a) or 0.0 for a in organs]
                            for m, p in zip(b.meta, b.is_pad.tolist()) if not p]
             else:
-                zi.append(model("image", b.volume.to(dtype))[keep].float())
+                zi.append(model("image", b.volume.to(device, dtype))[keep.to(device)].float().cpu())
             tok = model.text.tokenize(b.report)
-            zt.append(model("text", tok)[keep].float())
+            zt.append(model("text", tok)[keep.to(device)].float().cpu())
             if b.labels is not None:
                 ys.append(b.labels[keep].numpy())
     return {"keys": keys, "image": torch.cat(zi), "report": torch.cat(zt),
