@@ -9,7 +9,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 TEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
-.PHONY: venv demo test test-fast bench-loader preflight clean-venv cluster-deps
+.PHONY: venv demo test test-fast bench-loader preflight clean-venv cluster-deps observe-deps
 
 venv: $(STAMP)
 
@@ -26,23 +26,32 @@ $(STAMP): setup.py requirements/constraints.txt requirements/models.txt
 demo: venv
 	$(VENV)/bin/ctvlp demo --config configs/demo.yaml
 
+# $(call apt_deps,WHAT,BINARIES,PACKAGES): Debian packages for tests against real daemons, installed
+# when a binary is missing. Idempotent, and run once before the tests (parallel test workers would
+# race for apt's lock). It never fails the build: where it cannot install, those tests skip and say why.
+define apt_deps
+@missing=0; for b in $(2); do command -v $$b >/dev/null || test -x /usr/sbin/$$b || test -x /usr/bin/$$b || missing=1; done; \
+if [ $$missing = 0 ]; then exit 0; fi; \
+if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else \
+	echo "$(1): not root and no sudo: cannot install $(3); those tests will skip"; exit 0; fi; \
+echo "$(1): installing $(3) (apt)"; \
+$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(3) >/dev/null 2>&1 || \
+{ $$SUDO apt-get update -q >/dev/null 2>&1; $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+	$(3) >/dev/null; } || \
+echo "$(1): apt could not install $(3) (see above): those tests will skip"
+endef
+
 # Debian's SLURM and munge, for the launcher's tests on a real 2-node cluster (tests/slurm_cluster.py).
-# Idempotent, and run once before the tests (parallel test workers would race for apt's lock). It
-# never fails the build: where it cannot install, the SLURM tests skip and say why.
 SLURM_BINS := slurmctld slurmd sbatch munged
 cluster-deps:
-	@missing=0; for b in $(SLURM_BINS); do command -v $$b >/dev/null || test -x /usr/sbin/$$b || missing=1; done; \
-	if [ $$missing = 0 ]; then exit 0; fi; \
-	if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else \
-		echo "cluster-deps: not root and no sudo: SLURM cannot be installed, its tests will skip"; exit 0; fi; \
-	echo "cluster-deps: installing slurmctld slurmd slurm-client munge (apt)"; \
-	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurmctld slurmd slurm-client munge >/dev/null 2>&1 || \
-	{ $$SUDO apt-get update -q >/dev/null 2>&1; $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-		slurmctld slurmd slurm-client munge >/dev/null; } || \
-	echo "cluster-deps: apt could not install SLURM (see above): its tests will skip"
+	$(call apt_deps,cluster-deps,$(SLURM_BINS),slurmctld slurmd slurm-client munge)
+
+# Debian's Prometheus, which the observability tests scrape with (tests/prom.py; `ctvlp observe --serve`).
+observe-deps:
+	$(call apt_deps,observe-deps,prometheus,prometheus)
 
 # Tests marked `compiler` pin one Triton version's machine code: `make preflight` runs them.
-test: venv cluster-deps
+test: venv cluster-deps observe-deps
 	$(PYTEST) --durations=20 -m "not compiler" tests kernels
 
 test-fast: venv

@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     if not (data / "manifest.json").exists():
         ctvlp("synth", "--patients", str(a.patients), "--out", str(data), f"synth.shape={SHAPE}",
               f"synth.spacing={SPACING}", "shard.split_fractions={train: 0.75, val: 0.05, test: 0.2}", "--quiet")
-    ctvlp("label", "--reports", str(data), "--out", str(labels), "--quiet", "label.metrics_port=-1")
+    ctvlp("label", "--reports", str(data), "--out", str(labels), "--quiet")
     ctvlp("label", "split", "--reports", str(data), "--silver", str(labels), "--out", str(split),
           "--truth", str(data / "sentence_truth.jsonl"), "--json", str(out / "split_score.json"), "--quiet")
     times["data"] = time.perf_counter() - t0

@@ -6,6 +6,7 @@ import json
 import logging
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -72,11 +73,37 @@ def _final_line(summary: dict) -> str:
             f" + rejected: {summary['rejected']}")
 
 
+def _case_metrics(cfg, out: str, stage: str):
+    """The ingest exporter of a synth or shard job, and the writer's hook that feeds it."""
+    from .observe import Exporter
+    from .observe.catalog import REJECT_REASONS, classify
+
+    ex = Exporter(cfg.metrics, out, "ingest", stage)
+
+    def on_case(outcome: str, reason):
+        ex.m["ctvlp_ingest_cases_total"].labels(outcome).inc()
+        if reason is not None:
+            ex.m["ctvlp_ingest_rejects_total"].labels(classify(reason, REJECT_REASONS)).inc()
+    return ex, on_case
+
+
+def _close_exporter(ex, linger_s: float) -> None:
+    if ex is None:
+        return
+    if linger_s > 0 and ex.port is not None:
+        time.sleep(linger_s)  # one more scrape sees the final values
+    ex.close()
+
+
 def cmd_synth(args) -> int:
     from data_shards.synth.cohort import run_synth
 
     cfg = _cfg(args)
-    s = run_synth(cfg, progress=not args.quiet)
+    ex, on_case = _case_metrics(cfg, cfg.synth.out, "synth") if cfg.synth.out and not cfg.synth.raw else (None, None)
+    try:
+        s = run_synth(cfg, progress=not args.quiet, on_case=on_case)
+    finally:
+        _close_exporter(ex, cfg.metrics.linger_s)
     print(json.dumps(s))
     print(_final_line(s))
     return 0
@@ -89,7 +116,11 @@ def cmd_shard(args) -> int:
     for k in ("images", "reports", "out"):
         if not getattr(cfg.ingest, k):
             raise ConfigError(f"ctvlp shard needs --{k} (or ingest.{k}=...)")
-    s = run_ingest(cfg, progress=not args.quiet)
+    ex, on_case = _case_metrics(cfg, cfg.ingest.out, "ingest")
+    try:
+        s = run_ingest(cfg, progress=not args.quiet, on_case=on_case)
+    finally:
+        _close_exporter(ex, cfg.metrics.linger_s)
     print(json.dumps(s))
     if s["rejected"] or s["patient_id_fallbacks"]:
         print(f"rejects, patient-id fallbacks and reasons: {s['out']}/ingest_report.json")
@@ -228,6 +259,30 @@ def cmd_demo(args) -> int:
     from .demo import run_demo
 
     return run_demo(_cfg(args), progress=not args.quiet)
+
+
+def cmd_observe(args) -> int:
+    from .observe.discovery import scrape_config, start_prometheus
+
+    runs = [Path(r) for r in args.runs]
+    text = scrape_config(runs, args.interval)
+    print(text, end="")
+    if not args.serve:
+        return 0
+    home = runs[0] / "metrics"
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "prometheus.yml").write_text(text)
+    proc = start_prometheus(home / "prometheus.yml", home / "prometheus", args.port)
+    print(f"prometheus on http://127.0.0.1:{args.port} (data and log in {home / 'prometheus'}); Ctrl-C stops it",
+          flush=True)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=30)
 
 
 def cmd_config(args) -> int:
@@ -406,6 +461,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", choices=["slurm", "ray-local"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="the target's arguments")
     cmds["launch"] = cmd_launch
+
+    p = sub.add_parser("observe", help="Prometheus scrape configuration for run folders; --serve runs Prometheus on them",
+                       description="Every process of a job announces its metrics endpoint in <run>/metrics/targets/ "
+                                   "(file-based service discovery). This prints the prometheus.yml that scrapes "
+                                   "those folders; with --serve it starts Debian's prometheus on loopback against "
+                                   "them. The Grafana dashboard is dashboards/ctvlp.json.")
+    p.add_argument("runs", nargs="+", help="run folders: train.out, the label output's folder, synth/shard --out")
+    p.add_argument("--serve", action="store_true", help="start prometheus (must be installed) on these runs")
+    p.add_argument("--port", type=int, default=9090, help="prometheus's port on 127.0.0.1 (with --serve)")
+    p.add_argument("--interval", default="15s", help="scrape interval")
+    cmds["observe"] = cmd_observe
 
     p = sub.add_parser("config", help="show the resolved config, or list every key",
                        description="`ctvlp config show [--config F] [overrides]` prints the resolved YAML; "

@@ -27,7 +27,7 @@ def _labels(cfg, data: Path, out: Path, backend: str, limit: int, progress: bool
     from .labels.runner import run_label
 
     path = out / f"labels_{backend}.parquet"
-    lc = dataclasses.replace(cfg.label, reports=str(data), out=str(path), backend=backend, metrics_port=-1, limit=limit)
+    lc = dataclasses.replace(cfg.label, reports=str(data), out=str(path), backend=backend, limit=limit)
     run_label(dataclasses.replace(cfg, label=lc), progress=progress)
     ev = evaluate_labels(str(path), str(data / "ground_truth.csv"), json_out=str(out / f"labels_{backend}_eval.json"))
     return {"path": str(path), "reports": limit or ev.get("n", None), "macro_auc": ev["macro_auc"],

@@ -10,7 +10,7 @@ import json
 import logging
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from .format import FORMAT_VERSION, MANIFEST, index_name, shard_name
 from .sample import Sample
@@ -30,7 +30,10 @@ class DatasetWriter:
 
     def __init__(self, out: str | Path, shard_cfg, *, preprocess: dict, patient_splits: dict[str, str],
                  source: Optional[dict] = None, cases_total: Optional[int] = None,
-                 patient_id_fallbacks: Optional[list[dict]] = None):
+                 patient_id_fallbacks: Optional[list[dict]] = None,
+                 on_case: Optional[Callable[[str, Optional[str]], None]] = None):
+        """on_case(outcome, reason): told of each case, written (reason None) or rejected; the
+        caller's metrics hook (data_shards knows nothing of the exporter)."""
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         if (self.out / MANIFEST).exists():
@@ -49,6 +52,7 @@ class DatasetWriter:
         # listed in ingest_report.json, since a wrong id can put one patient in two splits
         self.patient_id_fallbacks = list(patient_id_fallbacks or [])
         self.mask_gaps: list[dict] = []  # written samples whose mask lacks an anatomy
+        self.on_case = on_case or (lambda outcome, reason: None)
 
 
     def __enter__(self):
@@ -76,10 +80,12 @@ class DatasetWriter:
             w = self._open[split] = TarShardWriter(self.out / shard_name(split, i))
         w.add_sample(sample.key, members)
         self.written += 1
+        self.on_case("written", None)
 
     def reject(self, case: str, reason: str) -> None:
         log.warning("rejected %s: %s", case, reason)
         self.rejected.append({"case": case, "reason": reason})
+        self.on_case("rejected", reason)
 
     def note_mask_gap(self, gap: dict) -> None:
         """A written sample whose mask lacks anatomies ({case, missing, empty}): kept, and listed

@@ -48,6 +48,10 @@ def workers_per_node(lc) -> int:
     return lc.workers_per_node or lc.gpus_per_node or 1
 
 
+# commands whose processes serve metrics: on a cluster they bind where Prometheus can reach them
+EXPORTING = ("train", "label", "synth", "shard")
+
+
 def job_command(lc, argv: list[str]) -> list[str]:
     """The ctvlp command the job runs, with what the allocation decides appended (train: Ray Train
     over every node's workers). The in-process train.launcher stays the user's choice elsewhere."""
@@ -59,6 +63,8 @@ def job_command(lc, argv: list[str]) -> list[str]:
     if argv[0] == "train":
         cmd += ["train.launcher=ray", f"train.workers={lc.nodes * workers_per_node(lc)}",
                 f"train.use_gpu={'true' if lc.gpus_per_node else 'false'}", "train.resume=auto"]
+    if argv[0] in EXPORTING:
+        cmd.append(f"metrics.addr={lc.metrics_addr}")
     return cmd
 
 
@@ -72,7 +78,7 @@ def torchrun_command(lc, argv: list[str]) -> list[str]:
         raise ValueError(f"launch.engine=torchrun passes only --config and key=value overrides to "
                          f"ctvlp_dist.train.worker; write {flags[0]} as its train.* override")
     return ["-m", "ctvlp_dist.train.worker", *rest, f"train.use_gpu={'true' if lc.gpus_per_node else 'false'}",
-            "train.resume=auto"]
+            "train.resume=auto", f"metrics.addr={lc.metrics_addr}"]
 
 
 def _header(lc, cwd: str) -> list[str]:

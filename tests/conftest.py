@@ -76,7 +76,7 @@ def train_cohort(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("train-cohort")
     data = synth_dataset(root / "data", patients=20, max_samples=4, shape=TRAIN_SHAPE, spacing=(12.0, 7.0, 7.0))
     labels = root / "labels.parquet"
-    run_label(make_cfg(label=dict(reports=str(data), out=str(labels), backend="rules", metrics_port=-1)), progress=False)
+    run_label(make_cfg(label=dict(reports=str(data), out=str(labels), backend="rules")), progress=False)
     return data, labels
 
 

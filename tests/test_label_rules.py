@@ -55,7 +55,7 @@ def test_dev_reports_meet_the_bars(shared_data, tmp_path):
     dev = shared_data / "ctrate_reports_dev.csv"
     out = tmp_path / "rules.parquet"
     r = subprocess.run([sys.executable, "-m", "ctvlp_dist", "label", "--reports", str(dev), "--out", str(out),
-                        "--backend", "rules", "--quiet", "label.metrics_port=-1"], capture_output=True, text=True, timeout=600)
+                        "--backend", "rules", "--quiet"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == \
         "reports in: 800 = labelled ok: 800 + failed: 0 + skipped (already labelled): 0"
@@ -75,6 +75,6 @@ def test_synthetic_reports_are_labelled_well(cohort_npy, tmp_path):
     from .conftest import make_cfg
 
     out = tmp_path / "s.parquet"
-    run_label(make_cfg(label=dict(reports=str(cohort_npy), out=str(out), metrics_port=-1)), progress=False)
+    run_label(make_cfg(label=dict(reports=str(cohort_npy), out=str(out))), progress=False)
     m = evaluate_labels(str(out), str(cohort_npy / "ground_truth.csv"))
     assert m["micro_f1"] > 0.9

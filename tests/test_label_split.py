@@ -59,7 +59,7 @@ def _hand_files(tmp_path):
 
 def _split(reports, silver, out, truth=None, **kw):
     cfg = make_cfg(label=dict(reports=str(reports), silver=str(silver), out=str(out), truth=truth and str(truth),
-                              backend="rules", metrics_port=-1, **kw))
+                              backend="rules", **kw))
     return run_split(cfg, progress=False)
 
 
@@ -70,7 +70,7 @@ def test_rules_split_of_hand_written_reports(tmp_path):
     organ's sentences in report order."""
     reports, truth = _hand_files(tmp_path)
     silver = tmp_path / "silver.parquet"
-    run_label(make_cfg(label=dict(reports=str(reports), out=str(silver), backend="rules", metrics_port=-1)),
+    run_label(make_cfg(label=dict(reports=str(reports), out=str(silver), backend="rules")),
               progress=False)
     s = _split(reports, silver, tmp_path / "split.parquet", truth)
     assert (s["reports_in"], s["ok"], s["failed"]) == (3, 3, 0)
@@ -109,7 +109,7 @@ def test_synthetic_sentence_truth_covers_every_sentence_and_resume(tmp_path):
             assert t["anatomy"] in ("lung", "heart", "aorta", "esophagus", "other")
             assert (t["finding"] is None) == (t["stated"] is None)
     silver = tmp_path / "silver.parquet"
-    run_label(make_cfg(label=dict(reports=str(data), out=str(silver), backend="rules", metrics_port=-1, limit=7)),
+    run_label(make_cfg(label=dict(reports=str(data), out=str(silver), backend="rules", limit=7)),
               progress=False)
     out = tmp_path / "split.parquet"
     s = _split(data, silver, out, truth)

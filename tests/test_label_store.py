@@ -29,7 +29,7 @@ def _csv(path, rows, header=("AccessionNo", "report_text")):
 
 
 def _run(src, out, **kw):
-    return run_label(make_cfg(label=dict(reports=str(src), out=str(out), metrics_port=-1, **kw)), progress=False)
+    return run_label(make_cfg(label=dict(reports=str(src), out=str(out), **kw)), progress=False)
 
 
 def test_sources_detect_both_real_formats(tmp_path, cohort_npy):
@@ -143,16 +143,25 @@ def test_prompt_and_schema_come_from_the_label_set():
             assert f.name in yesno_messages(ls, "R", f)[-1]["content"]
 
 
-def test_prometheus_exporter_on_loopback():
+def test_prometheus_exporter_on_loopback(tmp_path):
     from ctvlp_dist.labels.accounting import Accounting
 
-    acct = Accounting("rules", metrics_port=0)
+    from ctvlp_dist.config import MetricsConfig
+    from ctvlp_dist.observe import Exporter
+
+    acct = Accounting("rules", Exporter(MetricsConfig(), tmp_path, "label", "label"))
     try:
-        acct.add([{"status": "ok", "tokens_in": 5, "tokens_out": 2, "engine_seconds": 0.3}, {"status": "failed: x"}])
-        assert acct._server.server_address[0] == "127.0.0.1"
+        acct.add([{"status": "ok", "tokens_in": 5, "tokens_out": 2, "engine_seconds": 0.3},
+                  {"status": "failed: empty report"}, {"status": "failed: no JSON after 2 attempt(s)"}])
+        acct.retry()
+        acct.queue(3)
+        assert acct.ex._server.server_address[0] == "127.0.0.1"
         body = urllib.request.urlopen(f"http://127.0.0.1:{acct.port}/metrics", timeout=10).read().decode()
-        assert 'ctvlp_label_reports_total{status="ok"} 1.0' in body
-        assert 'ctvlp_label_tokens_total{kind="prompt"} 5.0' in body
+        for line in ('ctvlp_label_reports_total{status="ok"} 1.0', 'ctvlp_label_reports_total{status="failed"} 2.0',
+                     'ctvlp_label_tokens_total{kind="prompt"} 5.0', 'ctvlp_label_failures_total{reason="empty_report"} 1.0',
+                     'ctvlp_label_failures_total{reason="unparsable"} 1.0', 'ctvlp_label_failures_total{reason="other"} 0.0',
+                     "ctvlp_label_retries_total 1.0", "ctvlp_label_queue_depth 3.0"):
+            assert line in body, line
         assert "ctvlp_label_seconds_per_report_bucket" in body
     finally:
         acct.close()

@@ -16,13 +16,15 @@ import pytest
 
 from ctvlp_dist.labels.store import read_labels
 
+from .prom import Prometheus, dashboard_exprs
+
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]  # Ray actors: one cluster at a time
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 def _label(args, timeout=1200):
     return subprocess.run([sys.executable, "-m", "ctvlp_dist", "label", "--backend", "vllm", "--quiet",
-                           "label.metrics_port=0", *args], capture_output=True, text=True, timeout=timeout, env=ENV)
+                           *args], capture_output=True, text=True, timeout=timeout, env=ENV)
 
 
 @pytest.mark.timeout(1500)  # 490 s alone on 2 cores, 650 s beside the other xdist worker: past the default 900 s
@@ -31,8 +33,14 @@ def test_vllm_labels_100_dev_reports(shared_data, tmp_path):
     135M model gives (recorded in benchmarks/README.md), but every report gets scores."""
     dev = shared_data / "ctrate_reports_dev.csv"
     out = tmp_path / "v.parquet"
-    r = _label(["--reports", str(dev), "--out", str(out), "label.limit=100", "label.batch_size=10"])
-    assert r.returncode == 0, r.stderr[-3000:]
+    prom = Prometheus([tmp_path], tmp_path / "prom")  # a real server scrapes the job every second while it runs
+    try:
+        r = _label(["--reports", str(dev), "--out", str(out), "label.limit=100", "label.batch_size=10",
+                    "metrics.linger_s=2"])
+        assert r.returncode == 0, r.stderr[-3000:]
+        _scraped_as_documented(prom, tmp_path.name)
+    finally:
+        prom.close()
     assert r.stdout.strip().splitlines()[-1] == "reports in: 100 = labelled ok: 100 + failed: 0 + skipped (already labelled): 0"
     rows, meta = read_labels(out)
     assert len(rows) == len({r["key"] for r in rows}) == 100
@@ -123,7 +131,7 @@ def test_dead_worker_loses_nothing(shared_data, tmp_path):
     out = tmp_path / "k.parquet"
     proc = subprocess.Popen([sys.executable, "-m", "ctvlp_dist", "label", "--backend", "vllm", "--quiet",
                              "--reports", str(shared_data / "ctrate_reports_dev.csv"), "--out", str(out),
-                             "label.limit=12", "label.batch_size=2", "label.metrics_port=0"],
+                             "label.limit=12", "label.batch_size=2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     parts = tmp_path / "k.parquet.parts"
     deadline = time.time() + 600
@@ -150,10 +158,24 @@ def test_bench_label_with_dummy_weights(tmp_path):
     here with a tiny Llama so that `--model-config llama-3.1-8b --dummy-weights` is ready for a GPU."""
     r = subprocess.run([sys.executable, "-m", "ctvlp_dist", "bench", "label", "--model-config", "tiny-llama",
                         "--dummy-weights", "--quiet", "bench.label_reports=4", "bench.label_scorings=[yesno]",
-                        f"bench.results_dir={tmp_path}", f"bench.out={tmp_path}/out", "label.metrics_port=-1"],
+                        f"bench.results_dir={tmp_path}", f"bench.out={tmp_path}/out"],
                        capture_output=True, text=True, timeout=900, env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     (res,) = tmp_path.glob("label-*.json")
     rec = json.loads(res.read_text())
     assert rec["dummy_weights"] and rec["model"] == "tiny-llama"
     assert rec["rows"][0]["ok"] == 4 and "macro_auc" not in rec["rows"][0]  # random weights: no quality claim
+
+
+def _scraped_as_documented(prom, job):
+    """The label job's driver was found through its discovery file; reports/s was positive; the
+    engines' own statistics came through under vLLM's names; each label expression of the
+    dashboard returns series."""
+    (series,) = prom.range('ctvlp_label_reports_total{status="ok"}')
+    assert series["metric"]["job"] == job and series["metric"]["stage"] == "label" and series["metric"]["rank"] == "0"
+    assert max(prom.values('sum(rate(ctvlp_label_reports_total{status="ok"}[10s]))')) > 0
+    assert max(prom.values('sum(ctvlp_label_reports_total)')) == 100
+    assert max(prom.values("sum(vllm:prompt_tokens_total)")) > 18 * 100
+    assert {s["metric"]["model_name"] for s in prom.range("vllm:num_requests_running")}
+    for e in dashboard_exprs(("ctvlp_label_", "vllm:")):
+        assert prom.range(e), f"no series: {e}"

@@ -49,7 +49,8 @@ def test_hostile_values_reach_the_command_unchanged(tmp_path):
     _bash_n(script)
     words = _cmd_array(script, tmp_path)
     assert words[:len(argv) + 1] == ["ctvlp", *argv]
-    assert words[len(argv) + 1:] == ["train.launcher=ray", "train.workers=3", "train.use_gpu=false", "train.resume=auto"]
+    assert words[len(argv) + 1:] == ["train.launcher=ray", "train.workers=3", "train.use_gpu=false", "train.resume=auto",
+                                     "metrics.addr=node"]  # each rank's exporter binds its node's address
     assert not (tmp_path / "pwned").exists()
     assert "export CTVLP_RAY_TMP='/tmp/ray tmp $(x)'/\"$SLURM_JOB_ID\"" in script
     assert "module load cuda/12.4\nsource '/opt/venv x/bin/activate'" in script  # setup lines are the user's shell
@@ -104,7 +105,7 @@ def test_torchrun_renders_torchtitan_s_recipe(tmp_path):
         "srun", "--overlap", "--nodes=2", "--ntasks-per-node=1", "bash", "n.sh", "run", "torchrun", "--nnodes", "2",
         "--nproc-per-node", "8", "--rdzv-backend", "c10d", "--rdzv-endpoint", "h:29400", "--rdzv-id", "7",
         "-m", "ctvlp_dist.train.worker", "--config", "c.yaml", "train.steps=9", "train.use_gpu=true",
-        "train.resume=auto"]
+        "train.resume=auto", "metrics.addr=node"]
     assert "signal \"$1\" ctvlp_dist.train.worker" in script  # signals reach every rank on every node
     with pytest.raises(ValueError, match="training only"):
         _render(lc, ["eval"], tmp_path)

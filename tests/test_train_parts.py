@@ -57,28 +57,49 @@ def test_stem_flops_by_hand():
 
 
 def test_metrics_jsonl_prometheus_and_mfu(tmp_path):
+    from ctvlp_dist.config import MetricsConfig
+    from ctvlp_dist.observe import Exporter
+
+    ex = Exporter(MetricsConfig(port=0), tmp_path, "train", "clip", rank=0)
     m = TrainMetrics(tmp_path, total_steps=2, start_step=0, world=2, flops_per_scan=10**12, peak_flops=100e12,
-                     metrics_port=0, progress=False)
+                     exporter=ex, progress=False)
     phases = {"data": 0.5, "forward": 1.0, "backward": 2.0, "optimizer": 0.5}
-    row = m.record(1, 0, 1.25, 1e-4, 14.3, samples=16, phases=phases)
+    row = m.record(1, 0, 1.25, 1e-4, 14.3, samples=16, phases=phases, loss_max=1.5, grad_norm=0.75)
     assert row["step_s"] == 4.0 and row["samples_per_s"] == 4.0 and row["scans_per_s_per_worker"] == 2.0
     assert row["mfu"] == pytest.approx(2 * 1e12 / 100e12)  # 2 scans/s x 1 TFLOP / 100 TFLOP/s
+    m.checkpoint(0.25)
     body = urllib.request.urlopen(f"http://127.0.0.1:{m.port}/metrics", timeout=10).read().decode()
-    for line in ("ctvlp_train_loss 1.25", "ctvlp_train_samples_per_second 4.0", 'ctvlp_train_step_seconds{phase="backward"} 2.0',
-                 "ctvlp_train_logit_scale 14.3", "ctvlp_train_samples_total 16.0", "ctvlp_train_mfu 0.02"):
+    for line in ("ctvlp_train_loss 1.25", "ctvlp_train_loss_max 1.5", "ctvlp_train_grad_norm 0.75",
+                 "ctvlp_train_samples_per_second 4.0", 'ctvlp_train_step_seconds{phase="backward"} 2.0',
+                 "ctvlp_train_logit_scale 14.3", "ctvlp_train_samples_total 8.0", "ctvlp_train_mfu 0.02",
+                 "ctvlp_train_tflops 2.0", "ctvlp_train_data_wait_ratio 0.125", "ctvlp_loader_wait_seconds_total 0.5",
+                 "ctvlp_train_steps_total 1.0", "ctvlp_train_checkpoints_total 1.0",
+                 "ctvlp_train_checkpoint_seconds_total 0.25", "ctvlp_train_ooms_total 0.0"):
         assert line in body, line
-    assert 'ctvlp_train_memory_bytes{kind="host_peak_rss"}' in body
+    assert "ctvlp_train_memory_max_active_bytes" in body
+    target = json.loads(ex.target.read_text())
+    assert target == [{"targets": [f"127.0.0.1:{m.port}"],
+                       "labels": {"job": tmp_path.name, "rank": "0", "node": target[0]["labels"]["node"], "stage": "clip"}}]
+    totals = ex.totals()
     m.close()
+    ex.close()
+    assert not ex.target and not list((tmp_path / "metrics" / "targets").iterdir())  # gone with the process
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows == [row]
+    again = Exporter(MetricsConfig(port=-1), tmp_path, "train", "clip")  # a resumed run: counters continue
+    again.restore(totals)
+    assert again.port is None and again.totals() == totals and totals["ctvlp_train_steps_total"] == 1.0
 
 
 def test_exporter_binds_loopback_by_default(tmp_path):
-    m = TrainMetrics(tmp_path, 1, 0, 1, 1, 0.0, metrics_port=0, progress=False)
+    from ctvlp_dist.config import MetricsConfig
+    from ctvlp_dist.observe import Exporter
+
+    ex = Exporter(MetricsConfig(), tmp_path, "train", "clip")
     try:
-        assert m._server.server_address[0] == "127.0.0.1"
+        assert ex._server.server_address[0] == "127.0.0.1"
     finally:
-        m.close()
+        ex.close()
 
 
 def test_bench_train_parts_run_and_report():

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from .conftest import ROOT, metric_rows, run_ctvlp
+from .prom import Prometheus, dashboard_exprs
 
 # Tests that start a local Ray cluster share one xdist worker, so no two clusters run at once.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
@@ -21,8 +22,13 @@ def test_ray_zero2_kill_and_exact_resume(train_cohort, tmp_path):
               "train.aux_weight=0.5", "train.zero_stage=2", "train.workers=2", "--quiet"]
     a, b = tmp_path / "a", tmp_path / "b"
     run_ctvlp("train", "--config", CONFIG, f"train.out={a}", *common)
-    p = run_ctvlp("train", "--config", CONFIG, f"train.out={b}", "train.max_failures=1", *common,
-                  env={"CTVLP_TEST_FAIL_AT_STEP": "4"})
+    prom = Prometheus([b], tmp_path / "prom")  # a real server scrapes run b every second, through its discovery files
+    try:
+        p = run_ctvlp("train", "--config", CONFIG, f"train.out={b}", "train.max_failures=1", "metrics.linger_s=2",
+                      *common, env={"CTVLP_TEST_FAIL_AT_STEP": "4"})
+        _scraped_as_documented(prom)
+    finally:
+        prom.close()
     ref = {r["step"]: r for r in metric_rows(a)}
     assert sorted(ref) == [1, 2, 3, 4]
     got = metric_rows(b)
@@ -44,3 +50,21 @@ def test_ray_zero2_kill_and_exact_resume(train_cohort, tmp_path):
               "host_peak_rss", "lr", "logit_scale"):
         assert row[k] is not None
     assert row["step_s"] == pytest.approx(row["data_s"] + row["forward_s"] + row["backward_s"] + row["optimizer_s"])
+
+
+def _scraped_as_documented(prom):
+    """Every rank of both attempts was scraped with its target labels; samples/s was positive; the
+    counters went on from the checkpoint (attempt 2 restored step 2's totals and ran steps 3 and 4:
+    without the restore its rank 0 would end at 2 steps, below attempt 1's 3); Ray's node metrics
+    came through the same discovery folder; each training, data and cluster expression of the
+    dashboard returns series."""
+    steps = prom.range("ctvlp_train_steps_total")
+    assert {(s["metric"]["rank"], s["metric"]["stage"], s["metric"]["job"]) for s in steps} == {("0", "clip", "b"),
+                                                                                               ("1", "clip", "b")}
+    assert len({s["metric"]["instance"] for s in steps}) == 4  # 2 ranks x 2 attempts, each its own port
+    assert max(prom.values("sum(rate(ctvlp_train_samples_total[10s]))")) > 0
+    assert max(prom.values('max(ctvlp_train_steps_total{rank="0"})')) == 4
+    assert max(prom.values('max(ctvlp_train_samples_total{rank="1"})')) == 16  # 4 steps x 4 scans on each rank
+    assert prom.range('ray_node_cpu_utilization{stage="ray"}')
+    for e in dashboard_exprs(("ctvlp_train_", "ctvlp_loader_", "ray_node_", "up{")):
+        assert prom.range(e), f"no series: {e}"

@@ -174,7 +174,7 @@ def bench_loop(cfg, crop, steps, progress) -> dict:
         run_cfg.loader = dataclasses.replace(cfg.loader, crop=tuple(crop), num_workers=min(2, cfg.loader.num_workers))
         run_cfg.train = dataclasses.replace(cfg.train, data=str(data), out=str(Path(tmp) / "run"), stage="clip",
                                             steps=steps, global_batch=0, launcher="local", ckpt_every=0,
-                                            export=False, progress=progress, metrics_port=-1, resume="none",
+                                            export=False, progress=progress, resume="none",
                                             use_gpu=cfg.train.use_gpu, init_from=None)
         summary = train_local(run_cfg)
         rows = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()][1:]

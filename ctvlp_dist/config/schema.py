@@ -154,8 +154,6 @@ class LabelConfig:
     limit: int = 0  # label only the first N reports (0: all)
     threshold: float = 0.5  # probability -> hard label 1; within `uncertain_band` of it -> -1
     uncertain_band: float = 0.0
-    metrics_port: int = 9108  # Prometheus exporter; 0 = pick a free port, -1 = off
-    metrics_addr: str = "127.0.0.1"
     price_per_gpu_hour: float = 2.0  # USD, for the 50k-report cost estimate
     seed: int = 0
     # `ctvlp label split`: per-anatomy report text (fVLM)
@@ -243,8 +241,6 @@ class TrainConfig:
     deterministic: bool = True  # torch deterministic algorithms (bit-exact resume on CPU)
     threads_per_worker: int = 1
     log_every: int = 1  # steps between JSONL lines
-    metrics_port: int = -1  # Prometheus exporter of rank 0: 0 = any free port, -1 = off
-    metrics_addr: str = "127.0.0.1"
     progress: bool = True
     export: bool = True  # write model.safetensors (weights + config) at the end
     peak_tflops: float = 0.0  # device peak for MFU; 0 = known GPUs by name, none on CPU
@@ -330,6 +326,18 @@ class LaunchConfig:
     requeue: bool = True  # on SIGUSR1 (time limit or preemption near) stop with a checkpoint, then `scontrol requeue`
     signal_grace_s: int = 300  # --signal=B:USR1@<grace>: seconds of warning before the time limit
     rdzv_port: int = 29500  # torchrun's c10d rendezvous on the head node
+    metrics_addr: str = "node"  # metrics.addr of the job's exporters: node (each node's address), 127.0.0.1, or an address
+
+
+@dataclass
+class MetricsConfig:
+    """Prometheus exporters (ctvlp_dist/observe/): every process of a job (each training rank, the
+    label and ingest drivers) serves its metrics and announces itself in <run>/metrics/targets/."""
+
+    port: int = 0  # 0: any free port; N > 0: N + the local rank; -1: no exporter
+    addr: str = "127.0.0.1"  # bind address; "node": this node's address (what `ctvlp launch` sets on a cluster)
+    job: Optional[str] = None  # the `job` label of every series; default: the run folder's name
+    linger_s: float = 0.0  # keep serving this long after the job ends, so the last values are scraped
 
 
 @dataclass
@@ -348,3 +356,4 @@ class Config:
     demo: DemoConfig = field(default_factory=DemoConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)

@@ -1,36 +1,34 @@
-"""Throughput and cost accounting, and the Prometheus exporter (127.0.0.1 by default)."""
+"""Throughput and cost accounting of a label job, and its metrics (observe/catalog.py) when it has
+an exporter: reports, tokens, failures by reason, retries, queue depth, engine restarts, and the
+engines' own vLLM statistics under vLLM's names."""
 from __future__ import annotations
 
 import time
 
+from ..observe.catalog import FAILURE_REASONS, classify
+
 
 class Accounting:
-    def __init__(self, backend: str, metrics_port: int = -1, metrics_addr: str = "127.0.0.1"):
+    def __init__(self, backend: str, exporter=None):
         self.t0 = time.perf_counter()
         self.t_first = self.t_last = None
         self.n_first = 0
-        self.ok = self.failed = self.tokens_in = self.tokens_out = self.worker_restarts = 0
+        self.ok = self.failed = self.tokens_in = self.tokens_out = self.worker_restarts = self.retries = 0
         self.backend = backend
-        self.port = None
-        self._m = None
-        if metrics_port >= 0:
-            self._start_metrics(metrics_port, metrics_addr)
+        self.ex = exporter
+        self.vllm = None
+        if exporter is not None:
+            from ..observe.vllm_stats import VLLMCollector
 
-    def _start_metrics(self, port: int, addr: str) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+            self.vllm = VLLMCollector()
+            exporter.registry.register(self.vllm)
 
-        from ..prometheus import start_exporter
+    @property
+    def port(self):
+        return self.ex.port if self.ex is not None else None
 
-        reg = CollectorRegistry()
-        self._m = {
-            "reports": Counter("ctvlp_label_reports", "Reports labelled", ["status"], registry=reg),
-            "tokens": Counter("ctvlp_label_tokens", "Tokens processed", ["kind"], registry=reg),
-            "restarts": Counter("ctvlp_label_worker_restarts", "Engine workers that died and were restarted", registry=reg),
-            "latency": Histogram("ctvlp_label_seconds_per_report", "Engine seconds per report", registry=reg,
-                                 buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32)),
-            "rate": Gauge("ctvlp_label_reports_per_second", "Reports per second so far", registry=reg),
-        }
-        self.port, self._server = start_exporter(reg, port, addr, "label.metrics_port")
+    def _m(self, name: str):
+        return self.ex.m[name]
 
     def add(self, rows: list[dict]) -> None:
         now = time.perf_counter()
@@ -43,19 +41,32 @@ class Accounting:
             self.failed += not ok
             self.tokens_in += int(r.get("tokens_in", 0))
             self.tokens_out += int(r.get("tokens_out", 0))
-            if self._m:
-                self._m["reports"].labels("ok" if ok else "failed").inc()
-                self._m["tokens"].labels("prompt").inc(int(r.get("tokens_in", 0)))
-                self._m["tokens"].labels("generated").inc(int(r.get("tokens_out", 0)))
+            if self.ex is not None:
+                self._m("ctvlp_label_reports_total").labels("ok" if ok else "failed").inc()
+                if not ok:
+                    self._m("ctvlp_label_failures_total").labels(classify(str(r.get("status")), FAILURE_REASONS)).inc()
+                self._m("ctvlp_label_tokens_total").labels("prompt").inc(int(r.get("tokens_in", 0)))
+                self._m("ctvlp_label_tokens_total").labels("generated").inc(int(r.get("tokens_out", 0)))
                 if "engine_seconds" in r:
-                    self._m["latency"].observe(r["engine_seconds"])
-        if self._m:
-            self._m["rate"].set(self.ok / max(1e-9, time.perf_counter() - self.t0))
+                    self._m("ctvlp_label_seconds_per_report").observe(r["engine_seconds"])
 
     def restart(self) -> None:
         self.worker_restarts += 1
-        if self._m:
-            self._m["restarts"].inc()
+        if self.ex is not None:
+            self._m("ctvlp_label_engine_restarts_total").inc()
+
+    def retry(self) -> None:
+        self.retries += 1
+        if self.ex is not None:
+            self._m("ctvlp_label_retries_total").inc()
+
+    def queue(self, depth: int) -> None:
+        if self.ex is not None:
+            self._m("ctvlp_label_queue_depth").set(depth)
+
+    def engine_stats(self, worker: int, snapshot: list[dict]) -> None:
+        if self.vllm is not None:
+            self.vllm.update(worker, snapshot)
 
     def summary(self, *, device: str, workers: int, devices_per_worker: int, price_per_device_hour: float) -> dict:
         dt = time.perf_counter() - self.t0
@@ -77,8 +88,10 @@ class Accounting:
                 "device_hours": round(device_hours, 5), "device_hours_per_50k_reports": round(per_50k_h, 3),
                 "cost_usd_per_50k_reports": round(per_50k_h * price_per_device_hour, 2),
                 "price_per_device_hour_usd": price_per_device_hour, "worker_restarts": self.worker_restarts,
-                "metrics_port": self.port}
+                "retries": self.retries, "metrics_port": self.port}
 
-    def close(self) -> None:
-        if getattr(self, "_server", None):
-            self._server.shutdown()
+    def close(self, linger_s: float = 0.0) -> None:
+        if self.ex is not None:
+            if linger_s > 0 and self.ex.port is not None:
+                time.sleep(linger_s)  # one more scrape sees the final values
+            self.ex.close()

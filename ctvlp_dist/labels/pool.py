@@ -34,9 +34,9 @@ def engine_count(nodes: list[dict], tensor_parallel_size: int, threads_per_engin
 
 
 def run_pool(batches: list[list[tuple[str, str]]], *, model: str, cfg, gpu: bool,
-             on_rows: Callable[[list[dict]], None], on_restart: Callable[[], None] = lambda: None,
-             task: str = "label") -> int:
-    """Label (or, task="split", split) every batch; the number of engines it ran."""
+             on_rows: Callable[[list[dict]], None], acct=None, task: str = "label") -> int:
+    """Label (or, task="split", split) every batch; the number of engines it ran. `acct` (an
+    Accounting) hears of restarts, retries, the queue's depth and each engine's vLLM statistics."""
     import ray
     from ray.exceptions import RayActorError
 
@@ -68,7 +68,9 @@ def run_pool(batches: list[list[tuple[str, str]]], *, model: str, cfg, gpu: bool
             return
         i = i if i not in dead else alive[0]
         batch, tries = queue.popleft()
-        inflight[actors[i].label.remote(batch)] = (i, batch, tries, incarnation[i])
+        inflight[actors[i].work.remote(batch)] = (i, batch, tries, incarnation[i])
+        if acct is not None:
+            acct.queue(len(queue))
 
     for i in range(len(actors)):
         for _ in range(2):  # two batches per engine keep it busy while the driver writes results
@@ -78,13 +80,17 @@ def run_pool(batches: list[list[tuple[str, str]]], *, model: str, cfg, gpu: bool
             (ref,), _ = ray.wait(list(inflight), num_returns=1)
             i, batch, tries, inc = inflight.pop(ref)
             try:
-                rows = ray.get(ref)
+                done = ray.get(ref)
+                rows = done["rows"]
+                if acct is not None:
+                    acct.engine_stats(i, done["stats"])
                 for r in rows:  # resubmissions after a worker death count as attempts too
                     r["attempts"] = int(r.get("attempts", 1)) + tries
                 on_rows(rows)
             except RayActorError as e:
                 if inc == incarnation[i]:  # first news of this worker's death: wait for its restart
-                    on_restart()
+                    if acct is not None:
+                        acct.restart()
                     incarnation[i] += 1
                     log.warning("engine worker %d died (%s); waiting for Ray to restart it", i, type(e).__name__)
                     if not _wait_ready(actors[i]):
@@ -93,6 +99,8 @@ def run_pool(batches: list[list[tuple[str, str]]], *, model: str, cfg, gpu: bool
                     fail(batch, tries + 1, f"engine worker died {tries + 1} times while labelling this batch")
                 else:
                     queue.appendleft((batch, tries + 1))
+                    if acct is not None:
+                        acct.retry()
             submit(i)
             if not inflight and queue and len(dead) == len(actors):
                 while queue:

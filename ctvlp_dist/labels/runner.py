@@ -8,10 +8,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+from pathlib import Path
 
 from tqdm import tqdm
 
 from data_shards.label_sets import load_label_set
+from ..observe import Exporter
 from .accounting import Accounting
 from .prompt import settings_hash
 from .sources import read_reports
@@ -76,7 +78,7 @@ def run_label(cfg, progress: bool = True) -> dict:
     store = LabelStore(lc.out, ls.names, h)
     done = store.reusable()
     todo = [(k, t) for k, t in reports if k not in done]
-    acct = Accounting(lc.backend, lc.metrics_port, lc.metrics_addr)
+    acct = Accounting(lc.backend, Exporter(cfg.metrics, Path(lc.out).resolve().parent, "label", "label"))
     bar = tqdm(total=len(todo), desc=f"label ({lc.backend})", unit="report", disable=not progress)
     gpu, engines = False, lc.engines
 
@@ -102,7 +104,10 @@ def run_label(cfg, progress: bool = True) -> dict:
 
             gpu = torch.cuda.is_available()
             batches = [todo[i:i + lc.batch_size] for i in range(0, len(todo), lc.batch_size)]
-            engines = run_pool(batches, model=model_path, cfg=lc, gpu=gpu, on_rows=on_rows, on_restart=acct.restart)
+            engines = run_pool(batches, model=model_path, cfg=lc, gpu=gpu, on_rows=on_rows, acct=acct)
+    except BaseException:
+        acct.close()
+        raise
     finally:
         bar.close()
     summary = acct.summary(device=_device(gpu), workers=engines if lc.backend == "vllm" else 1,
@@ -113,7 +118,7 @@ def run_label(cfg, progress: bool = True) -> dict:
     summary["damaged_label_parts"] = list(store.damaged)  # their reports were labelled again
     rows = store.finalize([k for k, _ in reports], {"accounting": summary})
     summary["rows_written"] = len(rows)
-    acct.close()
+    acct.close(cfg.metrics.linger_s)
     return summary
 
 

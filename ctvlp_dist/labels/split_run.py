@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from data_shards.ingest.masks import load_anatomy_map
 from data_shards.label_sets import load_label_set
+from ..observe import Exporter
 from .accounting import Accounting
 from .runner import reports_and_model
 from .split import SPLIT_SYSTEM, RulesSplitter, organ_findings, organ_texts, report_sentences, score_split, split_messages
@@ -70,7 +71,7 @@ def run_split(cfg, progress: bool = True) -> dict:
     store = LabelStore(lc.out, [], h, schema=base)
     done = store.reusable()
     todo = [(k, t) for k, t in reports if k not in done]
-    acct = Accounting(lc.backend, -1)
+    acct = Accounting(lc.backend, Exporter(cfg.metrics, Path(lc.out).resolve().parent, "label", "split"))
     bar = tqdm(total=len(todo), desc=f"label split ({lc.backend})", unit="report", disable=not progress)
     engines = 1
 
@@ -95,7 +96,7 @@ def run_split(cfg, progress: bool = True) -> dict:
 
             batches = [todo[i:i + lc.batch_size] for i in range(0, len(todo), lc.batch_size)]
             engines = run_pool(batches, model=model_path, cfg=lc, gpu=torch.cuda.is_available(), on_rows=on_rows,
-                               on_restart=acct.restart, task="split")
+                               acct=acct, task="split")
     finally:
         bar.close()
     counts = {"no_silver_labels": 0, "abnormal_without_sentences": 0}
@@ -132,7 +133,7 @@ def run_split(cfg, progress: bool = True) -> dict:
                     counts["abnormal_without_sentences"])
     if lc.truth:
         summary["score"] = score_split(rows, lc.truth, amap.anatomies)
-    acct.close()
+    acct.close(cfg.metrics.linger_s)
     return summary
 
 

@@ -28,7 +28,7 @@ class LabelEngine:
             dtype = "bfloat16" if gpu else "float32"
         kw = {} if gpu else {"enforce_eager": True, "block_size": 32}
         self.llm = LLM(model=model, dtype=dtype, max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
-                       enable_prefix_caching=True, seed=seed, load_format=load_format, structured_outputs_config={
+                       enable_prefix_caching=True, seed=seed, disable_log_stats=False, load_format=load_format, structured_outputs_config={
                            "backend": "xgrammar", "disable_any_whitespace": True}, **kw)
         self.tok = self.llm.get_tokenizer()
         self.ls = load_label_set(label_set)
@@ -45,6 +45,12 @@ class LabelEngine:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def work(self, batch: list[tuple[str, str]]) -> dict:
+        """What the pool asks for: the batch's rows, and the engine's vLLM statistics after it."""
+        from ..observe.vllm_stats import snapshot
+
+        return {"rows": self.label(batch), "stats": snapshot(self.llm)}
 
     def _prompt(self, messages) -> str:
         return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -72,8 +72,9 @@ def _set_rng_state(tensors: dict, plain: dict) -> None:
     random.setstate((v, tuple(state), nxt))
 
 
-def save_state(engine, folder: Path, step: int, loader, config: dict) -> None:
-    """Collective: every rank calls it with the same folder name (its own folder under Ray)."""
+def save_state(engine, folder: Path, step: int, loader, config: dict, extra: Optional[dict] = None) -> None:
+    """Collective: every rank calls it with the same folder name (its own folder under Ray).
+    `extra` (e.g. the exporter's counter totals) goes into the rank's JSON."""
     from safetensors.torch import save_file
 
     rank = dist.get_rank()
@@ -81,7 +82,7 @@ def save_state(engine, folder: Path, step: int, loader, config: dict) -> None:
     engine.save_checkpoint(str(folder), tag=TAG, client_state={"ctvlp_step": step})
     tensors, plain = _rng_state()
     save_file(tensors, str(folder / f"rank{rank}.rng.safetensors"))
-    state = {"step": step, "world_size": dist.get_world_size(), "loader": loader.state_dict(), **plain}
+    state = {"step": step, "world_size": dist.get_world_size(), "loader": loader.state_dict(), **plain, **(extra or {})}
     (folder / f"rank{rank}.json").write_text(json.dumps(state))
     if rank == 0:
         (folder / "config.json").write_text(json.dumps(config, indent=1))
@@ -110,6 +111,11 @@ def load_state(engine, folder: Path, loader) -> int:
     loader.load_state_dict(state["loader"])
     _set_rng_state(load_file(str(folder / f"rank{rank}.rng.safetensors")), state)
     return int(state["step"])
+
+
+def metric_totals(folder: Path, rank: int) -> Optional[dict]:
+    """The counter totals a rank saved with the checkpoint (none in checkpoints from before them)."""
+    return json.loads((Path(folder) / f"rank{rank}.json").read_text()).get("metrics")
 
 
 class FolderCheckpoints:

@@ -97,11 +97,17 @@ def train_ray(cfg) -> dict:
     # SIGUSR1 / SIGTERM: every worker stops after the same step, checkpointed; rank 0's rows and
     # summary come back through the channel, not through its files.
     channel = DriverChannel(str(out), StopRequest().install(), tc.steps, tc.progress)
+    from ..observe.discovery import write_ray_targets
+
+    # Ray's own node metrics beside the ranks', in the same discovery folder
+    ray_targets = write_ray_targets(out, cfg.metrics.job or out.name) if cfg.metrics.port >= 0 else None
     try:
         result = trainer.fit()
         summary = channel.summary()
     finally:
         channel.close()
+        if ray_targets is not None:
+            ray_targets.unlink(missing_ok=True)
     if summary is None:
         raise RuntimeError(f"the run ended without a summary from rank 0; see {out / 'ray'} for Ray Train's logs")
     summary["ray_checkpoint"] = result.checkpoint.path if result.checkpoint else None

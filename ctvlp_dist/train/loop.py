@@ -22,7 +22,9 @@ from ..data import build_loader
 from ..models import build_model
 from ..models.export import read_exported
 from ..models.flops import device_peak_tflops, image_tower_train_flops
-from .checkpoint import FolderCheckpoints, RayCheckpoints, export_model, load_state, safe_checkpoint_engine, save_state
+from ..observe import Exporter
+from .checkpoint import (FolderCheckpoints, RayCheckpoints, export_model, load_state, metric_totals,
+                         safe_checkpoint_engine, save_state)
 from .ds_config import deepspeed_config, resolve_precision
 from .faults import maybe_fail
 from .metrics import StepTimer, TrainMetrics
@@ -167,11 +169,12 @@ def run_worker(cfg_dict: dict, sink: str = "folder") -> dict:
     safe_checkpoint_engine(engine)
     checkpoints = RayCheckpoints() if sink == "ray" else FolderCheckpoints(out / "checkpoints", tc.keep_checkpoints)
 
-    step, resumed_from = 0, None
+    step, resumed_from, totals = 0, None, None
     if tc.resume != "none":
         with (checkpoints.latest() if tc.resume == "auto" else contextlib.nullcontext(_given(tc.resume))) as folder:
             if folder is not None:
                 step, resumed_from = load_state(engine, folder, loader), str(folder)
+                totals = metric_totals(folder, rank)
     if resumed_from is None:
         _seed_all(tc.seed * 7919 + 1 + rank)  # the runtime stream (dropout): one per rank
     elif rank == 0:
@@ -182,10 +185,11 @@ def run_worker(cfg_dict: dict, sink: str = "folder") -> dict:
     stopper = StepStop(channel)  # SIGUSR1 / SIGTERM from here on: a checkpointed stop
     precision = resolve_precision(tc.precision, tc.use_gpu)
     peak = (tc.peak_tflops or device_peak_tflops(precision)) * 1e12
+    exporter = Exporter(cfg.metrics, out, "train", tc.stage, rank, int(os.environ.get("LOCAL_RANK", 0)))
+    exporter.restore(totals)  # counters continue where the checkpoint left them
     metrics = TrainMetrics(out, total, step, world, image_tower_train_flops(cfg.model, tuple(cfg.loader.crop)), peak,
-                           tc.metrics_port, tc.metrics_addr, tc.log_every,
-                           progress=tc.progress and sink != "ray") if rank == 0 else None
-    save = _saver(engine, checkpoints, loader, config_to_dict(cfg))
+                           exporter, rank, tc.log_every, progress=tc.progress and sink != "ray")
+    save = _saver(engine, checkpoints, loader, config_to_dict(cfg), metrics)
     batches = StepBatches(loader, accum)
     step_fn = functools.partial(STAGES[tc.stage], kernels=cfg.kernels)
     timer = StepTimer(cuda=tc.use_gpu)
@@ -197,14 +201,14 @@ def run_worker(cfg_dict: dict, sink: str = "folder") -> dict:
             maybe_fail(step + 1, rank, world, resumed_from is not None)
             with timer("data"):
                 group = batches.next()
-            loss = step_fn(engine, group, tc, timer, tokenize)
+            loss, loss_max = mean_and_max(step_fn(engine, group, tc, timer, tokenize))
             step += 1
             phases = timer.pop()
             scale = _logit_scale(engine) if tc.stage in ("clip", "fvlm") else None
-            if metrics:
-                row = metrics.record(step, loader.epoch, loss, sched.get_last_lr()[0], scale, gb, phases)
-                if channel is not None:
-                    channel.push.remote(row)
+            row = metrics.record(step, loader.epoch, loss, sched.get_last_lr()[0], scale, gb, phases, loss_max,
+                                 _grad_norm(engine))
+            if channel is not None:
+                channel.push.remote(row)
             if tc.ckpt_every and step % tc.ckpt_every == 0 and step < total:
                 save(step, {"loss": loss})
                 saved = step
@@ -219,8 +223,10 @@ def run_worker(cfg_dict: dict, sink: str = "folder") -> dict:
             export = export_model(engine, cfg, out / "model.safetensors", {"stage": tc.stage, "step": step})
     finally:
         batches.close()
-        if metrics:
-            metrics.close()
+        metrics.close()
+        if cfg.metrics.linger_s > 0 and exporter.port is not None:
+            time.sleep(cfg.metrics.linger_s)
+        exporter.close()
     summary = {"stage": tc.stage, "steps": step, "total_steps": total, "steps_per_epoch": per_epoch,
                "global_batch": gb, "micro_batch": cfg.loader.batch_size, "accumulation": accum, "workers": world,
                "nodes": nodes, "zero_stage": tc.zero_stage, "precision": precision, "final_loss": loss, "resumed_from": resumed_from,
@@ -273,10 +279,30 @@ def _logit_scale(engine) -> float:
         return float(engine.module("scale"))
 
 
-def _saver(engine, checkpoints, loader, config: dict):
-    def save(step: int, metrics: dict):
-        checkpoints.save(lambda folder: save_state(engine, folder, step, loader, config), step, metrics)
+def _saver(engine, checkpoints, loader, config: dict, metrics: TrainMetrics):
+    def save(step: int, summary: dict):
+        t = time.perf_counter()
+        checkpoints.save(lambda folder: save_state(engine, folder, step, loader, config,
+                                                   {"metrics": metrics.ex.totals()}), step, summary)
+        metrics.checkpoint(time.perf_counter() - t)
     return save
+
+
+def mean_and_max(loss: float) -> tuple[float, float]:
+    """The mean and the largest of the ranks' losses (one all_gather of a float64 per step)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return loss, loss
+    mine = torch.tensor([loss], dtype=torch.float64)
+    every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    values = [float(t) for t in every]
+    return sum(values) / len(values), max(values)
+
+
+def _grad_norm(engine):
+    """DeepSpeed's global gradient norm of the last step, when it computed one."""
+    g = engine.get_global_grad_norm()
+    return None if g is None else float(g)
 
 
 def _given(path: str) -> Path:

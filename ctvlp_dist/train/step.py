@@ -53,7 +53,7 @@ def supervised_step(engine, batches: Sequence[CTBatch], tc, timer, tokenize: Cal
         with timer("optimizer"):
             engine.step()
         total += loss.detach().double().cpu()
-    return float(global_mean(total / len(batches)))
+    return float(total / len(batches))  # this rank's; the loop reports the mean and the max over ranks
 
 
 def clip_step(engine, batches: Sequence[CTBatch], tc, timer, tokenize: Callable, kernels=None) -> float:

@@ -106,7 +106,7 @@ def _dicom_patient(job: _Job) -> Optional[dict]:
     return None
 
 
-def run_ingest(cfg, progress: bool = True) -> dict:
+def run_ingest(cfg, progress: bool = True, on_case=None) -> dict:
     ic, pc, sc = cfg.ingest, cfg.preprocess, cfg.shard
     cases = discover_cases(Path(ic.images))
     reports = load_reports(ic.reports, ic.key_column, ic.findings_column, ic.impressions_column, ic.text_column)
@@ -130,7 +130,7 @@ def run_ingest(cfg, progress: bool = True) -> dict:
     keys_seen: set[str] = set()
     with DatasetWriter(ic.out, sc, preprocess=pc, patient_splits=splits, cases_total=len(jobs),
                        source={"images": str(ic.images), "reports": str(ic.reports), "kind": "ingest"},
-                       patient_id_fallbacks=fallbacks) as w:
+                       patient_id_fallbacks=fallbacks, on_case=on_case) as w:
         it = bounded_map(_process, [(j, pc, masks) for j in jobs], workers=ic.workers)
         for res in tqdm(it, total=len(jobs), desc="ingest", unit="case", disable=not progress):
             if res[0] == "reject":

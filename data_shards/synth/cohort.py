@@ -96,7 +96,7 @@ def _jobs(cfg, shape, spacing):
             yield ScanJob(sc.seed, i, r, tuple(shape), tuple(spacing), sc.noise_hu, cfg.shard.label_set)
 
 
-def run_synth(cfg, progress: bool = True) -> dict:
+def run_synth(cfg, progress: bool = True, on_case=None) -> dict:
     sc = cfg.synth
     if not sc.out:
         raise ValueError("synth.out is required: where to write the cohort (ctvlp synth --out DIR)")
@@ -114,7 +114,7 @@ def run_synth(cfg, progress: bool = True) -> dict:
     gt_path = out / "ground_truth.csv"
     with open(str(gt_path) + ".partial", "w", newline="") as gf, SentenceTruth(out) as st, \
             DatasetWriter(out, cfg.shard, preprocess=pre, patient_splits=splits, cases_total=n,
-                          source={"kind": "synthetic", "patients": sc.patients, "seed": sc.seed}) as w:
+                          source={"kind": "synthetic", "patients": sc.patients, "seed": sc.seed}, on_case=on_case) as w:
         gw = csv.writer(gf)
         gw.writerow(["AccessionNo", "report_text", *names])  # same layout as the CT-RATE dev file
         it = bounded_map(_make_sample, _jobs(cfg, shape, spacing), workers=sc.workers)
