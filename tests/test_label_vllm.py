@@ -36,7 +36,7 @@ def test_vllm_labels_100_dev_reports(shared_data, tmp_path):
     prom = Prometheus([tmp_path], tmp_path / "prom")  # a real server scrapes the job every second while it runs
     try:
         r = _label(["--reports", str(dev), "--out", str(out), "label.limit=100", "label.batch_size=10",
-                    "metrics.linger_s=2"])
+                    "metrics.linger_s=6"])
         assert r.returncode == 0, r.stderr[-3000:]
         _scraped_as_documented(prom, tmp_path.name)
     finally:

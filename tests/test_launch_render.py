@@ -93,7 +93,7 @@ def test_symmetric_run_renders_ray_s_recipe(tmp_path):
     assert words[:sep] == ["srun", "--overlap", "--nodes=2", "--ntasks-per-node=1", "bash", "n.sh", "run", "ray",
                            "symmetric-run", "--address", "h:1", "--min-nodes", "2", "--temp-dir", "/t",
                            "--num-cpus=8", "--num-gpus=4"]
-    assert words[sep + 1:] == ["ctvlp", "label", "--config", "c.yaml"]
+    assert words[sep + 1:] == ["ctvlp", "label", "--config", "c.yaml", "metrics.addr=node"]
     assert "ray start" not in script.split("CTVLP_NODE_SCRIPT")[-1]  # symmetric-run starts Ray itself
 
 

@@ -24,7 +24,7 @@ def test_ray_zero2_kill_and_exact_resume(train_cohort, tmp_path):
     run_ctvlp("train", "--config", CONFIG, f"train.out={a}", *common)
     prom = Prometheus([b], tmp_path / "prom")  # a real server scrapes run b every second, through its discovery files
     try:
-        p = run_ctvlp("train", "--config", CONFIG, f"train.out={b}", "train.max_failures=1", "metrics.linger_s=2",
+        p = run_ctvlp("train", "--config", CONFIG, f"train.out={b}", "train.max_failures=1", "metrics.linger_s=6",
                       *common, env={"CTVLP_TEST_FAIL_AT_STEP": "4"})
         _scraped_as_documented(prom)
     finally:

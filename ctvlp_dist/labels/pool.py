@@ -43,6 +43,11 @@ def run_pool(batches: list[list[tuple[str, str]]], *, model: str, cfg, gpu: bool
     from .vllm_engine import CPU_ENV, LabelEngine
 
     init_ray()
+    ray_targets = None
+    if acct is not None and acct.ex is not None and acct.ex.port is not None:  # Ray's node metrics beside ours
+        from ..observe.discovery import write_ray_targets
+
+        ray_targets = write_ray_targets(acct.ex.run, acct.ex.job)
     env = {} if gpu else {**CPU_ENV, "OMP_NUM_THREADS": str(cfg.threads_per_engine)}
     opts = dict(max_restarts=cfg.max_worker_restarts, max_task_retries=0, runtime_env={"env_vars": env})
     opts.update({"num_gpus": cfg.tensor_parallel_size, "num_cpus": 1} if gpu else {"num_cpus": cfg.threads_per_engine})
@@ -108,6 +113,8 @@ def run_pool(batches: list[list[tuple[str, str]]], *, model: str, cfg, gpu: bool
     finally:
         for a in actors:
             ray.kill(a, no_restart=True)
+        if ray_targets is not None:
+            ray_targets.unlink(missing_ok=True)
     return len(actors)
 
 

@@ -21,12 +21,17 @@ def targets_dir(run: str | Path) -> Path:
 
 
 def write_target(run: str | Path, name: str, address: str, labels: dict) -> Path:
-    """One target file (atomic: Prometheus never reads half of it)."""
+    """One target file."""
+    return _write(run, name, [{"targets": [address], "labels": {k: str(v) for k, v in labels.items()}}])
+
+
+def _write(run: str | Path, name: str, groups: list[dict]) -> Path:
+    """Atomically: Prometheus never reads half a file."""
     d = targets_dir(run)
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"{name}.json"
     tmp = path.with_suffix(".json.partial")
-    tmp.write_text(json.dumps([{"targets": [address], "labels": {k: str(v) for k, v in labels.items()}}], indent=1))
+    tmp.write_text(json.dumps(groups, indent=1))
     os.replace(tmp, path)
     return path
 
@@ -44,19 +49,14 @@ def write_ray_targets(run: str | Path, job: str) -> Optional[Path]:
     rows = [{"targets": [f"{n['NodeManagerAddress']}:{n['MetricsExportPort']}"],
              "labels": {"job": job, "node": n.get("NodeManagerHostname") or n["NodeManagerAddress"], "stage": "ray"}}
             for n in ray.nodes() if n.get("Alive") and n.get("MetricsExportPort")]
-    if not rows:
-        return None
-    d = targets_dir(run)
-    d.mkdir(parents=True, exist_ok=True)
-    path = d / "ray-nodes.json"
-    tmp = path.with_suffix(".json.partial")
-    tmp.write_text(json.dumps(rows, indent=1))
-    os.replace(tmp, path)
-    return path
+    return _write(run, f"{job}-ray-nodes", rows) if rows else None
 
 
 def scrape_config(runs: list[str | Path], interval: str = "15s") -> str:
-    """prometheus.yml text: one file_sd_configs entry per run folder."""
+    """prometheus.yml text: one file_sd_configs entry per run folder. The folders it watches are
+    made now: Prometheus watches a missing one only by polling, and finds its jobs late."""
+    for r in runs:
+        targets_dir(r).mkdir(parents=True, exist_ok=True)
     files = [str((targets_dir(r)).resolve() / "*.json") for r in runs]
     lines = ["global:", f"  scrape_interval: {interval}", f"  evaluation_interval: {interval}", "scrape_configs:",
              "  - job_name: ctvlp", "    file_sd_configs:", "      - refresh_interval: 1s", "        files:"]

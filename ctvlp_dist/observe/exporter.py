@@ -3,6 +3,7 @@ served on `metrics.addr` (loopback unless configured) at port 0 (any free) or `m
 local rank, and announced in the run folder's discovery files."""
 from __future__ import annotations
 
+import atexit
 import logging
 import socket
 from pathlib import Path
@@ -29,7 +30,8 @@ class Exporter:
 
         self.registry = CollectorRegistry()
         self.m = catalog.build(self.registry, part)
-        self.job = mc.job or Path(run).resolve().name
+        self.run = Path(run).resolve()
+        self.job = mc.job or self.run.name
         self.labels = {"job": self.job, "rank": rank, "node": socket.gethostname(), "stage": stage}
         self.port = self._server = self.target = None
         if mc.port < 0:
@@ -42,6 +44,7 @@ class Exporter:
         if self.port is not None:
             name = f"{self.job}-{stage}-rank{rank}"
             self.target = write_target(run, name, f"{advertised(addr)}:{self.port}", self.labels)
+            atexit.register(self.close)  # a job that dies of an exception leaves no stale target
 
     def restore(self, totals: Optional[dict]) -> None:
         """Counters continue from a checkpoint's totals (`totals()` of the run before)."""

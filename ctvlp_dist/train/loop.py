@@ -153,6 +153,8 @@ def run_worker(cfg_dict: dict, sink: str = "folder") -> dict:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     out = Path(tc.out)
     nodes = check_shared_storage(out, rank, sink == "ray")
+    # up from the start, so that Prometheus has found the rank before its first step
+    exporter = Exporter(cfg.metrics, out, "train", tc.stage, rank, int(os.environ.get("LOCAL_RANK", 0)))
 
     _seed_all(tc.seed)  # the same initial weights on every rank
     model = build_model(cfg.model, cfg.kernels)
@@ -185,7 +187,6 @@ def run_worker(cfg_dict: dict, sink: str = "folder") -> dict:
     stopper = StepStop(channel)  # SIGUSR1 / SIGTERM from here on: a checkpointed stop
     precision = resolve_precision(tc.precision, tc.use_gpu)
     peak = (tc.peak_tflops or device_peak_tflops(precision)) * 1e12
-    exporter = Exporter(cfg.metrics, out, "train", tc.stage, rank, int(os.environ.get("LOCAL_RANK", 0)))
     exporter.restore(totals)  # counters continue where the checkpoint left them
     metrics = TrainMetrics(out, total, step, world, image_tower_train_flops(cfg.model, tuple(cfg.loader.crop)), peak,
                            exporter, rank, tc.log_every, progress=tc.progress and sink != "ray")
