@@ -61,6 +61,7 @@ class Exporter:
     def close(self) -> None:
         if self._server is not None:
             self._server.shutdown()
+            self._server.server_close()
             self._server = None
         if self.target is not None:
             self.target.unlink(missing_ok=True)
