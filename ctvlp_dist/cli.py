@@ -255,6 +255,15 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_embed(args) -> int:
+    from .eval.cohort_embed import run_embed
+
+    s = run_embed(_cfg(args), progress=not args.quiet)
+    print(json.dumps(s))
+    print(f"embedded {s['samples']} samples (d = {s['dim']}) -> {s['out']}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -443,6 +452,18 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "--split", "eval.split", help="split to evaluate (default test)")
     _add_common(p)
     cmds["eval"] = cmd_eval
+
+    p = sub.add_parser("embed", help="write a cohort's image and report embeddings by sample key (Parquet or npy)",
+                       description="Evaluation's embedding (centre crops, every sample once) streamed to disk in "
+                                   "memory bounded by the batch: Parquet rows (key, split, image, report) or a folder "
+                                   "of npy arrays with keys.txt.", epilog=_keys_epilog("embed"))
+    _flag(p, "--checkpoint", "embed.checkpoint", help="model.safetensors, or the run folder holding it")
+    _flag(p, "--data", "embed.data", help="shard dataset folder")
+    _flag(p, "--out", "embed.out", help="FILE.parquet, or a folder with --format npy")
+    _flag(p, "--split", "embed.split", help="one split (default: every split)")
+    _flag(p, "--format", "embed.format", choices=["parquet", "npy"])
+    _add_common(p)
+    cmds["embed"] = cmd_embed
 
     p = sub.add_parser("demo", help="run the main job on the embedded synthetic default",
                        description="synth -> shards -> verify -> silver labels (rules + vLLM, scored against the truth) -> "

@@ -22,6 +22,7 @@ from ctvlp_dist.config import ModelConfig, OptimConfig
 from ctvlp_dist.data.batch import CTBatch
 from ctvlp_dist.models import CTCLIP
 from ctvlp_dist.train.ds_config import deepspeed_config
+from ctvlp_dist.train.loop import mean_and_max
 from ctvlp_dist.train.objectives import clip_objective, supervised_objective
 from ctvlp_dist.train.step import STAGES
 
@@ -98,7 +99,8 @@ def main():
                        organ_normal=normal[list(rows[i:i + micro])] if fvlm else None)
                for i in range(0, per_rank, micro)]
     timer = lambda phase: contextlib.nullcontext()  # noqa: E731
-    got_loss = STAGES[stage](engine, batches, tc, timer, model.text.tokenize)
+    # what the loop logs: the mean over ranks of what each rank's step returns
+    got_loss, _ = mean_and_max(STAGES[stage](engine, batches, tc, timer, model.text.tokenize))
 
     params = dict(engine.module.named_parameters())
     with deepspeed.zero.GatheredParameters(list(params.values())):

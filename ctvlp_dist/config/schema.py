@@ -271,6 +271,18 @@ class EvalConfig:
 
 
 @dataclass
+class EmbedConfig:
+    """`ctvlp embed`: a cohort's image and report embeddings by sample key, streamed to disk."""
+
+    checkpoint: str = ""  # model.safetensors (from `ctvlp train`), or a run folder holding one
+    data: str = ""  # shard dataset folder
+    split: Optional[str] = None  # one split, or every split (null)
+    out: str = ""  # FILE.parquet, or a folder with format=npy
+    format: Literal["parquet", "npy"] = "parquet"
+    batch_size: int = 8
+
+
+@dataclass
 class DemoConfig:
     """`ctvlp demo`: synth -> shards -> labels (rules + vLLM) -> supervised -> CLIP -> eval. The
     defaults are configs/demo.yaml's, which `ctvlp demo` loads when no --config is given."""
@@ -353,6 +365,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)

@@ -35,9 +35,9 @@ def build_loader(root: str | Path, cfg, split: Optional[str] = "train", rank: in
     if backend == "dali":
         from .dali import DALILoader
 
-        if device == "cpu" and rank == 0:
-            log.info("DALI runs CPU-only here (no GPU): npy through fn.decoders.numpy, lz4 through a python "
-                     "function around lz4.block")
+        if device == "cpu" and rank == 0:  # a fallback from the GPU pipeline: said, not silent
+            log.warning("loader.backend=dali without a GPU: DALI runs CPU-only (npy through fn.decoders.numpy, lz4 "
+                        "through a python function around lz4.block); the torch loader is faster on CPU")
         return DALILoader(root, cfg, split=split, rank=rank, world_size=world_size, label_names=label_names,
                           anatomies=anatomies, device=device)
     from .loader import CTLoader

@@ -40,12 +40,17 @@ def read_exported(path: str | Path) -> tuple[dict, ModelConfig, dict]:
     return sd, cfg, json.loads(meta.get("ctvlp", "{}"))
 
 
-def load_exported(path: str | Path, dtype: Optional[torch.dtype] = None):
+def load_exported(path: str | Path, dtype: Optional[torch.dtype] = None, conv_impl: Optional[str] = None):
     """An exported model as a plain CTCLIP (eval mode); the text tower's architecture and tokenizer
-    come from model.text_model, its weights from the export."""
+    come from model.text_model, its weights from the export. `conv_impl` overrides the export's
+    (triton: in eval mode the Triton kernels run BatchNorm folded into the convolutions)."""
+    import dataclasses
+
     from .clip import CTCLIP
 
     sd, cfg, _ = read_exported(path)
+    if conv_impl is not None:
+        cfg = dataclasses.replace(cfg, conv_impl=conv_impl)
     model = CTCLIP(cfg)
     model.load_state_dict(sd, strict=True)
     if dtype is not None:
