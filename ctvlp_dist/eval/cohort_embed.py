@@ -37,17 +37,31 @@ def run_embed(cfg, progress: bool = True) -> dict:
     t0 = time.perf_counter()
     sink = (ParquetSink if ec.format == "parquet" else NpySink)(Path(ec.out), n, {
         "checkpoint": str(ec.checkpoint), "data": str(ec.data), "split": ec.split or "all"})
+    first = high = None
     try:
         for part in embed_batches(model, tqdm(loader, total=len(loader), desc="embed", unit="batch",
                                               disable=not progress)):
             sink.add(part)
+            rss = resident_bytes()
+            first = rss if first is None else first
+            high = max(high or rss, rss)
     finally:
         sink.close()
     if sink.count != n:
         raise RuntimeError(f"embedded {sink.count} samples of {n}: the loader lost some")
     return {"samples": sink.count, "dim": sink.dim, "out": str(ec.out), "format": ec.format,
             "seconds": round(time.perf_counter() - t0, 2), "device": "cuda" if cuda else "cpu",
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            # what the cohort adds: the most the resident set grew after the first batch
+            "rss_growth_bytes": (high - first) if first is not None else 0}
+
+
+def resident_bytes() -> int:
+    """This process's resident set now (the peak, ru_maxrss, is set by loading the model)."""
+    import os
+
+    with open(f"/proc/{os.getpid()}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 class ParquetSink:
