@@ -128,7 +128,7 @@ class DALILoader:
         self.join = KeyJoin(self.index, cfg, label_names, anatomies)
         self.anatomies = tuple(anatomies or ())
         self.codec = self.index.manifest["codec"]
-        self.shards = _check_shards(self.index, self.codec)
+        self.shards = _check_shards(self.index)
         self.missing = _missing_members(self.index, self.codec)
         self.with_mask = not self.missing.get(MASK_EXT[self.codec]) and not cfg.raw
         if self.missing:
@@ -321,19 +321,21 @@ class DALILoader:
     def state_dict(self) -> dict:
         if self.consumed >= self._len:  # checkpoint at the start of the next epoch, not inside the drop
             self._finish_epoch()
-        return {"backend": "dali", "epoch": self.epoch, "batches_consumed": self.consumed, "seed": self.cfg.seed,
-                "num_samples": len(self.index), "world_size": self.world, "rank": self.rank,
-                "batch_size": self.cfg.batch_size, "shuffle": self.cfg.shuffle, "last_batch": self.cfg.last_batch,
+        return {"backend": "dali", "epoch": self.epoch, "batches_consumed": self.consumed, **self._setup(),
                 "dali_checkpoint": _text(self.dali_iter.checkpoints()[0])}
+
+    def _setup(self) -> dict:
+        """What a saved position is only valid for."""
+        return {"seed": self.cfg.seed, "num_samples": len(self.index), "world_size": self.world, "rank": self.rank,
+                "batch_size": self.cfg.batch_size, "shuffle": self.cfg.shuffle, "last_batch": self.cfg.last_batch}
 
     def load_state_dict(self, sd: dict) -> None:
         if sd.get("backend") != "dali":
             raise ValueError("this loader state was saved by the torch loader; resume with loader.backend=torch "
                              "(the two backends order samples differently)")
-        mine = self.state_dict()
-        for k in ("seed", "num_samples", "world_size", "rank", "batch_size", "shuffle", "last_batch"):
-            if sd.get(k) != mine[k]:
-                raise ValueError(f"loader state was saved with {k}={sd.get(k)!r} but this loader has {mine[k]!r}; "
+        for k, mine in self._setup().items():
+            if sd.get(k) != mine:
+                raise ValueError(f"loader state was saved with {k}={sd.get(k)!r} but this loader has {mine!r}; "
                                  f"the position cannot be restored exactly")
         self.epoch, self.consumed = int(sd["epoch"]), int(sd["batches_consumed"])
         import base64
@@ -352,13 +354,15 @@ def _bytes(t: torch.Tensor, n) -> bytes:
     return t[: int(n[0])].numpy().tobytes()
 
 
-def _check_shards(index: ShardIndex, codec: str) -> list[tuple[Path, Path]]:
+def _check_shards(index: ShardIndex) -> list[tuple[Path, Path]]:
     """The split's (tar, index) pairs. A tar shorter than its index says (a truncated copy) is an
     error naming the shard and the first sample it cuts, before DALI reads past its end."""
-    out, last = [], {}
+    out, last, sizes = [], {}, {}
     for path, entry in index.entries:
         end = max(o + s for _, o, s, _ in entry.members)
-        size = Path(path).stat().st_size
+        size = sizes.get(path)
+        if size is None:
+            size = sizes[path] = Path(path).stat().st_size
         if end > size:
             raise ShardError(f"{Path(path).name}: truncated at byte {size}; sample {entry.key} needs bytes up to "
                              f"{end}. Copy the shard again, or re-create it (ctvlp synth / ctvlp ingest)")
