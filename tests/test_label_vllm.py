@@ -153,7 +153,7 @@ def test_dead_worker_loses_nothing(shared_data, tmp_path):
     assert stdout.strip().splitlines()[-1] == "reports in: 12 = labelled ok: 12 + failed: 0 + skipped (already labelled): 0"
 
 
-def test_bench_label_with_dummy_weights(tmp_path):
+def test_bench_label_with_dummy_weights(shared_data, tmp_path):  # it labels the dev reports there
     """The GPU throughput benchmark's path (architecture config + vLLM load_format=dummy), run
     here with a tiny Llama so that `--model-config llama-3.1-8b --dummy-weights` is ready for a GPU."""
     r = subprocess.run([sys.executable, "-m", "ctvlp_dist", "bench", "label", "--model-config", "tiny-llama",
